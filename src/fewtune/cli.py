@@ -1,0 +1,228 @@
+"""The `fewtune` command: each subcommand is a thin wrapper over one stage function."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Supervised fine-tuning for small data sets.")
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="fewtune: %(message)s",
+                        stream=sys.stderr)
+    for noisy in ("httpx", "urllib3", "accelerate", "transformers", "peft"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _fail(err: Exception, code: int = 2) -> None:
+    typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def _run(fn, *args, **kwargs):
+    """Call a stage function, turning the errors users cause into one clear line."""
+    from fewtune.config import ConfigError
+    from fewtune.data.formats import DataError
+    from fewtune.data.render import RenderError
+    from fewtune.models import ModelNotFoundError
+    from fewtune.train.loop import Interrupted, TrainingError
+
+    try:
+        return fn(*args, **kwargs)
+    except Interrupted as err:
+        typer.secho(str(err), fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(130)
+    except (ConfigError, DataError, RenderError, ModelNotFoundError, TrainingError, FileNotFoundError) as err:
+        _fail(err)
+
+
+def _generate_section(config: Optional[Path], overrides: dict):
+    from fewtune.config import GenerateSection, load_config
+
+    base = load_config(config).generate if config else GenerateSection()
+    values = {k: v for k, v in overrides.items() if v is not None and v != []}
+    return base.model_copy(update=GenerateSection(**{**base.model_dump(), **values}).model_dump())
+
+
+@app.command()
+def train(
+    config: Annotated[Optional[Path], typer.Argument(help="YAML config (optional with --resume)")] = None,
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="dotted overrides, e.g. train.lr=2e-4")] = None,
+    resume: Annotated[Optional[Path], typer.Option("--resume", help="continue this run directory from its last checkpoint")] = None,
+    verbose: bool = False,
+):
+    """Fine-tune as the config says and write a run directory."""
+    _setup_logging(verbose)
+    from fewtune.config import load_config
+    from fewtune.train.loop import train as run_training
+
+    overrides = list(overrides or [])
+    if config is not None and "=" in str(config):  # `fewtune train --resume RUN key=value`
+        overrides.insert(0, str(config))
+        config = None
+    if resume is not None:
+        config_path = config or resume / "config.yaml"
+        cfg = _run(load_config, config_path, overrides + [f"train.output_dir={resume}", "train.resume=true"])
+    elif config is None:
+        _fail(ValueError("give a config file (or --resume RUN_DIR)"))
+    else:
+        cfg = _run(load_config, config, overrides)
+    result = _run(run_training, cfg)
+    typer.echo(f"run directory: {result.run_dir}  (steps: {result.steps}, best validation loss: "
+               f"{'n/a' if result.best_val_loss is None else f'{result.best_val_loss:.4f}'}, "
+               f"{'early stop, ' if result.stopped_early else ''}{result.wall_s:.0f} s)")
+
+
+def _prompt_conversation(record: dict, path: str, line: int):
+    """An input record as the conversation to continue: any data format, or just a prompt."""
+    from fewtune.data.formats import DataError, Message, convert_record, detect_format
+
+    fmt = detect_format(record)
+    if fmt is not None:
+        return convert_record(record, fmt, path, line).prompt_messages
+    for key in ("prompt", "text", "question", "instruction", "input"):
+        if isinstance(record.get(key), str):
+            text = record[key]
+            if key == "instruction" and record.get("input"):
+                text = f"{text}\n{record['input']}"
+            return [Message("user", text)]
+    raise DataError(path, line, f"no prompt field found among {sorted(record)}")
+
+
+@app.command()
+def generate(
+    target: Annotated[str, typer.Argument(help="run directory, model folder, .gguf file or model name")],
+    prompt: Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="a prompt (repeatable)")] = None,
+    input: Annotated[Optional[Path], typer.Option("--input", "-i", help="JSONL/JSON/CSV of prompts")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="JSONL to write")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="take the generate section from this config")] = None,
+    system: Annotated[Optional[str], typer.Option(help="system prompt (models without a run's template)")] = None,
+    max_new_tokens: Optional[int] = None,
+    temperature: Optional[float] = None,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    repetition_penalty: Optional[float] = None,
+    stop: Annotated[Optional[list[str]], typer.Option(help="extra stop string (repeatable)")] = None,
+    num_return_sequences: Optional[int] = None,
+    seed: Optional[int] = None,
+    batch_size: Optional[int] = None,
+):
+    """Batched generation with the run's own template."""
+    _setup_logging()
+    from fewtune.data.formats import Message, read_records
+    from fewtune.generate import generate as run_generate, load_for_inference
+
+    gen = _run(_generate_section, config, dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                               top_p=top_p, repetition_penalty=repetition_penalty, stop=stop,
+                                               num_return_sequences=num_return_sequences, seed=seed, batch_size=batch_size))
+    if not prompt and not input:
+        _fail(ValueError("give --prompt TEXT or --input FILE"))
+    records: list[dict] = []
+    conversations = []
+    for text in prompt or []:
+        records.append({"prompt": text})
+        conversations.append([Message("user", text)])
+    if input:
+        for line, record in _run(lambda: list(read_records(input))):
+            records.append(record)
+            conversations.append(_run(_prompt_conversation, record, str(input), line))
+    loaded = _run(load_for_inference, target, system_prompt=system)
+    outputs = _run(run_generate, loaded, conversations, gen)
+    sink = open(output, "w", encoding="utf-8") if output else None
+    try:
+        for record, conv, outs in zip(records, conversations, outputs):
+            if sink:
+                row = {"prompt": conv[-1].content, "output": outs[0] if len(outs) == 1 else outs}
+                reference = next((record[k] for k in ("completion", "output", "answer", "label") if k in record), None)
+                if reference is not None:
+                    row["reference"] = reference
+                sink.write(json.dumps(row, ensure_ascii=False) + "\n")
+            else:
+                for out in outs:
+                    typer.echo(out)
+                if len(outputs) > 1 or len(outs) > 1:
+                    typer.echo("---")
+    finally:
+        if sink:
+            sink.close()
+            typer.echo(f"wrote {len(outputs)} rows to {output}", err=True)
+
+
+@app.command()
+def chat(
+    target: Annotated[str, typer.Argument(help="run directory, model folder, .gguf file or model name")],
+    system: Annotated[Optional[str], typer.Option(help="system prompt (models without a run's template)")] = None,
+    max_new_tokens: Optional[int] = None,
+    temperature: Optional[float] = None,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    config: Optional[Path] = None,
+):
+    """Interactive terminal chat with the run's template. /reset clears the history, /exit quits."""
+    _setup_logging()
+    from fewtune.data.formats import Message
+    from fewtune.generate import generate as run_generate, load_for_inference
+
+    gen = _run(_generate_section, config, dict(max_new_tokens=max_new_tokens, temperature=temperature,
+                                               top_k=top_k, top_p=top_p))
+    loaded = _run(load_for_inference, target, system_prompt=system)
+    typer.echo(f"chatting with {loaded.source} ({loaded.template.kind} template). /reset clears, /exit quits.")
+    history: list[Message] = []
+    while True:
+        try:
+            text = input("you> ")
+        except (EOFError, KeyboardInterrupt):
+            typer.echo("")
+            break
+        if text.strip() in ("/exit", "/quit"):
+            break
+        if text.strip() == "/reset":
+            history = []
+            typer.echo("(history cleared)")
+            continue
+        if not text.strip():
+            continue
+        history.append(Message("user", text))
+        reply = run_generate(loaded, [history], gen, progress=False)[0][0]
+        history.append(Message("assistant", reply))
+        typer.echo(f"bot> {reply}")
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="a LoRA or full fine-tuning run directory")],
+    merged: Annotated[Path, typer.Option("--merged", help="folder for the merged transformers model")],
+):
+    """Merge the adapter into the base weights and save a plain transformers model."""
+    _setup_logging()
+    from fewtune.export import export_merged
+
+    out = _run(export_merged, run_dir, merged)
+    typer.echo(f"merged model written to {out}")
+
+
+@app.command()
+def demo(
+    output_dir: Annotated[str, typer.Option(help="run directory")] = "runs/demo",
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="dotted overrides, e.g. train.epochs=1")] = None,
+):
+    """The main job end to end on the embedded default model: base vs fine-tuned on held-out data."""
+    _setup_logging()
+    from fewtune.demo.run import run_demo
+
+    _run(run_demo, output_dir, list(overrides or []))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

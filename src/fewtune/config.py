@@ -1,0 +1,204 @@
+"""The one typed configuration: a section per stage, mirrored key for key by the YAML files.
+
+Unknown or misspelled keys are errors that name the nearest valid key; command-line
+overrides use dotted keys (``train.lr=2e-4``) and are parsed as YAML scalars.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem, worded for the user (key path, what is wrong, what to use)."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
+    name: str = "smollm2-135m-instruct"  # embedded name, local folder, .gguf file or hub id
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # chat: the tokenizer's chat template; plain: prompt + separator, completion + stop
+    template: Literal["auto", "chat", "plain"] = "auto"
+    separator: str = "\n\n###\n\n"
+    stop: str = " END"
+
+
+class DataSection(Section):
+    train: str | None = None
+    validation: str | None = None  # a file; when empty, val_ratio of train is held out
+    val_ratio: float = Field(0.1, ge=0.0, lt=1.0)
+    format: Literal["auto", "prompt_completion", "messages", "alpaca", "sharegpt", "classification", "qa"] = "auto"
+    dataset: str | None = None  # name inside a LLaMA-Factory dataset_info.json given as `train`
+    system_prompt: str | None = None  # used when an example has no system message of its own
+    max_length: int = Field(512, gt=8)
+    prompt_loss_weight: float = Field(0.0, ge=0.0, le=1.0)
+    # error: stop before training on an example with nothing left to learn; drop: skip and count it
+    on_bad_example: Literal["error", "drop"] = "error"
+    seed: int = 42
+
+
+class LoraSection(Section):
+    r: int = Field(8, gt=0)
+    alpha: float = 16.0
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: str | list[str] = "all-linear"
+
+
+class FullSection(Section):
+    freeze_embeddings: bool = False
+    train_top_layers: int | None = Field(None, ge=0)  # train only the top N transformer blocks
+    freeze_patterns: list[str] = []  # parameter-name regexes to freeze
+
+
+class MethodSection(Section):
+    name: Literal["lora", "full"] = "lora"
+    lora: LoraSection = LoraSection()
+    full: FullSection = FullSection()
+
+
+class EarlyStoppingSection(Section):
+    enabled: bool = True
+    patience: int = Field(3, ge=1)  # evaluations without improvement before stopping
+    min_delta: float = Field(0.0, ge=0.0)
+
+
+class TrainSection(Section):
+    output_dir: str = "runs/run"
+    epochs: float = Field(3.0, gt=0)
+    max_steps: int | None = Field(None, gt=0)  # optimizer steps; overrides epochs when set
+    batch_size: int = Field(8, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    group_by_length: bool = True  # batches of similar length: less padding, same examples per epoch
+    lr: float | None = Field(None, gt=0)  # None: 1e-4 for LoRA, 1e-5 for full fine-tuning
+    weight_decay: float = Field(0.01, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    scheduler: Literal["linear", "cosine", "cosine_with_restarts", "constant"] = "cosine"
+    num_cycles: int = Field(2, ge=1)  # for cosine_with_restarts
+    eval_every: int | None = Field(None, gt=0)  # steps; evaluation also runs at each epoch end
+    early_stopping: EarlyStoppingSection = EarlyStoppingSection()
+    save_every: int | None = Field(None, gt=0)  # steps; a checkpoint is also written at each epoch end
+    keep_checkpoints: int = Field(2, ge=1)
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    seed: int = 42
+    resume: bool = False
+    log_every: int = Field(1, gt=0)
+
+    def resolved_lr(self, method: str) -> float:
+        return self.lr if self.lr is not None else (1e-4 if method == "lora" else 1e-5)
+
+
+class GenerateSection(Section):
+    max_new_tokens: int = Field(128, gt=0)
+    temperature: float = Field(0.0, ge=0)  # 0 means greedy
+    top_k: int | None = Field(None, gt=0)
+    top_p: float | None = Field(None, gt=0, le=1)
+    repetition_penalty: float = Field(1.0, gt=0)
+    stop: list[str] = []  # extra stop strings, cut from the output
+    num_return_sequences: int = Field(1, gt=0)
+    seed: int = 0
+    batch_size: int = Field(16, gt=0)
+
+
+class Config(Section):
+    model: ModelSection = ModelSection()
+    data: DataSection = DataSection()
+    method: MethodSection = MethodSection()
+    train: TrainSection = TrainSection()
+    generate: GenerateSection = GenerateSection()
+
+    @model_validator(mode="after")
+    def _check(self) -> "Config":
+        if self.method.name == "full" and self.method.lora != LoraSection():
+            pass  # harmless: lora settings are ignored for full fine-tuning
+        return self
+
+
+def _fields_at(path: tuple[Any, ...]) -> list[str]:
+    """Valid keys of the section at a key path (for 'did you mean')."""
+    cls: type[BaseModel] = Config
+    for part in path:
+        field = cls.model_fields.get(str(part))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return []
+        cls = field.annotation
+    return list(cls.model_fields)
+
+
+def _explain(err: ValidationError, source: str) -> ConfigError:
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        key = ".".join(str(p) for p in loc)
+        if e["type"] == "extra_forbidden":
+            valid = _fields_at(loc[:-1])
+            near = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+            hint = f"did you mean '{'.'.join([*map(str, loc[:-1]), near[0]])}'?" if near else f"valid keys: {', '.join(valid)}"
+            lines.append(f"unknown key '{key}': {hint}")
+        else:
+            lines.append(f"'{key}': {e['msg']} (got {e.get('input')!r})")
+    return ConfigError(f"invalid configuration in {source}:\n  " + "\n  ".join(lines))
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' is not of the form section.key=value")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for item in overrides:
+        path, value = parse_override(item)
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}': '{part}' is not a section")
+        node[path[-1]] = value
+    return data
+
+
+def build_config(data: dict | None = None, overrides: list[str] | None = None, source: str = "<config>") -> Config:
+    data = apply_overrides(dict(data or {}), overrides or [])
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise _explain(err, source) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (model, data, method, train, generate)")
+    cfg = build_config(data, overrides, source=str(path))
+    # relative data paths are relative to the config file, as a user reading it expects
+    for key in ("train", "validation"):
+        value = getattr(cfg.data, key)
+        if value and not Path(value).is_absolute() and not Path(value).exists():
+            candidate = path.parent / value
+            if candidate.exists():
+                setattr(cfg.data, key, str(candidate))
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True), encoding="utf-8")

@@ -1,0 +1,180 @@
+"""The one render function: a conversation becomes ``(input_ids, loss_weights)``.
+
+Training, evaluation and generation all go through :func:`render_conversation`, so the
+prompt a model is trained on and the prompt it is given at inference cannot drift apart.
+
+How: the conversation is cut into text segments at the start and end of every assistant
+turn (using the chat template's own output for each prefix of the conversation, or the
+plain template's separator and stop). Each segment is tokenized on its own and the
+pieces are concatenated. A generation prompt is the same segments up to the start of the
+final assistant turn, so its token ids are, by construction, a prefix of the training ids.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+from fewtune.data.formats import Example, Message
+
+
+class RenderError(ValueError):
+    pass
+
+
+@dataclass
+class Template:
+    """How conversations are laid out in tokens. Saved as template.json with every run."""
+
+    kind: str = "chat"  # "chat": the tokenizer's chat template; "plain": separator and stop
+    separator: str = "\n\n###\n\n"  # plain: ends every prompt
+    stop: str = " END"  # plain: ends every completion
+    system_prompt: str | None = None  # used when a conversation has no system message
+    chat_template: str | None = None  # the Jinja template used (kept with the run)
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer, kind: str = "auto", separator: str = "\n\n###\n\n", stop: str = " END",
+                      system_prompt: str | None = None) -> "Template":
+        has_chat = bool(getattr(tokenizer, "chat_template", None))
+        if kind == "auto":
+            kind = "chat" if has_chat else "plain"
+        if kind == "chat" and not has_chat:
+            raise RenderError("model.template is 'chat' but this tokenizer has no chat template; use 'plain'")
+        if kind == "plain" and (not separator or not stop):
+            raise RenderError("the plain template needs a non-empty separator and stop")
+        return cls(kind, separator, stop, system_prompt, tokenizer.chat_template if kind == "chat" else None)
+
+    def stop_strings(self, tokenizer) -> list[str]:
+        """Strings that end a completion at inference (cut from the output)."""
+        if self.kind == "plain":
+            return [self.stop]
+        return [t for t in {tokenizer.eos_token} if t]
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), ensure_ascii=False, indent=2), encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Template":
+        return cls(**json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+@dataclass
+class Rendered:
+    input_ids: list[int]
+    loss_weights: list[float]
+    truncated: bool = False  # tokens were cut at max_length
+    trainable_before_truncation: float = 0.0
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def _with_system(messages: Sequence[Message], template: Template) -> list[Message]:
+    msgs = list(messages)
+    if template.system_prompt and not (msgs and msgs[0].role == "system"):
+        msgs.insert(0, Message("system", template.system_prompt))
+    return msgs
+
+
+def _chat_text(tokenizer, template: Template, messages: Sequence[Message], generation_prompt: bool) -> str:
+    as_dicts = [{"role": m.role, "content": m.content} for m in messages]
+    return tokenizer.apply_chat_template(as_dicts, chat_template=template.chat_template, tokenize=False,
+                                         add_generation_prompt=generation_prompt)
+
+
+def _chat_segments(tokenizer, template: Template, msgs: list[Message], for_generation: bool,
+                   prompt_weight: float) -> list[tuple[str, float]]:
+    segments: list[tuple[str, float]] = []
+    done = ""  # template text covered by segments so far
+
+    def take(upto: str, weight: float, what: str) -> None:
+        nonlocal done
+        if not upto.startswith(done):
+            raise RenderError(
+                f"the chat template does not render this conversation prefix-consistently ({what}): "
+                "rendering the first turns is not a prefix of rendering more turns, so training "
+                "and inference prompts could differ. Use model.template=plain or another template.")
+        if len(upto) > len(done):
+            segments.append((upto[len(done):], weight))
+        done = upto
+
+    for i, message in enumerate(msgs):
+        if message.role != "assistant":
+            continue
+        take(_chat_text(tokenizer, template, msgs[:i], True), prompt_weight, f"before turn {i}")
+        weight = 1.0 if message.weight is None else message.weight
+        take(_chat_text(tokenizer, template, msgs[: i + 1], False), weight, f"turn {i}")
+    if for_generation:
+        take(_chat_text(tokenizer, template, msgs, True), prompt_weight, "generation prompt")
+    elif msgs and msgs[-1].role != "assistant":
+        take(_chat_text(tokenizer, template, msgs, False), prompt_weight, "tail")
+    return segments
+
+
+def _plain_segments(template: Template, msgs: list[Message], for_generation: bool,
+                    prompt_weight: float) -> list[tuple[str, float]]:
+    segments: list[tuple[str, float]] = []
+    pending = ""  # prompt text waiting for the next assistant turn
+    for message in msgs:
+        if message.role == "system":
+            pending += message.content + "\n\n"
+        elif message.role == "assistant":
+            segments.append((pending + template.separator, prompt_weight))
+            weight = 1.0 if message.weight is None else message.weight
+            segments.append((message.content + template.stop, weight))
+            pending = "\n"
+        else:
+            pending += message.content if pending in ("", "\n") or pending.endswith("\n\n") else "\n" + message.content
+    if for_generation:
+        segments.append((pending + template.separator, prompt_weight))
+    elif pending.strip():
+        segments.append((pending, prompt_weight))
+    return segments
+
+
+def _adds_bos(tokenizer) -> bool:
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos]
+
+
+def render_conversation(
+    messages: Sequence[Message] | Example,
+    tokenizer,
+    template: Template,
+    max_length: int | None = None,
+    prompt_loss_weight: float = 0.0,
+    for_generation: bool = False,
+) -> Rendered:
+    """Token ids and per-token loss weights for a conversation.
+
+    ``for_generation`` drops a final assistant turn (the reference) and ends with the
+    prompt the model continues from. Assistant tokens weigh 1 (or the message's own
+    ``weight``), everything else ``prompt_loss_weight``. Sequences longer than
+    ``max_length`` are cut on the right; generation prompts are never cut.
+    """
+    if isinstance(messages, Example):
+        messages = messages.messages
+    msgs = _with_system(messages, template)
+    if for_generation and msgs and msgs[-1].role == "assistant":
+        msgs = msgs[:-1]
+    if not msgs:
+        raise RenderError("empty conversation")
+    if template.kind == "chat":
+        segments = _chat_segments(tokenizer, template, msgs, for_generation, prompt_loss_weight)
+        ids: list[int] = []
+        weights: list[float] = []
+    else:
+        segments = _plain_segments(template, msgs, for_generation, prompt_loss_weight)
+        ids = [tokenizer.bos_token_id] if _adds_bos(tokenizer) else []
+        weights = [0.0] * len(ids)
+    for text, weight in segments:
+        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids.extend(piece)
+        weights.extend([float(weight)] * len(piece))
+    total = sum(weights)
+    truncated = False
+    if max_length is not None and not for_generation and len(ids) > max_length:
+        ids, weights, truncated = ids[:max_length], weights[:max_length], True
+    return Rendered(ids, weights, truncated, total)

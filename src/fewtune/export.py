@@ -1,0 +1,31 @@
+"""Merging a LoRA run into its base weights (W + BA) and saving a plain transformers model."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from fewtune.generate import is_run_dir, load_for_inference
+
+log = logging.getLogger(__name__)
+
+
+def export_merged(run_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write a folder that `AutoModelForCausalLM.from_pretrained` loads with no peft installed.
+
+    The tokenizer (with the chat template) and template.json go along, so `fewtune generate
+    OUT_DIR` prompts the merged model exactly as the run was trained.
+    """
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if not is_run_dir(run_dir):
+        raise FileNotFoundError(f"{run_dir} is not a fewtune run directory (no config.yaml and template.json)")
+    loaded = load_for_inference(str(run_dir))
+    model = loaded.model
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    loaded.tokenizer.save_pretrained(out_dir)
+    loaded.template.save(out_dir / "template.json")
+    log.info("merged model written to %s", out_dir)
+    return out_dir

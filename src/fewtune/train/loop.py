@@ -1,0 +1,362 @@
+"""The training loop: our own, short, on accelerate.
+
+Loss is normalised by the total loss weight of the whole accumulated (and, across
+processes, global) batch, so accumulation and data parallelism give the same gradient
+as one big batch. Data order is a seeded permutation per epoch, so a resumed run sees
+exactly the examples an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from fewtune.config import Config, save_config
+from fewtune.data.dataset import RenderedSet, load_train_val, render_set
+from fewtune.data.render import Rendered, Template
+from fewtune.models import load_model, load_tokenizer
+from fewtune.train import checkpoint as ckpt
+from fewtune.train.loss import WeightedLMLoss
+from fewtune.train.methods import apply_method, load_trainable_state, parameter_counts, trainable_state
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+class Interrupted(Exception):
+    """Raised after Ctrl-C once the checkpoint is safely written."""
+
+    def __init__(self, run_dir: Path, step: int):
+        self.run_dir, self.step = run_dir, step
+        super().__init__(f"interrupted at step {step}; checkpoint saved. Resume with: fewtune train --resume {run_dir}")
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    best_val_loss: float | None
+    stopped_early: bool
+    wall_s: float
+
+
+def collate(items: list[Rendered], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch; padding has attention 0 and loss weight 0."""
+    width = max(len(r) for r in items)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    weights = torch.zeros((len(items), width), dtype=torch.float32)
+    for row, r in enumerate(items):
+        n = len(r)
+        ids[row, :n] = torch.tensor(r.input_ids)
+        mask[row, :n] = 1
+        weights[row, :n] = torch.tensor(r.loss_weights)
+    return {"input_ids": ids, "attention_mask": mask, "loss_weights": weights}
+
+
+def epoch_batches(lengths: list[int], batch_size: int, world: int, rank: int, seed: int, epoch: int,
+                  group_by_length: bool = False) -> list[list[int]]:
+    """This process's share of each global batch of the epoch (global batch = batch_size * world).
+
+    With ``group_by_length``, the shuffled order is cut into windows of 32 global batches,
+    each window is sorted by length and cut into batches, and the batches are shuffled:
+    batches of similar length waste little on padding, and their order stays random.
+    """
+    generator = torch.Generator().manual_seed(seed * 1000 + epoch)
+    n = len(lengths)
+    order = torch.randperm(n, generator=generator).tolist()
+    step = batch_size * world
+    if group_by_length:
+        window = step * 32
+        order = [j for i in range(0, n, window) for j in sorted(order[i:i + window], key=lambda j: -lengths[j])]
+    batches = [order[i:i + step] for i in range(0, n, step)]
+    if group_by_length:
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+    return [b[rank * batch_size:(rank + 1) * batch_size] for b in batches]
+
+
+def _mixed_precision(setting: str) -> str:
+    if setting != "auto":
+        return setting
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"  # CPU autocast to bf16 is slower than fp32 without native bf16 matmul kernels
+
+
+def _optimizer(model, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 and "norm" not in name.lower() else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+
+
+def _scheduler(optimizer, cfg: Config, total_steps: int):
+    from transformers import get_scheduler
+
+    name = {"constant": "constant_with_warmup"}.get(cfg.train.scheduler, cfg.train.scheduler)
+    extra = {"num_cycles": cfg.train.num_cycles} if name == "cosine_with_restarts" else {}
+    return get_scheduler(name, optimizer, num_warmup_steps=math.ceil(cfg.train.warmup_ratio * total_steps),
+                         num_training_steps=total_steps, scheduler_specific_kwargs=extra)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: Path | None = None):
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        self.cfg = cfg
+        self.run_dir = Path(run_dir or cfg.train.output_dir)
+        self.accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.train.mixed_precision))
+        set_seed(cfg.train.seed)
+        self.tokenizer = load_tokenizer(cfg.model.name)
+        self.template = Template.for_tokenizer(self.tokenizer, cfg.model.template, cfg.model.separator,
+                                               cfg.model.stop, cfg.data.system_prompt)
+        train_examples, val_examples = load_train_val(cfg.data)
+        self.train_set: RenderedSet = render_set(train_examples, self.tokenizer, self.template, cfg.data, "training")
+        self.val_set: RenderedSet = render_set(val_examples, self.tokenizer, self.template, cfg.data, "validation")
+        if not self.train_set.items:
+            raise TrainingError("no training example is left after dropping the ones with nothing to learn")
+        self.lengths = [len(r) for r in self.train_set.items]
+        model = load_model(cfg.model.name, cfg.model.dtype)
+        self.model = apply_method(model, cfg.method)
+        self.trainable, self.total = parameter_counts(self.model)
+        self.loss_module = WeightedLMLoss(self.model)
+        optimizer = _optimizer(self.model, cfg.train.resolved_lr(cfg.method.name), cfg.train.weight_decay)
+        world = self.accelerator.num_processes
+        self.batches_per_epoch = math.ceil(len(self.train_set.items) / (cfg.train.batch_size * world))
+        self.steps_per_epoch = math.ceil(self.batches_per_epoch / cfg.train.grad_accum)
+        self.total_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * self.steps_per_epoch)
+        self.loss_module, self.optimizer = self.accelerator.prepare(self.loss_module, optimizer)
+        self.scheduler = _scheduler(self.optimizer, cfg, self.total_steps)
+        self.state = {"step": 0, "epoch": 0, "batch": 0, "best_val": None, "best_step": None, "bad_evals": 0,
+                      "stopped_early": False, "tokens": 0}
+
+    # -------------------------------------------------------------- bookkeeping
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def _log(self, record: dict) -> None:
+        if self.main:
+            with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+    def _save_checkpoint(self) -> None:
+        self.accelerator.wait_for_everyone()
+        if self.main:
+            ckpt.save_checkpoint(self.run_dir, self.state["step"], trainable_state(self.model), self.optimizer,
+                                 self.scheduler, self.state, self.cfg.train.keep_checkpoints)
+        self.accelerator.wait_for_everyone()
+
+    def _prepare_run_dir(self, resume: bool) -> None:
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if not resume:
+                for stale in ("metrics.jsonl", "summary.json"):
+                    (self.run_dir / stale).unlink(missing_ok=True)
+            save_config(self.cfg, self.run_dir / "config.yaml")
+            self.template.save(self.run_dir / "template.json")
+            self.tokenizer.save_pretrained(self.run_dir / "tokenizer")
+        self.accelerator.wait_for_everyone()
+
+    def resume(self) -> bool:
+        folder = ckpt.latest_checkpoint(self.run_dir)
+        if folder is None:
+            return False
+        weights, state, loop_state = ckpt.load_checkpoint(folder)
+        load_trainable_state(self.model, weights)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        ckpt.set_rng_state(state["rng"])
+        self.state.update(loop_state)  # in place: fit() holds a reference to this dict
+        # metrics written after that checkpoint belong to the lost tail of the interrupted run
+        path = self.run_dir / "metrics.jsonl"
+        if self.main and path.exists():
+            kept = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= self.state["step"]]
+            path.write_text("".join(line + "\n" for line in kept))
+        log.info("resumed from %s (step %d)", folder, self.state["step"])
+        return True
+
+    # -------------------------------------------------------------- evaluation
+
+    @torch.no_grad()
+    def validation_loss(self) -> float | None:
+        items = self.val_set.items
+        if not items:
+            return None
+        self.loss_module.eval()
+        acc = self.accelerator
+        total = torch.zeros(2, device=acc.device)
+        size = self.cfg.train.batch_size
+        shard = items[acc.process_index::acc.num_processes]
+        for i in range(0, len(shard), size):
+            batch = {k: v.to(acc.device) for k, v in collate(shard[i:i + size], self.tokenizer.pad_token_id).items()}
+            with acc.autocast():
+                loss_sum, weight = self.loss_module(**batch)
+            total += torch.stack([loss_sum.float(), weight.float()])
+        total = acc.reduce(total, "sum")
+        self.loss_module.train()
+        return (total[0] / total[1]).item()
+
+    def _evaluate(self) -> bool:
+        """Validation loss, best-checkpoint bookkeeping, early stopping. True means stop."""
+        val = self.validation_loss()
+        if val is None:
+            return False
+        s, es = self.state, self.cfg.train.early_stopping
+        improved = s["best_val"] is None or val < s["best_val"] - es.min_delta
+        if improved:
+            s["best_val"], s["best_step"], s["bad_evals"] = val, s["step"], 0
+            if self.main:
+                ckpt.save_weights(trainable_state(self.model), self.run_dir / "best")
+        else:
+            s["bad_evals"] += 1
+        self._log({"step": s["step"], "epoch": round(s["epoch"] + s["batch"] / self.batches_per_epoch, 4),
+                   "val_loss": val, "best": improved})
+        if es.enabled and s["bad_evals"] >= es.patience:
+            log.info("early stopping at step %d: validation loss has not improved for %d evaluations (best %.4f at step %d)",
+                     s["step"], s["bad_evals"], s["best_val"], s["best_step"])
+            s["stopped_early"] = True
+            return True
+        return False
+
+    # -------------------------------------------------------------- training
+
+    def _train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
+        acc = self.accelerator
+        local_weight = sum(b["loss_weights"][:, 1:].sum() for b in micro_batches).to(acc.device)
+        global_weight = acc.reduce(local_weight.clone(), "sum").item()
+        if global_weight <= 0:
+            raise TrainingError("a batch has no token with loss weight (should have been caught when rendering)")
+        loss_total = torch.zeros((), device=acc.device)
+        for i, batch in enumerate(micro_batches):
+            batch = {k: v.to(acc.device) for k, v in batch.items()}
+            sync = i == len(micro_batches) - 1
+            with (acc.no_sync(self.loss_module) if not sync else nullcontext()), acc.autocast():
+                loss_sum, _ = self.loss_module(**batch)
+                # DDP averages gradients over processes, hence the factor num_processes
+                loss = loss_sum / global_weight * acc.num_processes
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"the loss became {loss.item()} at step {self.state['step'] + 1}: training diverged. "
+                    f"Lower train.lr (now {self.cfg.train.resolved_lr(self.cfg.method.name)}), keep "
+                    "train.max_grad_norm set, raise train.warmup_ratio, or check model.dtype.")
+            acc.backward(loss)
+            loss_total += loss_sum.detach()
+        grad_norm = float("nan")
+        if self.cfg.train.max_grad_norm:
+            grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), self.cfg.train.max_grad_norm))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return acc.reduce(loss_total, "sum").item() / global_weight, grad_norm
+
+    def fit(self, resume: bool = False, stop_after: int | None = None) -> TrainResult:
+        """Train to the end (or early stop). ``stop_after`` simulates a Ctrl-C after that many steps."""
+        cfg, s, acc = self.cfg, self.state, self.accelerator
+        resumed = self.resume() if resume else False
+        if resume and not resumed:
+            log.warning("no checkpoint in %s: starting from the beginning", self.run_dir)
+        self._prepare_run_dir(resumed)
+        if self.main:
+            log.info("trainable parameters: %s of %s (%.2f%%)", f"{self.trainable:,}", f"{self.total:,}",
+                     100 * self.trainable / self.total)
+            self._log({"step": s["step"], "event": "start", "trainable_params": self.trainable,
+                       "total_params": self.total, "train_examples": len(self.train_set.items),
+                       "val_examples": len(self.val_set.items), "dropped": len(self.train_set.dropped),
+                       "total_steps": self.total_steps})
+        start, tokens_at_start = time.time(), s["tokens"]
+        bar = tqdm(total=self.total_steps, initial=s["step"], desc="train", disable=not self.main, dynamic_ncols=True)
+        steps_this_session = 0
+        try:
+            self.loss_module.train()
+            while s["step"] < self.total_steps and not s["stopped_early"]:
+                batches = epoch_batches(self.lengths, cfg.train.batch_size, acc.num_processes, acc.process_index,
+                                        cfg.train.seed, s["epoch"], cfg.train.group_by_length)
+                while s["batch"] < len(batches) and s["step"] < self.total_steps:
+                    group = batches[s["batch"]:s["batch"] + cfg.train.grad_accum]
+                    micro = [collate([self.train_set.items[i] for i in idx], self.tokenizer.pad_token_id) for idx in group]
+                    step_start = time.time()
+                    loss, grad_norm = self._train_step(micro)
+                    tokens = acc.reduce(torch.tensor(sum(int(b["attention_mask"].sum()) for b in micro),
+                                                     device=acc.device), "sum").item()
+                    s["tokens"] += tokens
+                    s["batch"] += len(group)
+                    s["step"] += 1
+                    steps_this_session += 1
+                    lr = self.scheduler.get_last_lr()[0]
+                    elapsed = time.time() - start
+                    tok_s = (s["tokens"] - tokens_at_start) / max(elapsed, 1e-9)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}")
+                    if s["step"] % cfg.train.log_every == 0:
+                        self._log({"step": s["step"], "epoch": round(s["epoch"] + s["batch"] / len(batches), 4),
+                                   "train_loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
+                                   "step_s": round(time.time() - step_start, 4), "tokens_per_s": round(tok_s, 1)})
+                    end_of_epoch = s["batch"] >= len(batches)
+                    if (cfg.train.eval_every and s["step"] % cfg.train.eval_every == 0) or end_of_epoch \
+                            or s["step"] == self.total_steps:
+                        if end_of_epoch:
+                            s["epoch"], s["batch"] = s["epoch"] + 1, 0
+                        if self._evaluate():
+                            break
+                    if (cfg.train.save_every and s["step"] % cfg.train.save_every == 0) or s["batch"] == 0:
+                        self._save_checkpoint()
+                    if stop_after is not None and steps_this_session >= stop_after:
+                        raise KeyboardInterrupt
+                if s["batch"] >= len(batches):
+                    s["epoch"], s["batch"] = s["epoch"] + 1, 0
+        except KeyboardInterrupt:
+            bar.close()
+            self._save_checkpoint()
+            raise Interrupted(self.run_dir, s["step"]) from None
+        bar.close()
+        self._save_checkpoint()
+        return self._finish(time.time() - start)
+
+    def _finish(self, wall_s: float) -> TrainResult:
+        s = self.state
+        if s["best_val"] is not None and (self.run_dir / "best").exists():
+            load_trainable_state(self.model, ckpt.load_weights(self.run_dir / "best"))
+            log.info("loaded the best weights (validation loss %.4f at step %d)", s["best_val"], s["best_step"])
+        self.accelerator.wait_for_everyone()
+        if self.main:
+            model = self.accelerator.unwrap_model(self.loss_module).model
+            if self.cfg.method.name == "lora":
+                model.save_pretrained(self.run_dir / "adapter")
+            else:
+                model.save_pretrained(self.run_dir / "model")
+            summary = {"steps": s["step"], "total_steps": self.total_steps, "best_val_loss": s["best_val"],
+                       "best_step": s["best_step"], "stopped_early": s["stopped_early"], "wall_s": round(wall_s, 2),
+                       "trainable_params": self.trainable, "total_params": self.total,
+                       "train_examples": len(self.train_set.items), "val_examples": len(self.val_set.items),
+                       "dropped_examples": len(self.train_set.dropped) + len(self.val_set.dropped),
+                       "partly_truncated": self.train_set.partly_truncated, "train_tokens_seen": s["tokens"]}
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            self._log({"step": s["step"], "event": "end", **summary})
+            from fewtune.plots import plot_loss_curve
+
+            plot_loss_curve(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
+        self.accelerator.wait_for_everyone()
+        return TrainResult(self.run_dir, s["step"], s["best_val"], s["stopped_early"], wall_s)
+
+
+def train(cfg: Config, run_dir: str | Path | None = None, resume: bool | None = None,
+          stop_after: int | None = None) -> TrainResult:
+    """Train as configured and write the run directory. The function `fewtune train` calls."""
+    trainer = Trainer(cfg, Path(run_dir) if run_dir else None)
+    return trainer.fit(resume=cfg.train.resume if resume is None else resume, stop_after=stop_after)

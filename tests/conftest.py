@@ -1,0 +1,81 @@
+"""Shared fixtures: tiny random models (Llama, Qwen2 families) with a real tokenizer.
+
+The tokenizer is SmolLM2's (ChatML chat template, 49k vocabulary), taken from the
+embedded default model; the weights are random and small (hidden size 64, 2 layers), so
+training steps take milliseconds and the whole unit suite runs in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fewtune.config import build_config
+from fewtune.models import DEFAULT_MODEL, load_tokenizer
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return load_tokenizer(DEFAULT_MODEL)
+
+
+def _tiny_config(arch: str, tok):
+    from transformers import LlamaConfig, Qwen2Config
+
+    common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                  tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                  pad_token_id=tok.pad_token_id)
+    return {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch](**common)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory, tokenizer) -> dict[str, str]:
+    from transformers import AutoModelForCausalLM
+
+    out = {}
+    for arch in ("llama", "qwen2"):
+        folder = tmp_path_factory.mktemp(f"tiny-{arch}")
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(_tiny_config(arch, tokenizer))
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        out[arch] = str(folder)
+    return out
+
+
+@pytest.fixture
+def tiny_model(tiny_models) -> str:
+    return tiny_models["llama"]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def pc_data(tmp_path) -> Path:
+    """40 short prompt/completion pairs with completions of varying length."""
+    rows = [{"prompt": f"打开车窗 {i}", "completion": "{\"actions\":[\"打开车窗\"]}" + " ok" * (i % 4)} for i in range(40)]
+    return write_jsonl(tmp_path / "train.jsonl", rows)
+
+
+@pytest.fixture
+def make_config(tmp_path, tiny_model, pc_data):
+    """A small, fast training config on the tiny model; keyword overrides in dotted form."""
+
+    def make(**dotted):
+        base = {
+            "model": {"name": tiny_model},
+            "data": {"train": str(pc_data), "val_ratio": 0.2, "max_length": 64},
+            "method": {"name": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
+            "train": {"output_dir": str(tmp_path / "run"), "epochs": 1, "batch_size": 4, "lr": 1e-3,
+                      "warmup_ratio": 0.0, "seed": 3},
+        }
+        return build_config(base, [f"{k.replace('__', '.')}={v}" for k, v in dotted.items()])
+
+    return make

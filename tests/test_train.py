@@ -1,0 +1,153 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fewtune.data.formats import DataError
+from fewtune.train.loop import Interrupted, Trainer, TrainingError, train
+from fewtune.train.loss import WeightedLMLoss
+from tests.conftest import write_jsonl
+
+
+def metrics(run_dir) -> list[dict]:
+    return [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def trainable(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+
+
+def test_run_directory_contents(make_config):
+    cfg = make_config()
+    result = train(cfg)
+    run = Path(result.run_dir)
+    for name in ("config.yaml", "template.json", "metrics.jsonl", "loss.png", "summary.json",
+                 "adapter/adapter_config.json", "tokenizer/tokenizer_config.json", "checkpoints/latest"):
+        assert (run / name).exists(), name
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["train_examples"] == 32 and summary["val_examples"] == 8
+    assert 0 < summary["trainable_params"] < summary["total_params"]
+    assert any("val_loss" in m for m in metrics(run)) and result.steps == 8
+
+
+def test_gradient_accumulation_equals_one_big_batch(make_config, tmp_path):
+    # (length grouping forms batches per batch size, so it is off to compare equal sets of examples)
+    big = Trainer(make_config(train__batch_size=4, train__grad_accum=1, train__max_steps=1,
+                              train__group_by_length=False, train__output_dir=str(tmp_path / "a")))
+    small = Trainer(make_config(train__batch_size=1, train__grad_accum=4, train__max_steps=1,
+                                train__group_by_length=False, train__output_dir=str(tmp_path / "b")))
+    lens = [len(big.train_set.items[i]) for i in range(4)]
+    assert len(set(lens)) > 1  # examples of different lengths: per-micro-batch averaging would differ
+    big.fit()
+    small.fit()
+    loss_big = [m["train_loss"] for m in metrics(tmp_path / "a") if "train_loss" in m]
+    loss_small = [m["train_loss"] for m in metrics(tmp_path / "b") if "train_loss" in m]
+    assert loss_big == pytest.approx(loss_small, rel=1e-5)
+    wa, wb = trainable(big), trainable(small)
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name], rtol=1e-4, atol=1e-6)
+
+
+def test_all_masked_example_fails_with_file_and_line(make_config, tmp_path):
+    rows = [{"prompt": "short", "completion": "fine"}] * 5
+    rows.insert(2, {"prompt": "很长的提示" * 40, "completion": "never seen"})
+    path = write_jsonl(tmp_path / "long.jsonl", rows)
+    with pytest.raises(DataError) as info:
+        Trainer(make_config(data__train=str(path), data__val_ratio=0))
+    assert f"{path}:3" in str(info.value) and "cut away entirely by max_length=64" in str(info.value)
+    dropped = Trainer(make_config(data__train=str(path), data__val_ratio=0, data__on_bad_example="drop"))
+    assert len(dropped.train_set.dropped) == 1 and len(dropped.train_set.items) == 5
+
+
+def test_resume_reaches_the_same_result(make_config, tmp_path):
+    settings = dict(train__max_steps=9, train__batch_size=2, method__lora__dropout=0.1, train__eval_every=4)
+    straight = train(make_config(train__output_dir=str(tmp_path / "straight"), **settings))
+    cfg = make_config(train__output_dir=str(tmp_path / "resumed"), **settings)
+    with pytest.raises(Interrupted) as info:
+        train(cfg, stop_after=4)  # the same path Ctrl-C takes: checkpoint, then stop
+    assert info.value.step == 4
+    assert (tmp_path / "resumed" / "checkpoints" / "latest").read_text() == "step-0000004"
+    resumed = train(cfg, resume=True)
+    assert resumed.steps == straight.steps == 9
+    a = [m["train_loss"] for m in metrics(tmp_path / "straight") if "train_loss" in m]
+    b = [m["train_loss"] for m in metrics(tmp_path / "resumed") if "train_loss" in m]
+    assert len(b) == 9 and a == pytest.approx(b, rel=1e-6)
+    wa = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
+    wb = load_file(tmp_path / "resumed" / "adapter" / "adapter_model.safetensors")
+    for name in wa:
+        torch.testing.assert_close(wa[name], wb[name])
+
+
+def test_early_stopping_on_rising_validation_loss(make_config, tmp_path):
+    # validation asks for the opposite answers: the better training goes, the worse validation gets
+    train_rows = [{"prompt": f"问题 {i}", "completion": "是"} for i in range(24)]
+    val_rows = [{"prompt": f"问题 {i}", "completion": "不是"} for i in range(8)]
+    cfg = make_config(data__train=str(write_jsonl(tmp_path / "t.jsonl", train_rows)),
+                      data__validation=str(write_jsonl(tmp_path / "v.jsonl", val_rows)),
+                      train__epochs=5, train__lr=1e-2, train__eval_every=1, train__early_stopping__patience=2)
+    result = train(cfg)
+    assert result.stopped_early and result.steps < 30
+    vals = [m["val_loss"] for m in metrics(result.run_dir) if "val_loss" in m]
+    assert vals[-1] > min(vals) and result.best_val_loss == min(vals)
+    assert len(vals) - 1 - vals.index(min(vals)) == 2  # stopped after `patience` evaluations without improvement
+
+
+def test_length_grouped_batches_cover_the_epoch_once():
+    from fewtune.train.loop import epoch_batches
+
+    lengths = [5, 90, 7, 88, 6, 91, 8, 89] * 8
+    plain = epoch_batches(lengths, 4, 1, 0, seed=1, epoch=0)
+    grouped = epoch_batches(lengths, 4, 1, 0, seed=1, epoch=0, group_by_length=True)
+    assert sorted(i for b in grouped for i in b) == list(range(64)) == sorted(i for b in plain for i in b)
+    padded = lambda batches: sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    assert padded(grouped) < 0.7 * padded(plain)
+    assert grouped == epoch_batches(lengths, 4, 1, 0, seed=1, epoch=0, group_by_length=True)
+    assert grouped != epoch_batches(lengths, 4, 1, 0, seed=1, epoch=1, group_by_length=True)
+    # two processes split each global batch between them
+    r0 = epoch_batches(lengths, 2, 2, 0, seed=1, epoch=0, group_by_length=True)
+    r1 = epoch_batches(lengths, 2, 2, 1, seed=1, epoch=0, group_by_length=True)
+    assert sorted(i for b in r0 + r1 for i in b) == list(range(64))
+
+
+def test_selective_logits_equal_full_logits(tiny_models, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    for path in tiny_models.values():
+        model = AutoModelForCausalLM.from_pretrained(path)
+        ids = torch.randint(0, 1000, (3, 12))
+        mask = torch.ones_like(ids)
+        mask[1, 9:] = 0
+        weights = torch.zeros(3, 12)
+        weights[:, 6:] = 1.0
+        weights[1, 9:] = 0
+        weights[2, 7] = 0.5
+        fast = WeightedLMLoss(model, selective=True)
+        full = WeightedLMLoss(model, selective=False)
+        assert fast.selective
+        torch.testing.assert_close(fast(ids, mask, weights), full(ids, mask, weights))
+
+
+def test_full_fine_tuning_with_freezing(make_config):
+    top = Trainer(make_config(method__name="full", method__full__train_top_layers=1, method__full__freeze_embeddings=True))
+    names = [n for n, p in top.model.named_parameters() if p.requires_grad]
+    assert names and all(".layers.1." in n or n.endswith("norm.weight") for n in names)
+    assert not any("embed_tokens" in n for n in names)
+    everything = Trainer(make_config(method__name="full"))
+    assert everything.trainable == everything.total > top.trainable
+    result = train(make_config(method__name="full", method__full__train_top_layers=1, train__max_steps=2))
+    assert (Path(result.run_dir) / "model" / "config.json").exists()
+
+
+def test_nan_loss_stops_with_a_clear_message(make_config, monkeypatch):
+    trainer = Trainer(make_config(train__max_steps=2))
+    original = WeightedLMLoss.forward
+    monkeypatch.setattr(WeightedLMLoss, "forward", lambda self, *a, **k: (original(self, *a, **k)[0] * float("nan"), torch.tensor(1.0)))
+    with pytest.raises(TrainingError, match="became nan at step 1"):
+        trainer.fit()
+
+
+def test_qwen2_family_trains(make_config, tiny_models):
+    result = train(make_config(model__name=tiny_models["qwen2"], train__max_steps=2))
+    assert result.steps == 2 and (Path(result.run_dir) / "adapter").is_dir()
