@@ -151,3 +151,77 @@ def test_nan_loss_stops_with_a_clear_message(make_config, monkeypatch):
 def test_qwen2_family_trains(make_config, tiny_models):
     result = train(make_config(model__name=tiny_models["qwen2"], train__max_steps=2))
     assert result.steps == 2 and (Path(result.run_dir) / "adapter").is_dir()
+
+
+def test_ctrl_c_checkpoints_and_resume_finishes(make_config, tmp_path):
+    """A real SIGINT to `fewtune train`: exit 130 with a checkpoint, then --resume goes on from it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from fewtune.config import save_config
+
+    run = tmp_path / "sigint"
+    endless = dict(train__batch_size=2, train__output_dir=str(run), train__early_stopping__enabled=False)
+    save_config(make_config(train__max_steps=100000, **endless), tmp_path / "c.yaml")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    proc = subprocess.Popen([sys.executable, "-m", "fewtune.cli", "train", str(tmp_path / "c.yaml")], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:  # wait until training is under way
+        if (run / "metrics.jsonl").exists() and sum(1 for _ in open(run / "metrics.jsonl")) > 3:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 130, output
+    assert "fewtune train --resume" in output
+    step = int((run / "checkpoints" / "latest").read_text().split("-")[1])
+    assert step >= 2
+    done = train(make_config(train__max_steps=step + 5, **endless), resume=True)
+    assert done.steps == step + 5
+    steps = [m["step"] for m in metrics(run) if "train_loss" in m]
+    assert steps == list(range(1, step + 6))  # every step logged once: none lost, none repeated
+
+
+def test_crash_while_writing_a_checkpoint_keeps_the_last_good_one(make_config, tmp_path, monkeypatch):
+    from fewtune.train import checkpoint as ckpt
+
+    cfg = make_config(train__max_steps=4, train__save_every=2, train__output_dir=str(tmp_path / "crash"))
+    trainer = Trainer(cfg)
+    real_torch_save = torch.save
+    calls = {"n": 0}
+
+    def failing_save(obj, path, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second checkpoint dies half-written
+            Path(path).write_bytes(b"partial")
+            raise OSError("disk full")
+        return real_torch_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(ckpt.torch, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        trainer.fit()
+    monkeypatch.setattr(ckpt.torch, "save", real_torch_save)
+    latest = ckpt.latest_checkpoint(tmp_path / "crash")
+    assert latest is not None and latest.name == "step-0000002"
+    weights, state, loop_state = ckpt.load_checkpoint(latest)
+    assert loop_state["step"] == 2 and weights
+    assert not list((tmp_path / "crash" / "checkpoints").glob("*.tmp-*"))  # the half-written one is gone
+    assert train(cfg, resume=True).steps == 4
+
+
+def test_validation_split_is_stratified_and_seeded(tmp_path, make_config):
+    from fewtune.data.dataset import split_examples
+    from fewtune.data.formats import load_examples
+
+    rows = [{"text": f"t{i}", "label": "a" if i < 40 else "b"} for i in range(50)]
+    examples = load_examples(write_jsonl(tmp_path / "cls.jsonl", rows))
+    train_part, val = split_examples(examples, 0.2, seed=7)
+    assert sorted(e.label for e in val) == ["a"] * 8 + ["b"] * 2
+    assert len(train_part) == 40
+    again = split_examples(examples, 0.2, seed=7)[1]
+    assert [e.line for e in again] == [e.line for e in val]
+    assert [e.line for e in split_examples(examples, 0.2, seed=8)[1]] != [e.line for e in val]

@@ -73,11 +73,15 @@ def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.Tensor], 
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:07d}"
     tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=root))
-    save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, tmp / "trainable.safetensors")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
-               tmp / "state.pt")
-    (tmp / "loop.json").write_text(json.dumps(loop_state, indent=2))
-    _replace_dir(tmp, final)
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, tmp / "trainable.safetensors")
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
+                   tmp / "state.pt")
+        (tmp / "loop.json").write_text(json.dumps(loop_state, indent=2))
+        _replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     atomic_write_text(root / "latest", final.name)
     # keep the newest `keep` checkpoints; stray temporary folders from a crash go too
     done = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and ".tmp-" not in p.name)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -35,7 +37,7 @@ class TrainingError(RuntimeError):
 
 
 class Interrupted(Exception):
-    """Raised after Ctrl-C once the checkpoint is safely written."""
+    """Raised after Ctrl-C (at the next step boundary) once the checkpoint is safely written."""
 
     def __init__(self, run_dir: Path, step: int):
         self.run_dir, self.step = run_dir, step
@@ -265,8 +267,20 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return acc.reduce(loss_total, "sum").item() / global_weight, grad_norm
 
+    def _catch_ctrl_c(self):
+        """First Ctrl-C: finish the current step, checkpoint, stop. Second Ctrl-C: stop at once."""
+        if threading.current_thread() is not threading.main_thread():
+            return None
+
+        def request_stop(signum, frame):
+            self._stop_requested = True
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            log.warning("Ctrl-C: stopping after this step and saving a checkpoint (press again to abort at once)")
+
+        return signal.signal(signal.SIGINT, request_stop)
+
     def fit(self, resume: bool = False, stop_after: int | None = None) -> TrainResult:
-        """Train to the end (or early stop). ``stop_after`` simulates a Ctrl-C after that many steps."""
+        """Train to the end (or early stop). ``stop_after`` stops like Ctrl-C after that many steps."""
         cfg, s, acc = self.cfg, self.state, self.accelerator
         resumed = self.resume() if resume else False
         if resume and not resumed:
@@ -282,6 +296,8 @@ class Trainer:
         start, tokens_at_start = time.time(), s["tokens"]
         bar = tqdm(total=self.total_steps, initial=s["step"], desc="train", disable=not self.main, dynamic_ncols=True)
         steps_this_session = 0
+        self._stop_requested = False
+        previous_handler = self._catch_ctrl_c()
         try:
             self.loss_module.train()
             while s["step"] < self.total_steps and not s["stopped_early"]:
@@ -316,14 +332,16 @@ class Trainer:
                             break
                     if (cfg.train.save_every and s["step"] % cfg.train.save_every == 0) or s["batch"] == 0:
                         self._save_checkpoint()
-                    if stop_after is not None and steps_this_session >= stop_after:
-                        raise KeyboardInterrupt
+                    if self._stop_requested or (stop_after is not None and steps_this_session >= stop_after):
+                        # at a step boundary: weights, optimizer and loop position agree
+                        bar.close()
+                        self._save_checkpoint()
+                        raise Interrupted(self.run_dir, s["step"])
                 if s["batch"] >= len(batches):
                     s["epoch"], s["batch"] = s["epoch"] + 1, 0
-        except KeyboardInterrupt:
-            bar.close()
-            self._save_checkpoint()
-            raise Interrupted(self.run_dir, s["step"]) from None
+        finally:
+            if previous_handler is not None:
+                signal.signal(signal.SIGINT, previous_handler)
         bar.close()
         self._save_checkpoint()
         return self._finish(time.time() - start)
