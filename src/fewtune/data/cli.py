@@ -148,7 +148,7 @@ def clean(
     """Safe fixes (strip, line endings, exact duplicates, schema failures set aside); nothing is lost."""
     from fewtune.data.clean import clean_data
 
-    result = _call(clean_data, file, out, rejects, None if fmt == "auto" else fmt, dataset, _rename(rename),
+    result = _call(clean_data, file, out, rejects, fmt, dataset, _rename(rename),
                    keep_leading_space)
     for note in result.notes:
         typer.echo(note)

@@ -103,10 +103,9 @@ def collect(path: str | Path, fmt: str = "auto", dataset: str | None = None,
         return out
     if mapped_fmt:
         fmt = mapped_fmt
+    if fmt != "auto" and fmt not in FORMATS:  # a usage error, not a problem of the file
+        raise ValueError(f"unknown format {fmt!r}; known formats: auto, {', '.join(FORMATS)}")
     out = Collected(str(source), None if fmt == "auto" else fmt)
-    if fmt != "auto" and fmt not in FORMATS:
-        out.add("error", "schema", None, None, f"unknown format '{fmt}'; known formats: {', '.join(FORMATS)}")
-        return out
     errors: list[DataError] = []
     rows = [(line, record) for line, record in read_records(source, errors)]
     _layout_problems(out, Path(source), errors, len(rows))

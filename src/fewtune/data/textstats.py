@@ -16,7 +16,7 @@ import unicodedata
 
 # CJK ideographs (with extension A and compatibility forms), kana and hangul
 _CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3040-\u30ff\uac00-\ud7af]")
-_LATIN = re.compile(r"[A-Za-z]")
+_LATIN_WORD = re.compile(r"[A-Za-z]+")
 _WORDLIKE = re.compile(r"\w", re.UNICODE)
 
 
@@ -36,11 +36,12 @@ def has_cjk(text: str) -> bool:
 
 
 def language(text: str) -> str:
-    """'zh' (CJK text, maybe with some English), 'en' (no CJK), 'mixed' (more Latin letters than CJK)."""
+    """'en' (no CJK), 'zh' (CJK, maybe with some English words), 'mixed' (more English words than
+    CJK characters; one character is roughly one English word's worth of meaning)."""
     cjk = len(_CJK.findall(text))
     if not cjk:
         return "en"
-    return "zh" if cjk >= len(_LATIN.findall(text)) else "mixed"
+    return "zh" if cjk >= len(_LATIN_WORD.findall(text)) else "mixed"
 
 
 _jieba = None
