@@ -315,3 +315,11 @@ def test_exit_code_and_strict(tmp_path):
     assert report.exit_code() == 0 and report.exit_code(strict=True) == 1
     bad = write_jsonl(tmp_path / "bad.jsonl", pc(120) + [{"prompt": "x"}])
     assert check(bad).exit_code() == 1
+
+
+def test_renamed_fields_are_reported_by_the_files_own_names(tmp_path):
+    rows = [{"id": 0, "sentence": "物流很快", "label_desc": "pos"}, {"id": 1, "sentence": "", "label_desc": "neg"},
+            {"id": 2, "sentence": "物流很快", "label_desc": "neg"}]
+    report = check(write_jsonl(tmp_path / "fewclue.json", rows), rename={"text": "sentence", "label": "label_desc"})
+    assert found(report, "schema", line=2, field="sentence", contains="is empty")
+    assert found(report, "duplicates", line=3, field="label_desc", contains="conflicting label")

@@ -163,11 +163,11 @@ def length_problems(data: Collected, measures: list[Measure], max_length: int) -
             data.add("error", "length", m.line, None, f"the template cannot render this example: {m.error}")
         elif m.cut == "entirely":
             data.add("error", "length", m.line, reply_field, f"max_length={max_length} cuts the completion away "
-                     f"entirely: the example is {m.total_tokens} tokens and the prompt alone {m.prompt_tokens}; "
-                     "training would learn nothing from it")
+                     f"entirely: the example is {m.total_tokens} tokens and its first trained token comes at "
+                     f"position {m.first_trained}; training would learn nothing from it")
         elif m.cut == "partly":
             data.add("warning", "length", m.line, reply_field, f"max_length={max_length} cuts the completion: "
-                     f"{m.total_tokens - max_length} of its {m.completion_tokens} tokens are lost "
+                     f"{m.completion_tokens - m.kept_completion_tokens} of its {m.completion_tokens} tokens are lost "
                      "(the model learns answers that stop mid-way)")
         elif m.total_tokens > max_length:
             data.add("warning", "length", m.line, None, f"{m.total_tokens} tokens > max_length={max_length}; "

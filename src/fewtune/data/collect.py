@@ -70,11 +70,20 @@ class Collected:
     fixed: dict[int, dict] = field(default_factory=dict)  # line -> record after ``fix`` (when one is given)
     problems: list[Problem] = field(default_factory=list)
     rejected: dict[int, list[str]] = field(default_factory=dict)  # line -> reasons, for records and bad lines
+    their_names: dict[str, str] = field(default_factory=dict)  # our field name -> the file's (from ``rename``)
 
     def add(self, severity: str, check: str, line: int | None, field_name: str | None, message: str) -> None:
+        field_name = self.file_field(field_name)
         self.problems.append(Problem(severity, check, self.path, line, field_name, message))
         if severity == "error" and line is not None:
             self.rejected.setdefault(line, []).append(f"{f'{field_name}: ' if field_name else ''}{message}")
+
+    def file_field(self, name: str | None) -> str | None:
+        """A field as the file names it (``text`` read from ``sentence`` is reported as ``sentence``)."""
+        if not name or not self.their_names:
+            return name
+        head = name.split("[", 1)[0].split(".", 1)[0]
+        return self.their_names[head] + name[len(head):] if head in self.their_names else name
 
 
 def rename_fields(record: dict, rename: dict[str, str] | None) -> dict:
@@ -105,7 +114,7 @@ def collect(path: str | Path, fmt: str = "auto", dataset: str | None = None,
         fmt = mapped_fmt
     if fmt != "auto" and fmt not in FORMATS:  # a usage error, not a problem of the file
         raise ValueError(f"unknown format {fmt!r}; known formats: auto, {', '.join(FORMATS)}")
-    out = Collected(str(source), None if fmt == "auto" else fmt)
+    out = Collected(str(source), None if fmt == "auto" else fmt, their_names=dict(rename or {}))
     errors: list[DataError] = []
     rows = [(line, record) for line, record in read_records(source, errors)]
     _layout_problems(out, Path(source), errors, len(rows))

@@ -65,8 +65,9 @@ def duplicate_problems(data: Collected) -> dict:
                 data.add("error", "duplicates", line, _output_field(example), f"conflicting label: the same input as "
                          f"line {first_line} is labelled {first_output!r} there and {output!r} here")
             else:
+                there, here = _contrast(first_output, output)
                 data.add("warning", "duplicates", line, _output_field(example), f"the same input as line {first_line} "
-                         f"with a different output ({_short(first_output)!r} there, {_short(output)!r} here)")
+                         f"with a different output ({there!r} there, {here!r} here)")
         elif ikey not in inputs:
             inputs[ikey] = (line, output)
     return counts
@@ -92,5 +93,13 @@ def leakage_problems(train: Collected, validation: Collected) -> dict:
     return {"leaked_inputs": leaked, "leaked_identical": identical, "validation_examples": len(validation.examples)}
 
 
-def _short(text: str, width: int = 60) -> str:
-    return text if len(text) <= width else text[: width - 1] + "…"
+def _contrast(a: str, b: str, width: int = 60) -> tuple[str, str]:
+    """Both texts cut to ``width`` characters around where they first differ."""
+    start = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    start = max(0, start - 10)
+
+    def cut(text: str) -> str:
+        piece = text[start: start + width]
+        return ("…" if start else "") + piece + ("…" if start + width < len(text) else "")
+
+    return cut(a), cut(b)

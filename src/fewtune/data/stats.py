@@ -30,6 +30,8 @@ class Measure:
     total_tokens: int = 0
     cut: str = "none"  # none | partly | entirely: what max_length leaves of the completion
     kept_tokens: int = 0  # after truncation
+    kept_completion_tokens: int = 0  # trained tokens left after truncation
+    first_trained: int = 0  # position of the first token with loss (the prompt's length, single-turn)
     prompt_chars: int = 0
     completion_chars: int = 0
     prompt_words: int = 0
@@ -78,12 +80,13 @@ def _measure_tokens(m: Measure, example: Example, tokenizer, template: Template,
     m.total_tokens = len(full)
     m.completion_tokens = sum(1 for w in full.loss_weights if w > 0)
     m.prompt_tokens = m.total_tokens - m.completion_tokens
-    m.kept_tokens = m.total_tokens
+    m.first_trained = next((i for i, w in enumerate(full.loss_weights) if w > 0), m.total_tokens)
+    m.kept_tokens, m.kept_completion_tokens = m.total_tokens, m.completion_tokens
     if m.total_tokens > max_length:
         # the same call training makes; the first token is never a target, as in render_set
         cut = render_conversation(example, tokenizer, template, max_length, prompt_loss_weight=0.0)
         kept = sum(1 for w in cut.loss_weights[1:] if w > 0)
-        m.kept_tokens = len(cut)
+        m.kept_tokens, m.kept_completion_tokens = len(cut), kept
         m.cut = "entirely" if kept == 0 and m.completion_tokens else ("partly" if kept < m.completion_tokens else "none")
 
 
@@ -128,7 +131,7 @@ def size_stats(measures: list[Measure], settings: Settings) -> dict:
                  "batch_size": settings.batch_size, "grad_accum": settings.grad_accum}
     if any(m.total_tokens for m in measures):
         per_epoch = sum(m.kept_tokens for m in measures)
-        trained = sum(min(m.completion_tokens, m.kept_tokens) for m in measures)
+        trained = sum(m.kept_completion_tokens for m in measures)
         if settings.max_steps:
             epochs = settings.max_steps / steps_per_epoch if steps_per_epoch else 0.0
             out["max_steps"] = settings.max_steps
@@ -161,11 +164,13 @@ def plot_token_lengths(measures: list[Measure], out_path: str | Path, max_length
     ax.set_title("whole example")
     ax.legend()
     ax = axes[1]
-    prompt = [m.prompt_tokens for m in ok]
-    completion = [m.completion_tokens for m in ok]
-    upper = max(max(prompt), max(completion), 1)
-    ax.hist([prompt, completion], bins=bins, range=(0, upper), color=["#9ecae1", "#31a354"],
-            label=["prompt (no loss)", "completion (trained)"], edgecolor="white")
+    upper = max(max(m.prompt_tokens for m in ok), max(m.completion_tokens for m in ok), 1)
+    for values, colour, name in (([m.prompt_tokens for m in ok], "#6baed6", "prompt (no loss)"),
+                                 ([m.completion_tokens for m in ok], "#31a354", "completion (trained)")):
+        ordered = sorted(values)
+        ax.hist(values, bins=bins, range=(0, upper), color=colour, alpha=0.55, histtype="stepfilled",
+                label=f"{name}: median {ordered[len(ordered) // 2]}")
+        ax.hist(values, bins=bins, range=(0, upper), color=colour, histtype="step", linewidth=1.5)
     ax.set_xlabel("tokens")
     ax.set_title("prompt vs completion")
     ax.legend()
