@@ -2,7 +2,6 @@
 
 import json
 
-import pytest
 
 from fewtune.config import build_config
 from fewtune.data.check import check_data, common_ending

@@ -228,7 +228,7 @@ def check_data(path: str | Path, validation: str | Path | None = None, cfg: Conf
         tok, tmpl, why_not = load_template(cfg, model, tokenizer, template)
         if why_not:
             report.problems.append(Problem("warning", "length", str(path), None, None, why_not))
-    elif template == "plain":
+    elif (template or cfg.model.template) == "plain":  # no tokenizer needed for the separator checks
         tmpl = Template("plain", cfg.model.separator, cfg.model.stop, cfg.data.system_prompt)
     for role, data in sets.items():
         stats: dict = {"format": data.fmt, "records": len(data.records), "examples": len(data.examples),

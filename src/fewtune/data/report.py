@@ -79,7 +79,7 @@ def length_table(role: str, stats: dict) -> Table:
 
 
 def label_table(role: str, labels: dict, limit: int = 20) -> Table:
-    table = Table(title=f"{role}: labels ({labels['classes']} classes, imbalance ratio {labels['imbalance_ratio']})")
+    table = Table(title=f"{role}: {labels['classes']} labels")
     table.add_column("label")
     table.add_column("examples", justify="right")
     table.add_column("share", justify="right")
@@ -99,7 +99,10 @@ def print_stats(report: Report, console: Console) -> None:
             console.print(f"{role}: max_length={trunc['max_length']}: {trunc['over_max_length']} over, completion cut "
                           f"partly in {trunc['completion_cut_partly']}, entirely in {trunc['completion_cut_entirely']}")
         if stats.get("labels"):
-            console.print(label_table(role, stats["labels"]))
+            labels = stats["labels"]
+            console.print(label_table(role, labels))
+            console.print(f"{role}: imbalance ratio {labels['imbalance_ratio']} (largest / smallest class)"
+                          + (f"; classes under the minimum: {', '.join(map(str, labels['rare']))}" if labels["rare"] else ""))
         size = stats.get("size")
         if size and "tokens_per_epoch" in size:
             console.print(f"{role}: size: {size['examples']} examples, {size['steps_per_epoch']} steps/epoch "
