@@ -2,7 +2,6 @@
 
 import json
 
-
 from fewtune.config import build_config
 from fewtune.data.check import check_data, common_ending
 from fewtune.data.collect import collect
@@ -128,6 +127,7 @@ def test_chat_structure(tmp_path):
         chat(("user", "u"), ("system", "s"), ("assistant", "a")),  # system not first
         {"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": 5}]},  # wrong type
         chat(("user", "u"), ("assistant", " ")),  # empty reply
+        chat(("assistant", "hello"), ("user", "u"), ("assistant", "a")),  # starts with the assistant
     ])
     data = collect(path)
     assert found(data, "schema", line=2, field="messages[1].role", contains="unknown role 'robot'")
@@ -136,7 +136,8 @@ def test_chat_structure(tmp_path):
     assert found(data, "schema", line=5, field="messages[1].role", contains="system turn must be the first")
     assert found(data, "schema", line=6, field="messages[1].content", contains="must be a string, got int")
     assert found(data, "schema", line=7, field="messages[1].content", contains="is empty")
-    assert [e.line for e in data.examples] == [1]
+    assert found(data, "schema", line=8, field="messages[0].role", severity="warning", contains="starts with an assistant")
+    assert [e.line for e in data.examples] == [1, 8]
 
 
 def test_sharegpt_fields_name_the_file_turns(tmp_path):

@@ -257,3 +257,21 @@ def test_data_commands_end_to_end(tmp_path):
     assert result.exit_code == 0 and "7 examples" in result.output
     result = runner.invoke(app, ["data", "split", str(bad), "--out-dir", str(tmp_path / "x")])
     assert result.exit_code == 2 and "bad.jsonl:2" in result.output
+
+
+def test_check_and_stats_commands_take_the_config(tmp_path, tiny_model):
+    config = tmp_path / "cfg.yaml"
+    config.write_text(f"model:\n  name: {tiny_model}\ndata:\n  max_length: 48\ntrain:\n  epochs: 2\n  batch_size: 2\n")
+    rows = [{"prompt": "word " * 30, "completion": "cut away"}] + [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(3)]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    runner = CliRunner()
+    result = runner.invoke(app, ["data", "check", str(path), "--config", str(config), "--json", str(tmp_path / "r.json")])
+    assert result.exit_code == 1, result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    (cut,) = [p for p in report["problems"] if p["check"] == "length"]
+    assert (cut["line"], cut["field"]) == (1, "completion") and "max_length=48" in cut["message"]
+    size = report["stats"]["train"]["size"]
+    assert size["epochs"] == 2 and size["steps_per_epoch"] == 2 and size["tokens_per_run"] == 2 * size["tokens_per_epoch"]
+    result = runner.invoke(app, ["data", "stats", str(path), "--config", str(config), "--plot", str(tmp_path / "h.png")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "h.png").read_bytes().startswith(b"\x89PNG") and "max_length=48: 1 over" in result.output

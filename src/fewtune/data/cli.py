@@ -122,7 +122,7 @@ def stats(
 
     cfg = _config(config)
     settings = _settings(cfg, max_length, None, None, None)
-    plot = plot or Path(f"{Path(file).stem}.lengths.png")
+    plot = plot or Path(f"{dataset or Path(file).stem}.lengths.png")
     report = _call(data_stats, file, cfg, model=model, template=template, fmt=None if fmt == "auto" else fmt,
                    dataset=dataset, rename=_rename(rename), settings=settings, plot=plot)
     console = Console(highlight=False)

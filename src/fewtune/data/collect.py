@@ -289,9 +289,10 @@ def _structure_ok(out: Collected, example: Example, line: int) -> bool:
                     f"(a tool call), not a {before} turn")
             ok = False
     turns = [m for m in msgs if m.role != "system"]
-    if turns and turns[0].role == "assistant":
+    if turns and turns[0].role != "user":
         out.add("warning", "schema", line, _role_field(example, msgs.index(turns[0])),
-                "the chat starts with an assistant turn (many chat templates reject this)")
+                f"the chat starts with a{'n' if turns[0].role == 'assistant' else ''} {turns[0].role} turn, not a user "
+                "turn (many chat templates reject this)")
     if not msgs or msgs[-1].role != "assistant":
         out.add("error", "schema", line, _role_field(example, len(msgs) - 1) if msgs else None,
                 "the chat does not end with an assistant turn: the last turn is what a model learns to answer")
