@@ -220,6 +220,11 @@ def demo(
     _run(run_demo, output_dir, list(overrides or []))
 
 
+from fewtune.data.cli import app as data_app  # noqa: E402
+
+app.add_typer(data_app, name="data")
+
+
 def main() -> None:
     app()
 

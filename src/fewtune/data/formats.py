@@ -83,41 +83,77 @@ class Example:
 # ---------------------------------------------------------------- reading files
 
 
-def read_records(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """Yield (line, record) from JSON lines, a JSON array or CSV, raising DataError on bad input."""
+def read_records(path: str | Path, problems: list[DataError] | None = None) -> Iterator[tuple[int, dict]]:
+    """Yield (line, record) from JSON lines, a JSON array or CSV, raising DataError on bad input.
+
+    With ``problems`` (a list), bad input is appended to it instead and reading goes on past
+    it where the layout allows (JSON lines, CSV; a JSON array stops at a malformed element).
+    ``data check`` and ``data clean`` use that to report every problem, not just the first.
+    """
     path = Path(path)
     if not path.is_file():
-        raise DataError(str(path), None, "file not found")
+        yield from _stop(problems, DataError(str(path), None, "file not found"))
+        return
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         line = raw[: err.start].count(b"\n") + 1
-        raise DataError(str(path), line, f"not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start})") from None
+        error = DataError(str(path), line, f"not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start})")
+        if problems is None:
+            raise error from None
+        problems.extend(_undecodable_lines(path, raw))
+        text = raw.decode("utf-8-sig", errors="replace")  # keeps the layout; the bad lines are reported
     if not text.strip():
-        raise DataError(str(path), None, "the file is empty")
+        yield from _stop(problems, DataError(str(path), None, "the file is empty"))
+        return
     if path.suffix.lower() in (".csv", ".tsv"):
-        yield from _read_csv(path, text)
+        yield from _read_csv(path, text, problems)
     elif text.lstrip().startswith("["):
-        yield from _read_json_array(path, text)
+        yield from _read_json_array(path, text, problems)
     else:
-        yield from _read_jsonl(path, text)
+        yield from _read_jsonl(path, text, problems)
 
 
-def _read_jsonl(path: Path, text: str) -> Iterator[tuple[int, dict]]:
+def _stop(problems: list[DataError] | None, error: DataError) -> Iterator[tuple[int, dict]]:
+    if problems is None:
+        raise error
+    problems.append(error)
+    yield from ()
+
+
+def _undecodable_lines(path: Path, raw: bytes) -> list[DataError]:
+    errors = []
+    for number, chunk in enumerate(raw.split(b"\n"), start=1):
+        try:
+            chunk.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError as err:
+            errors.append(DataError(str(path), number, f"not UTF-8 text (byte 0x{chunk[err.start]:02x} at column {err.start + 1})"))
+    return errors
+
+
+def _read_jsonl(path: Path, text: str, problems: list[DataError] | None = None) -> Iterator[tuple[int, dict]]:
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise DataError(str(path), number, f"malformed JSON: {err.msg} (column {err.colno})") from None
+            error = DataError(str(path), number, f"malformed JSON: {err.msg} (column {err.colno})")
+            if problems is None:
+                raise error from None
+            problems.append(error)
+            continue
         if not isinstance(record, dict):
-            raise DataError(str(path), number, f"each line must be a JSON object, got {type(record).__name__}")
+            error = DataError(str(path), number, f"each line must be a JSON object, got {type(record).__name__}")
+            if problems is None:
+                raise error
+            problems.append(error)
+            continue
         yield number, record
 
 
-def _read_json_array(path: Path, text: str) -> Iterator[tuple[int, dict]]:
+def _read_json_array(path: Path, text: str, problems: list[DataError] | None = None) -> Iterator[tuple[int, dict]]:
     """Decode element by element so each record keeps the line it starts on."""
     decoder = json.JSONDecoder()
     pos = text.index("[") + 1
@@ -126,31 +162,51 @@ def _read_json_array(path: Path, text: str) -> Iterator[tuple[int, dict]]:
         while pos < len(text) and text[pos] in " \t\r\n,":
             pos += 1
         if pos >= len(text):
-            raise DataError(str(path), text.count("\n", 0, pos) + 1, "malformed JSON: the array is not closed")
+            yield from _stop(problems, DataError(str(path), text.count("\n", 0, pos) + 1,
+                                                 "malformed JSON: the array is not closed"))
+            return
         if text[pos] == "]":
             return
         line = text.count("\n", 0, pos) + 1
         try:
             record, pos = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as err:
-            raise DataError(str(path), err.lineno, f"malformed JSON: {err.msg} (column {err.colno})") from None
+            if problems is None:
+                raise DataError(str(path), err.lineno, f"malformed JSON: {err.msg} (column {err.colno})") from None
+            # collecting: report the element's first line (what a reader of the file looks for); no resync
+            problems.append(DataError(str(path), line, f"malformed JSON in the array element starting on this line: "
+                                      f"{err.msg} (line {err.lineno}, column {err.colno}); the rest of the file is not read"))
+            return
         if not isinstance(record, dict):
-            raise DataError(str(path), line, f"array element {index} must be a JSON object, got {type(record).__name__}")
+            error = DataError(str(path), line, f"array element {index} must be a JSON object, got {type(record).__name__}")
+            if problems is None:
+                raise error
+            problems.append(error)
+            index += 1
+            continue
         index += 1
         yield line, record
 
 
-def _read_csv(path: Path, text: str) -> Iterator[tuple[int, dict]]:
+def _read_csv(path: Path, text: str, problems: list[DataError] | None = None) -> Iterator[tuple[int, dict]]:
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     reader = csv.DictReader(text.splitlines(), delimiter=delimiter)
     if not reader.fieldnames:
-        raise DataError(str(path), 1, "CSV has no header row")
+        yield from _stop(problems, DataError(str(path), 1, "CSV has no header row"))
+        return
     for row in reader:
+        error = None
         if None in row:
-            raise DataError(str(path), reader.line_num, f"row has more columns than the header ({len(reader.fieldnames)})")
-        missing = [k for k, v in row.items() if v is None]
-        if missing:
-            raise DataError(str(path), reader.line_num, f"row is missing columns: {', '.join(missing)}")
+            error = DataError(str(path), reader.line_num, f"row has more columns than the header ({len(reader.fieldnames)})")
+        else:
+            missing = [k for k, v in row.items() if v is None]
+            if missing:
+                error = DataError(str(path), reader.line_num, f"row is missing columns: {', '.join(missing)}", missing[0])
+        if error is not None:
+            if problems is None:
+                raise error
+            problems.append(error)
+            continue
         yield reader.line_num, dict(row)
 
 

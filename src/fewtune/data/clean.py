@@ -1,0 +1,127 @@
+"""`fewtune data clean`: the safe fixes, and nothing lost.
+
+Safe fixes: strip whitespace around every text, normalise line endings to ``\\n``, drop the
+byte-order mark, remove exact duplicates (after those fixes), and set aside every record or
+line that fails the schema checks. Every input example ends up in exactly one of two files:
+the clean file (records in their own format, in input order) or the rejects file (JSON
+lines ``{"line", "reasons", "record" | "raw"}``), so nothing is silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fewtune.data.collect import collect
+from fewtune.data.duplicates import exact_key
+from fewtune.data.formats import DataError
+
+
+@dataclass
+class CleanResult:
+    kept: list[int] = field(default_factory=list)  # input lines written to the clean file, in order
+    rejected: dict[int, list[str]] = field(default_factory=dict)  # input line -> reasons
+    fixed: dict[str, int] = field(default_factory=lambda: {"whitespace": 0, "line_endings": 0})
+    notes: list[str] = field(default_factory=list)  # whole-file remarks (BOM removed, empty file)
+
+    @property
+    def total(self) -> int:
+        return len(self.kept) + len(self.rejected)
+
+
+def _fix_text(text: str, key: str | None, keep_leading_space: bool, fixed: dict[str, int]) -> str:
+    new = text.replace("\r\n", "\n").replace("\r", "\n")
+    if new != text:
+        fixed["line_endings"] += 1
+    stripped = new.strip()
+    # a completion's leading space can be part of the format (plain template after a separator
+    # like "->"), so one space stays where there was leading whitespace
+    if keep_leading_space and key == "completion" and new[:1].isspace() and stripped:
+        stripped = " " + stripped
+    if stripped != new:
+        fixed["whitespace"] += 1
+    return stripped
+
+
+def fix_record(record: Any, fixed: dict[str, int], keep_leading_space: bool = True, key: str | None = None) -> Any:
+    """The record with every string stripped and its line endings normalised (recursively)."""
+    if isinstance(record, str):
+        return _fix_text(record, key, keep_leading_space, fixed)
+    if isinstance(record, dict):
+        return {k: fix_record(v, fixed, keep_leading_space, k) for k, v in record.items()}
+    if isinstance(record, list):
+        return [fix_record(v, fixed, keep_leading_space, key) for v in record]
+    return record
+
+
+def _raw_lines(path: Path) -> list[str]:
+    """The file's lines as text, undecodable bytes kept visible as \\xNN escapes."""
+    return path.read_bytes().decode("utf-8", errors="backslashreplace").lstrip("\ufeff").splitlines()
+
+
+def clean_data(path: str | Path, out: str | Path, rejects: str | Path, fmt: str = "auto", dataset: str | None = None,
+               rename: dict[str, str] | None = None, keep_leading_space: bool = True) -> CleanResult:
+    """Write the clean records to ``out`` and every other input example, with its reasons, to ``rejects``."""
+    result = CleanResult()
+    data = collect(path, fmt, dataset, rename, fix=lambda r: fix_record(r, result.fixed, keep_leading_space))
+    source = Path(data.path)
+    if not source.is_file():
+        raise DataError(data.path, None, "file not found")
+    whole_file = [p for p in data.problems if p.line is None and p.severity == "error"]
+    if source.read_bytes().startswith(b"\xef\xbb\xbf"):
+        result.notes.append("removed the byte-order mark")
+    rejected: dict[int, list[str]] = {line: list(reasons) for line, reasons in data.rejected.items()}
+    is_array = source.read_bytes().lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[")
+    if is_array:  # an undecodable line inside a multi-line element rejects that element
+        starts = sorted(data.records)
+        for line in [n for n in rejected if n not in data.records]:
+            owner = max((s for s in starts if s < line), default=None)
+            if owner is not None and any("not UTF-8" in r for r in rejected[line]):
+                rejected.setdefault(owner, []).extend(rejected.pop(line))
+    good = {ex.line: ex for ex in data.examples}
+    seen: dict[tuple, int] = {}
+    for line in sorted(good):
+        if line in rejected:
+            continue
+        key = exact_key(good[line])
+        if key in seen:
+            rejected[line] = [f"exact duplicate of line {seen[key]} (after stripping whitespace)"]
+        else:
+            seen[key] = line
+    for line in data.records:
+        if line not in good and line not in rejected:  # converted nowhere and no reason given: never drop silently
+            rejected[line] = ["could not be converted"]
+    raw = _raw_lines(source)
+    out_path, rejects_path = Path(out), Path(rejects)
+    for p in (out_path, rejects_path):
+        p.parent.mkdir(parents=True, exist_ok=True)
+    kept_records = []
+    for line in sorted(data.records):
+        if line not in rejected:
+            result.kept.append(line)
+            kept_records.append(data.fixed[line])
+    fatal = [n for n, reasons in rejected.items() if any("the rest of the file is not read" in r for r in reasons)]
+    with rejects_path.open("w", encoding="utf-8") as sink:
+        for line in sorted(rejected):
+            row: dict[str, Any] = {"line": line, "reasons": rejected[line]}
+            if line in data.records:
+                row["record"] = data.records[line]  # as it was in the input
+            if line not in data.records or any("not UTF-8" in r for r in rejected[line]):
+                upto = len(raw) if line in fatal else line  # a broken JSON array: the unread rest of the file
+                row["raw"] = "\n".join(raw[line - 1: upto])
+            sink.write(json.dumps(row, ensure_ascii=False) + "\n")
+    result.rejected = rejected
+    _write_records(out_path, kept_records)
+    if not data.records and not rejected:
+        result.notes.extend(p.message for p in whole_file)
+    return result
+
+
+def _write_records(path: Path, records: list[dict]) -> None:
+    if path.suffix.lower() == ".json":  # a JSON array, one record per line, for tools that want one document
+        body = ",\n".join(json.dumps(r, ensure_ascii=False) for r in records)
+        path.write_text(f"[\n{body}\n]\n" if records else "[]\n", encoding="utf-8")
+    else:
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")

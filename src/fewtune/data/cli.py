@@ -1,0 +1,222 @@
+"""`fewtune data ...`: check, clean, stats, split, convert, mix. Each is a thin wrapper over one function."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Check, clean and reshape data sets before training.")
+
+FormatOpt = Annotated[str, typer.Option("--format", help="auto, or force one: prompt_completion, messages, alpaca, "
+                                                           "sharegpt, classification, qa")]
+DatasetOpt = Annotated[Optional[str], typer.Option(help="dataset name when FILE is a LLaMA-Factory dataset_info.json")]
+MapOpt = Annotated[Optional[list[str]], typer.Option("--map", help="rename a field: OURS=THEIRS, e.g. "
+                                                                   "--map text=sentence (repeatable)")]
+ModelOpt = Annotated[Optional[str], typer.Option(help="tokenizer for token counts (default: the config's model)")]
+ConfigOpt = Annotated[Optional[Path], typer.Option(help="training config: model, template, max_length, epochs ...")]
+
+
+def _call(fn, *args, **kwargs):
+    """Run a stage function; the errors users cause become one red line and exit code 2."""
+    from fewtune.config import ConfigError
+    from fewtune.data.formats import DataError
+    from fewtune.data.render import RenderError
+    from fewtune.models import ModelNotFoundError
+
+    try:
+        return fn(*args, **kwargs)
+    except (ConfigError, DataError, RenderError, ModelNotFoundError, FileNotFoundError, ValueError) as err:
+        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+
+
+def _rename(pairs: list[str] | None) -> dict[str, str] | None:
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise typer.BadParameter(f"--map {pair!r}: use OURS=THEIRS, e.g. text=sentence")
+        ours, theirs = pair.split("=", 1)
+        out[ours.strip()] = theirs.strip()
+    return out or None
+
+
+def _settings(cfg, max_length, min_examples, min_per_class, max_imbalance):
+    from fewtune.data.check import settings_from_config
+
+    s = settings_from_config(cfg)
+    for key, value in (("max_length", max_length), ("min_examples", min_examples), ("min_per_class", min_per_class),
+                       ("max_imbalance", max_imbalance)):
+        if value is not None:
+            setattr(s, key, value)
+    return s
+
+
+def _config(path: Optional[Path]):
+    from fewtune.config import Config, load_config
+
+    return _call(load_config, path) if path else Config()
+
+
+@app.command()
+def check(
+    file: Annotated[Path, typer.Argument(help="data file (JSONL, JSON array, CSV) or a dataset_info.json")],
+    val: Annotated[Optional[Path], typer.Option("--val", help="validation file: also checked, and for leakage")] = None,
+    model: ModelOpt = None,
+    config: ConfigOpt = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="write the full report here")] = None,
+    strict: Annotated[bool, typer.Option(help="warnings fail too (exit 1)")] = False,
+    fmt: FormatOpt = "auto",
+    dataset: DatasetOpt = None,
+    rename: MapOpt = None,
+    template: Annotated[Optional[str], typer.Option(help="auto, chat or plain (plain adds separator/stop checks)")] = None,
+    max_length: Annotated[Optional[int], typer.Option(help="default: the config's data.max_length (512)")] = None,
+    min_examples: Annotated[Optional[int], typer.Option(help="warn below this many examples (100)")] = None,
+    min_per_class: Annotated[Optional[int], typer.Option(help="warn for classes with fewer examples (5)")] = None,
+    max_imbalance: Annotated[Optional[float], typer.Option(help="warn above this largest/smallest class ratio (10)")] = None,
+    tokens: Annotated[bool, typer.Option(help="count tokens with the model's tokenizer")] = True,
+    show: Annotated[int, typer.Option(help="kinds of problems to print per severity")] = 30,
+):
+    """Report every problem in a data set (file, line, field, reason). Exit 1 on errors."""
+    from rich.console import Console
+
+    from fewtune.data.check import check_data
+    from fewtune.data.report import print_problems, print_stats, summary_table, write_json
+
+    cfg = _config(config)
+    settings = _settings(cfg, max_length, min_examples, min_per_class, max_imbalance)
+    report = _call(check_data, file, val, cfg, model=model, template=template, tokens=tokens,
+                   fmt=None if fmt == "auto" else fmt, dataset=dataset, rename=_rename(rename), settings=settings)
+    console = Console(highlight=False)
+    print_problems(report, console, limit=show)
+    print_stats(report, console)
+    console.print(summary_table(report))
+    if json_out:
+        typer.echo(f"report written to {write_json(report, json_out)}")
+    code = report.exit_code(strict)
+    verdict = "clean" if not report.problems else (f"{len(report.errors)} errors, {len(report.warnings)} warnings")
+    typer.secho(f"{verdict}: exit {code}", fg=typer.colors.RED if code else typer.colors.GREEN)
+    raise typer.Exit(code)
+
+
+@app.command()
+def stats(
+    file: Annotated[Path, typer.Argument(help="data file or dataset_info.json")],
+    model: ModelOpt = None,
+    config: ConfigOpt = None,
+    plot: Annotated[Optional[Path], typer.Option(help="token-length histogram PNG (default: FILE.lengths.png)")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="write the statistics here")] = None,
+    fmt: FormatOpt = "auto",
+    dataset: DatasetOpt = None,
+    rename: MapOpt = None,
+    template: Annotated[Optional[str], typer.Option(help="auto, chat or plain")] = None,
+    max_length: Annotated[Optional[int], typer.Option(help="default: the config's data.max_length (512)")] = None,
+):
+    """Lengths (tokens, characters, words), labels and size, with a histogram of token lengths."""
+    from rich.console import Console
+
+    from fewtune.data.check import data_stats
+    from fewtune.data.report import print_stats, write_json
+
+    cfg = _config(config)
+    settings = _settings(cfg, max_length, None, None, None)
+    plot = plot or Path(f"{dataset or Path(file).stem}.lengths.png")
+    report = _call(data_stats, file, cfg, model=model, template=template, fmt=None if fmt == "auto" else fmt,
+                   dataset=dataset, rename=_rename(rename), settings=settings, plot=plot)
+    console = Console(highlight=False)
+    for problem in report.problems:
+        console.print(f"[yellow]warning[/yellow] {problem}")
+    print_stats(report, console)
+    if report.stats["train"].get("plot"):
+        typer.echo(f"histogram written to {report.stats['train']['plot']}")
+    if json_out:
+        typer.echo(f"statistics written to {write_json(report, json_out)}")
+
+
+@app.command()
+def clean(
+    file: Annotated[Path, typer.Argument(help="data file or dataset_info.json")],
+    out: Annotated[Path, typer.Option(help="clean records (JSON lines; a .json name writes a JSON array)")],
+    rejects: Annotated[Path, typer.Option(help="every other input example, with its reasons (JSON lines)")],
+    fmt: FormatOpt = "auto",
+    dataset: DatasetOpt = None,
+    rename: MapOpt = None,
+    keep_leading_space: Annotated[bool, typer.Option(help="keep one leading space on completions")] = True,
+):
+    """Safe fixes (strip, line endings, exact duplicates, schema failures set aside); nothing is lost."""
+    from fewtune.data.clean import clean_data
+
+    result = _call(clean_data, file, out, rejects, fmt, dataset, _rename(rename),
+                   keep_leading_space)
+    for note in result.notes:
+        typer.echo(note)
+    typer.echo(f"{result.total} input examples: {len(result.kept)} written to {out}, {len(result.rejected)} to "
+               f"{rejects}; fixed {result.fixed['whitespace']} texts' surrounding whitespace and "
+               f"{result.fixed['line_endings']} texts' line endings")
+
+
+@app.command()
+def split(
+    file: Annotated[Path, typer.Argument(help="data file or dataset_info.json")],
+    out_dir: Annotated[Path, typer.Option(help="writes train.jsonl, validation.jsonl (, test.jsonl) or fold_K/")],
+    val: Annotated[float, typer.Option("--val", help="validation share")] = 0.1,
+    test: Annotated[float, typer.Option("--test", help="test share")] = 0.0,
+    seed: int = 42,
+    kfold: Annotated[Optional[int], typer.Option(help="write K folds (each: train.jsonl, validation.jsonl)")] = None,
+    fmt: FormatOpt = "auto",
+    dataset: DatasetOpt = None,
+    rename: MapOpt = None,
+):
+    """Seeded train/validation/test split, stratified by label for classification; or K folds."""
+    from fewtune.data.tools import split_file
+
+    sizes = _call(split_file, file, out_dir, val, test, seed, kfold, fmt, dataset, _rename(rename))
+    typer.echo(", ".join(f"{name}: {n}" for name, n in sizes.items()) + f"  (written under {out_dir})")
+
+
+@app.command()
+def convert(
+    file: Annotated[Path, typer.Argument(help="data file, dataset_info.json, or a SNIPS directory/file with --from snips")],
+    to: Annotated[str, typer.Option(help="messages, sharegpt, alpaca, prompt_completion, classification, qa; "
+                                         "with --from snips: classification (intents) or slots (JSON)")],
+    out: Annotated[Path, typer.Option(help="JSON lines to write")],
+    source_format: Annotated[str, typer.Option("--from", help="auto, a format name, or snips")] = "auto",
+    split_name: Annotated[str, typer.Option("--split", help="SNIPS split: train or validate")] = "train",
+    dataset: DatasetOpt = None,
+    rename: MapOpt = None,
+):
+    """Convert between formats (round trips keep the content); or bring in SNIPS."""
+    from fewtune.data.tools import convert_file, write_jsonl
+
+    if source_format == "snips":
+        from fewtune.data.snips import snips_records
+
+        task = {"classification": "intent", "intent": "intent", "slots": "slots"}.get(to)
+        if task is None:
+            typer.secho("error: with --from snips, --to is classification or slots", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2)
+        rows = _call(snips_records, file, task, split_name)
+        write_jsonl(out, rows)
+        typer.echo(f"{len(rows)} SNIPS {split_name} utterances written to {out} as {task} examples")
+        return
+    n = _call(convert_file, file, out, to, source_format, dataset, _rename(rename))
+    typer.echo(f"{n} examples written to {out} as {to}")
+
+
+@app.command()
+def mix(
+    domain: Annotated[Path, typer.Argument(help="your task's data (all of it is used)")],
+    general: Annotated[Path, typer.Argument(help="general instruction data to sample from")],
+    out: Annotated[Path, typer.Option(help="mixed JSON lines (messages format, with a provenance field)")],
+    ratio: Annotated[Optional[float], typer.Option(help="general examples per domain example, e.g. 7")] = None,
+    count: Annotated[Optional[int], typer.Option(help="or a fixed number of general examples")] = None,
+    seed: int = 42,
+    rename: MapOpt = None,
+):
+    """Domain data plus a seeded sample of general data (against forgetting), shuffled."""
+    from fewtune.data.tools import mix_files
+
+    sizes = _call(mix_files, domain, general, out, ratio, count, seed, _rename(rename))
+    typer.echo(f"{sizes['total']} examples written to {out}: {sizes['domain']} domain + {sizes['general']} general")

@@ -1,0 +1,199 @@
+"""`fewtune data split / convert / mix`: reshaping a data set that `data check` passes.
+
+All three read with the checking reader and refuse a file with errors (naming the first
+ones and pointing at `data check` / `data clean`), so nothing is silently dropped; all
+randomness is seeded.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from fewtune.data.collect import Collected, collect
+from fewtune.data.dataset import split_examples
+from fewtune.data.formats import DataError, Example, Message
+
+TARGETS = ("messages", "sharegpt", "alpaca", "prompt_completion", "classification", "qa")
+SHAREGPT_TAGS = {"user": "human", "assistant": "gpt", "tool": "observation", "system": "system"}
+
+
+def load_checked(path: str | Path, fmt: str = "auto", dataset: str | None = None,
+                 rename: dict[str, str] | None = None) -> Collected:
+    """Read a data file with every check of the reader; any error stops here, with where to look."""
+    data = collect(path, fmt, dataset, rename)
+    errors = [p for p in data.problems if p.severity == "error"]
+    if errors:
+        listing = "\n".join(f"  {p}" for p in errors[:5])
+        more = f"\n  ... and {len(errors) - 5} more" if len(errors) > 5 else ""
+        raise DataError(data.path, errors[0].line, f"{len(errors)} problem(s) in the input:\n{listing}{more}\n"
+                        "Run `fewtune data check` to see them all, or `fewtune data clean` to set bad records aside.")
+    if not data.examples:
+        raise DataError(data.path, None, "no examples")
+    return data
+
+
+def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------- split
+
+
+def split_file(path: str | Path, out_dir: str | Path, val_ratio: float = 0.1, test_ratio: float = 0.0,
+               seed: int = 42, kfold: int | None = None, fmt: str = "auto", dataset: str | None = None,
+               rename: dict[str, str] | None = None) -> dict[str, int]:
+    """Write train/validation(/test) files, or ``kfold`` folds, of the records as they are in the input.
+
+    Classification data (every example labelled) is split per label, so each part keeps the
+    class proportions; the same seed gives the same split.
+    """
+    if not 0 <= val_ratio < 1 or not 0 <= test_ratio < 1 or val_ratio + test_ratio >= 1:
+        raise ValueError(f"--val {val_ratio} and --test {test_ratio} must be in [0, 1) and sum to less than 1")
+    data = load_checked(path, fmt, dataset, rename)
+    out = Path(out_dir)
+    records = data.records
+    if kfold:
+        folds = kfold_examples(data.examples, kfold, seed)
+        sizes = {}
+        for i, fold in enumerate(folds, start=1):
+            held = {e.line for e in fold}
+            write_jsonl(out / f"fold_{i}" / "train.jsonl", [records[e.line] for e in data.examples if e.line not in held])
+            write_jsonl(out / f"fold_{i}" / "validation.jsonl", [records[e.line] for e in fold])
+            sizes[f"fold_{i}"] = len(fold)
+        return sizes
+    rest, test = split_examples(data.examples, test_ratio, seed) if test_ratio else (data.examples, [])
+    train, val = split_examples(rest, val_ratio / (1 - test_ratio), seed + 1) if val_ratio else (rest, [])
+    parts = {"train": train, "validation": val, **({"test": test} if test_ratio else {})}
+    for name, part in parts.items():
+        write_jsonl(out / f"{name}.jsonl", [records[e.line] for e in sorted(part, key=lambda e: e.line)])
+    return {name: len(part) for name, part in parts.items()}
+
+
+def kfold_examples(examples: list[Example], k: int, seed: int) -> list[list[Example]]:
+    """K folds of (nearly) equal size; dealt per label when every example is labelled."""
+    if k < 2 or k > len(examples):
+        raise ValueError(f"--kfold needs 2 <= K <= the number of examples ({len(examples)}), got {k}")
+    rng = random.Random(seed)
+    groups: dict[Any, list[Example]] = defaultdict(list)
+    stratify = all(e.label is not None for e in examples)
+    for e in examples:
+        groups[e.label if stratify else None].append(e)
+    folds: list[list[Example]] = [[] for _ in range(k)]
+    turn = 0
+    for label in sorted(groups, key=str):
+        members = groups[label][:]
+        rng.shuffle(members)
+        for e in members:  # dealing continues across labels, so fold sizes differ by at most one
+            folds[turn % k].append(e)
+            turn += 1
+    return [sorted(f, key=lambda e: e.line) for f in folds]
+
+
+# ---------------------------------------------------------------- convert
+
+
+def to_record(example: Example, fmt: str) -> dict:
+    """One Example in a target format; DataError when the format cannot hold the conversation."""
+    msgs = example.messages
+    roles = [m.role for m in msgs]
+    where = (example.source, example.line)
+
+    def single_turn(what: str) -> tuple[str, str]:
+        if roles != ["user", "assistant"]:
+            raise DataError(*where, f"{what} holds one prompt and one reply; this example has the turns "
+                            f"{'/'.join(roles)} (use messages, sharegpt or alpaca)")
+        return msgs[0].content, msgs[1].content
+
+    if fmt == "messages":
+        return example.to_dict()
+    if fmt == "sharegpt":
+        system = msgs[0].content if msgs and msgs[0].role == "system" else None
+        turns = msgs[1:] if system is not None else msgs
+        row = {"conversations": [{"from": SHAREGPT_TAGS[m.role], "value": m.content} for m in turns]}
+        return {**row, "system": system} if system is not None else row
+    if fmt == "alpaca":
+        body: list[Message] = msgs[1:] if msgs and msgs[0].role == "system" else msgs
+        pairs = [body[i: i + 2] for i in range(0, len(body), 2)]
+        if not pairs or any([m.role for m in p] != ["user", "assistant"] for p in pairs):
+            raise DataError(*where, f"alpaca holds user/assistant pairs (after an optional system turn); this "
+                            f"example has the turns {'/'.join(roles)} (use messages or sharegpt)")
+        row: dict[str, Any] = {"instruction": pairs[-1][0].content, "input": "", "output": pairs[-1][1].content}
+        if body is not msgs:
+            row["system"] = msgs[0].content
+        if len(pairs) > 1:
+            row["history"] = [[u.content, a.content] for u, a in pairs[:-1]]
+        return row
+    if fmt == "prompt_completion":
+        prompt, completion = single_turn("prompt_completion")
+        return {"prompt": prompt, "completion": completion}
+    if fmt == "qa":
+        question, answer = single_turn("qa")
+        return {"question": question, "answer": answer}
+    if fmt == "classification":
+        text, reply = single_turn("classification")
+        return {"text": text, "label": example.label if example.label is not None else reply}
+    raise ValueError(f"unknown target format {fmt!r}; use one of {', '.join(TARGETS)}")
+
+
+def convert_examples(examples: list[Example], fmt: str) -> list[dict]:
+    rows, unfit = [], []
+    for example in examples:
+        try:
+            rows.append(to_record(example, fmt))
+        except DataError as err:
+            unfit.append(err)
+    if unfit:
+        listing = "\n".join(f"  {e}" for e in unfit[:5])
+        raise DataError(unfit[0].file, unfit[0].line, f"{len(unfit)} of {len(examples)} examples do not fit {fmt}:\n"
+                        f"{listing}" + (f"\n  ... and {len(unfit) - 5} more" if len(unfit) > 5 else ""))
+    return rows
+
+
+def convert_file(path: str | Path, out: str | Path, to: str, fmt: str = "auto", dataset: str | None = None,
+                 rename: dict[str, str] | None = None) -> int:
+    """Convert a data file to another format (JSON lines); returns the number of examples written."""
+    if to not in TARGETS:
+        raise ValueError(f"unknown target format {to!r}; use one of {', '.join(TARGETS)}")
+    data = load_checked(path, fmt, dataset, rename)
+    write_jsonl(out, convert_examples(data.examples, to))
+    return len(data.examples)
+
+
+# ---------------------------------------------------------------- mix
+
+
+def mix_files(domain: str | Path, general: str | Path, out: str | Path, ratio: float | None = None,
+              count: int | None = None, seed: int = 42, rename: dict[str, str] | None = None) -> dict[str, int]:
+    """All domain examples plus a seeded sample of general ones, shuffled, as chat messages.
+
+    ``ratio`` general examples per domain example (7 means 7:1, a common guard against
+    forgetting), or a fixed ``count`` of general examples. Each row carries
+    ``provenance: {set, file, line}`` so any example can be traced back.
+    """
+    if (ratio is None) == (count is None):
+        raise ValueError("give exactly one of --ratio (general examples per domain example) or --count")
+    dom = load_checked(domain, rename=rename)
+    gen = load_checked(general)
+    wanted = round(ratio * len(dom.examples)) if ratio is not None else count
+    if wanted is None or wanted < 0:
+        raise ValueError(f"the number of general examples must be >= 0, got {wanted}")
+    if wanted > len(gen.examples):
+        raise DataError(gen.path, None, f"{wanted} general examples wanted ({f'ratio {ratio:g} x {len(dom.examples)} domain' if ratio is not None else 'count'}) "
+                        f"but the file has {len(gen.examples)}; lower --ratio/--count or add general data")
+    rng = random.Random(seed)
+    picked = rng.sample(gen.examples, wanted)
+    rows = []
+    for name, data, examples in (("domain", dom, dom.examples), ("general", gen, picked)):
+        for e in examples:
+            rows.append({**e.to_dict(), "provenance": {"set": name, "file": data.path, "line": e.line}})
+    rng.shuffle(rows)
+    write_jsonl(out, rows)
+    return {"domain": len(dom.examples), "general": len(picked), "total": len(rows)}
+
