@@ -81,3 +81,36 @@ def test_template_round_trip(tmp_path, tokenizer):
     assert Template.load(tmp_path / "t.json") == template and template.kind == "chat"
     with pytest.raises(RenderError):
         Template.for_tokenizer(tokenizer, "plain", separator="")
+
+
+def test_completion_cut_away_is_caught_even_with_prompt_loss(tokenizer, tmp_path):
+    from fewtune.config import DataSection
+    from fewtune.data.dataset import render_set
+    from fewtune.data.formats import DataError, Example
+
+    template = Template.for_tokenizer(tokenizer, "chat")
+    long_prompt = [Message("user", "很长的提示" * 30), Message("assistant", "答案")]
+    cut = render_conversation(long_prompt, tokenizer, template, max_length=20, prompt_loss_weight=0.5)
+    assert sum(cut.loss_weights) > 0 and cut.completion_tokens == 0 and cut.completion_tokens_before_truncation > 0
+    data = DataSection(max_length=20, prompt_loss_weight=0.5)
+    with pytest.raises(DataError, match="cut away entirely"):
+        render_set([Example(long_prompt, "f.jsonl", 7)], tokenizer, template, data, "training")
+
+
+def test_openai_tool_calls_and_non_text_parts(tmp_path):
+    import json
+
+    from fewtune.data.formats import DataError, load_examples
+
+    calls = [{"type": "function", "function": {"name": "get_weather", "arguments": "{\"city\": \"北京\"}"}}]
+    row = {"messages": [{"role": "user", "content": "北京天气"}, {"role": "assistant", "content": None, "tool_calls": calls}]}
+    path = tmp_path / "tools.jsonl"
+    path.write_text(json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert json.loads(load_examples(path)[0].reference) == calls
+    image = {"messages": [{"role": "user", "content": [{"type": "text", "text": "what is this"},
+                                                        {"type": "image_url", "image_url": {"url": "x.png"}}]},
+                          {"role": "assistant", "content": "a cat"}]}
+    path.write_text(json.dumps(image) + "\n")
+    with pytest.raises(DataError, match="only text parts") as info:
+        load_examples(path)
+    assert info.value.field == "messages[0].content"

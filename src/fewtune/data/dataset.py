@@ -57,8 +57,10 @@ def render_set(examples: list[Example], tokenizer, template: Template, data: Dat
     bad: list[tuple[Example, str]] = []
     for example in examples:
         rendered = render_conversation(example, tokenizer, template, data.max_length, data.prompt_loss_weight)
-        if sum(rendered.loss_weights[1:]) <= 0:  # the first token is never a target
-            if rendered.truncated and rendered.trainable_before_truncation > 0:
+        # judged on completion tokens: with prompt_loss_weight > 0 an example whose answer is
+        # cut away would still "train" on its prompt, which is not what anyone wants
+        if rendered.completion_tokens == 0:
+            if rendered.truncated and rendered.completion_tokens_before_truncation > 0:
                 reason = (f"the completion is cut away entirely by max_length={data.max_length} "
                           f"(the prompt alone is {len(rendered)}+ tokens)")
             else:

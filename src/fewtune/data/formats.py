@@ -248,10 +248,16 @@ def _text(record: dict, key: str, file: str, line: int, required: bool = True) -
 def _content(value: Any, file: str, line: int, where: str) -> str:
     if isinstance(value, str):
         return value
-    if isinstance(value, list):  # OpenAI content parts: keep the text ones
-        parts = [p.get("text", "") for p in value if isinstance(p, dict) and p.get("type", "text") == "text"]
-        return "".join(parts)
-    if isinstance(value, (dict, list)):
+    if isinstance(value, list):  # OpenAI content parts
+        texts = []
+        for i, part in enumerate(value):
+            kind = part.get("type", "text") if isinstance(part, dict) else type(part).__name__
+            if kind != "text" or not isinstance(part.get("text"), str):
+                # never dropped silently: a text model cannot learn from an image part
+                raise DataError(file, line, f"content part {i} is of type {kind!r}; only text parts are supported", where)
+            texts.append(part["text"])
+        return "".join(texts)
+    if isinstance(value, dict):  # structured content (a function call's arguments) as JSON text
         return json.dumps(value, ensure_ascii=False)
     raise DataError(file, line, f"content must be a string, got {type(value).__name__}", where)
 
@@ -319,6 +325,9 @@ def _messages(turns: Any, key: str, role_key: str, content_key: str, roles: dict
         if role not in ROLES:
             known = sorted(roles) if roles else list(ROLES)
             raise DataError(file, line, f"unknown role {raw_role!r}; expected one of {', '.join(known)}", f"{where}.{role_key}")
+        if turn.get(content_key) is None and turn.get("tool_calls"):
+            # OpenAI assistant tool calls: content is null and the calls are what is learned
+            turn = {**turn, content_key: json.dumps(turn["tool_calls"], ensure_ascii=False)}
         if content_key not in turn or turn[content_key] is None:
             raise DataError(file, line, "missing", f"{where}.{content_key}")
         weight = turn.get("weight")

@@ -66,6 +66,8 @@ class Rendered:
     loss_weights: list[float]
     truncated: bool = False  # tokens were cut at max_length
     trainable_before_truncation: float = 0.0
+    completion_tokens: int = 0  # tokens of assistant turns with weight > 0 that survived truncation
+    completion_tokens_before_truncation: int = 0
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -85,11 +87,12 @@ def _chat_text(tokenizer, template: Template, messages: Sequence[Message], gener
 
 
 def _chat_segments(tokenizer, template: Template, msgs: list[Message], for_generation: bool,
-                   prompt_weight: float) -> list[tuple[str, float]]:
-    segments: list[tuple[str, float]] = []
+                   prompt_weight: float) -> list[tuple[str, float, bool]]:
+    """(text, loss weight, is an assistant turn) pieces of the chat-template rendering."""
+    segments: list[tuple[str, float, bool]] = []
     done = ""  # template text covered by segments so far
 
-    def take(upto: str, weight: float, what: str) -> None:
+    def take(upto: str, weight: float, what: str, is_completion: bool = False) -> None:
         nonlocal done
         if not upto.startswith(done):
             raise RenderError(
@@ -97,7 +100,7 @@ def _chat_segments(tokenizer, template: Template, msgs: list[Message], for_gener
                 "rendering the first turns is not a prefix of rendering more turns, so training "
                 "and inference prompts could differ. Use model.template=plain or another template.")
         if len(upto) > len(done):
-            segments.append((upto[len(done):], weight))
+            segments.append((upto[len(done):], weight, is_completion))
         done = upto
 
     for i, message in enumerate(msgs):
@@ -105,7 +108,7 @@ def _chat_segments(tokenizer, template: Template, msgs: list[Message], for_gener
             continue
         take(_chat_text(tokenizer, template, msgs[:i], True), prompt_weight, f"before turn {i}")
         weight = 1.0 if message.weight is None else message.weight
-        take(_chat_text(tokenizer, template, msgs[: i + 1], False), weight, f"turn {i}")
+        take(_chat_text(tokenizer, template, msgs[: i + 1], False), weight, f"turn {i}", True)
     if for_generation:
         take(_chat_text(tokenizer, template, msgs, True), prompt_weight, "generation prompt")
     elif msgs and msgs[-1].role != "assistant":
@@ -114,23 +117,23 @@ def _chat_segments(tokenizer, template: Template, msgs: list[Message], for_gener
 
 
 def _plain_segments(template: Template, msgs: list[Message], for_generation: bool,
-                    prompt_weight: float) -> list[tuple[str, float]]:
-    segments: list[tuple[str, float]] = []
+                    prompt_weight: float) -> list[tuple[str, float, bool]]:
+    segments: list[tuple[str, float, bool]] = []
     pending = ""  # prompt text waiting for the next assistant turn
     for message in msgs:
         if message.role == "system":
             pending += message.content + "\n\n"
         elif message.role == "assistant":
-            segments.append((pending + template.separator, prompt_weight))
+            segments.append((pending + template.separator, prompt_weight, False))
             weight = 1.0 if message.weight is None else message.weight
-            segments.append((message.content + template.stop, weight))
+            segments.append((message.content + template.stop, weight, True))
             pending = "\n"
         else:
             pending += message.content if pending in ("", "\n") or pending.endswith("\n\n") else "\n" + message.content
     if for_generation:
-        segments.append((pending + template.separator, prompt_weight))
+        segments.append((pending + template.separator, prompt_weight, False))
     elif pending.strip():
-        segments.append((pending, prompt_weight))
+        segments.append((pending, prompt_weight, False))
     return segments
 
 
@@ -169,12 +172,15 @@ def render_conversation(
         segments = _plain_segments(template, msgs, for_generation, prompt_loss_weight)
         ids = [tokenizer.bos_token_id] if _adds_bos(tokenizer) else []
         weights = [0.0] * len(ids)
-    for text, weight in segments:
+    completion = [False] * len(ids)
+    for text, weight, is_completion in segments:
         piece = tokenizer(text, add_special_tokens=False)["input_ids"]
         ids.extend(piece)
         weights.extend([float(weight)] * len(piece))
+        completion.extend([is_completion and weight > 0] * len(piece))
     total = sum(weights)
+    n_completion = sum(completion)
     truncated = False
     if max_length is not None and not for_generation and len(ids) > max_length:
-        ids, weights, truncated = ids[:max_length], weights[:max_length], True
-    return Rendered(ids, weights, truncated, total)
+        ids, weights, completion, truncated = ids[:max_length], weights[:max_length], completion[:max_length], True
+    return Rendered(ids, weights, truncated, total, sum(completion[1:]), n_completion)
