@@ -220,6 +220,22 @@ def demo(
     _run(run_demo, output_dir, list(overrides or []))
 
 
+@app.command()
+def doctor(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory (or its metrics.jsonl)")],
+    predictions: Annotated[Optional[Path], typer.Option(help="JSONL with prediction and reference per example")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the findings as JSON")] = False,
+):
+    """Read a run's curves and say what happened (overfitting, underfitting, instability...) and what to change."""
+    from fewtune.recipe.doctor import diagnose, format_findings
+
+    try:
+        findings = diagnose(run_dir, predictions)
+    except (FileNotFoundError, ValueError) as err:
+        _fail(err)
+    typer.echo(json.dumps([f.to_dict() for f in findings], indent=2) if as_json else format_findings(findings))
+
+
 from fewtune.data.cli import app as data_app  # noqa: E402
 
 app.add_typer(data_app, name="data")
