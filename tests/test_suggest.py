@@ -39,7 +39,7 @@ def test_rules_by_data_size(tmp_path, tiny_model, n, epochs, rank, batch):
     assert cfg.method.name == "lora" and cfg.method.lora.alpha == 2 * rank
     assert f"n={n}" in rule(result, "train.epochs").reason
     assert f"{0.002 * n:.2f}" in rule(result, "train.batch_size").reason
-    expected_lr = min(3e-4, max(5e-5, 2e-4 * math.sqrt(batch / 8)))
+    expected_lr = min(2e-4, max(1e-4, 2e-4 * math.sqrt(batch / 8)))
     assert cfg.train.lr == pytest.approx(expected_lr, rel=1e-2)
     assert cfg.train.weight_decay == 0.01 and cfg.train.max_grad_norm == 1.0 and cfg.train.warmup_ratio == 0.1
     assert cfg.train.early_stopping.enabled
@@ -58,7 +58,8 @@ def test_epochs_rule_follows_the_legacy_formula():
 def test_linear_rule_and_full_method(tmp_path, tiny_model):
     data = classification(tmp_path, 5200)
     lin = suggest(data, model=tiny_model, lr_rule="linear")
-    assert lin.config.train.lr == pytest.approx(min(3e-4, 2e-4 * 10 / 8))
+    assert lin.config.train.lr == pytest.approx(min(2e-4, 2e-4 * 10 / 8))
+    assert "kept within [0.0001, 0.0002]" in rule(lin, "train.lr").reason
     full = suggest(data, model=tiny_model, method="full")
     assert full.config.method.name == "full" and full.config.train.lr == pytest.approx(1e-5 * math.sqrt(10 / 8), rel=1e-2)
 
