@@ -36,6 +36,9 @@ def prompt_config(method: MethodSection, model, tokenizer_path: str | None = Non
         if p.init_text:
             if tokenizer_path is None:
                 raise MethodError("method.prompt.init_text needs the tokenizer's path")
+            from fewtune.models import resolve_model_path
+
+            tokenizer_path = resolve_model_path(tokenizer_path)  # embedded names resolve to their folder
             return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=p.num_virtual_tokens,
                                       prompt_tuning_init=PromptTuningInit.TEXT, prompt_tuning_init_text=p.init_text,
                                       tokenizer_name_or_path=tokenizer_path)

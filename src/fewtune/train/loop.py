@@ -383,4 +383,7 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: bool | None = 
           stop_after: int | None = None) -> TrainResult:
     """Train as configured and write the run directory. The function `fewtune train` calls."""
     trainer = Trainer(cfg, Path(run_dir) if run_dir else None)
-    return trainer.fit(resume=cfg.train.resume if resume is None else resume, stop_after=stop_after)
+    try:
+        return trainer.fit(resume=cfg.train.resume if resume is None else resume, stop_after=stop_after)
+    finally:
+        trainer.extras.close()  # the embedding hooks (NEFTune, adversarial) leave the model
