@@ -70,6 +70,15 @@ def test_max_length_covers_99_percent_and_generation_task(tmp_path, tiny_model):
     assert result.profile.task == "generation"
     assert result.config.data.max_length % 32 == 0 and result.config.data.max_length >= lengths[math.ceil(0.99 * 200) - 1]
     assert not any("choice scoring" in r.reason for r in result.rules)
+    assert result.config.data.on_bad_example == "error"  # nothing longer than max_length
+
+
+def test_long_outliers_are_dropped_not_fatal(tmp_path, tiny_model):
+    rows = [{"prompt": f"short {i}", "completion": "ok"} for i in range(199)]
+    rows.append({"prompt": "word " * 3000, "completion": "ok"})
+    result = suggest(write_jsonl(tmp_path / "outlier.jsonl", rows), model=tiny_model)
+    assert result.config.data.max_length < 3000 and result.config.data.on_bad_example == "drop"
+    assert "1 example(s) longer than" in rule(result, "data.on_bad_example").reason
 
 
 def test_unbalanced_classes_are_flagged(tmp_path, tiny_model):

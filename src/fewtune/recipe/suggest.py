@@ -146,6 +146,9 @@ def suggest(data: str | Path, model: str = DEFAULT_MODEL, task: str = "auto", lr
     cut = sum(x > max_length for x in p.lengths)
     add("data.max_length", max_length, f"99% of the {n} examples render to <= {p99} tokens (longest {longest}); "
         f"rounded up to a multiple of 32, {cut} example(s) would be cut")
+    if cut:
+        add("data.on_bad_example", "drop", f"{cut} example(s) longer than {max_length} tokens: one whose completion is "
+            "cut away entirely is skipped and counted instead of stopping the run")
     val_ratio = round(min(0.2, max(0.1, 20 / n)), 3) if n >= 25 else 0.2
     add("data.val_ratio", val_ratio, f"n={n}: hold out {val_ratio:.0%} ({round(val_ratio * n)} examples) for "
         "validation and early stopping (at least ~20 when the set allows, at most 20%)")
