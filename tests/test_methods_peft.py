@@ -111,3 +111,11 @@ def test_unknown_method_names_the_choices(make_config):
 
     with pytest.raises(ConfigError, match="prompt_tuning"):
         make_config(method__name="adapter")
+
+
+def test_prompt_tuning_starts_from_vocabulary_embeddings(make_config):
+    trainer = Trainer(make_config(**METHODS["prompt_tuning"]))
+    prompt = next(p for n, p in trainer.model.named_parameters() if p.requires_grad)
+    vocab = trainer.model.get_input_embeddings().weight
+    # every virtual token is a row of the embedding matrix, not a N(0, 1) draw
+    assert all(any(torch.equal(row, v) for v in vocab) for row in prompt.detach()[:4])

@@ -58,7 +58,7 @@ class PromptSection(Section):
     """prompt_tuning, p_tuning and prefix_tuning: trained virtual tokens, the model frozen."""
 
     num_virtual_tokens: int = Field(20, gt=0)
-    init_text: str | None = None  # prompt_tuning: start the virtual tokens from this text's embeddings
+    init_text: str | None = None  # prompt_tuning: start from this text's embeddings (None: sampled vocabulary)
     encoder_hidden_size: int = Field(128, gt=0)  # p_tuning: the prompt encoder's MLP width
 
 

@@ -42,7 +42,10 @@ def prompt_config(method: MethodSection, model, tokenizer_path: str | None = Non
             return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=p.num_virtual_tokens,
                                       prompt_tuning_init=PromptTuningInit.TEXT, prompt_tuning_init_text=p.init_text,
                                       tokenizer_name_or_path=tokenizer_path)
-        return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=p.num_virtual_tokens)
+        # random N(0, 1) vectors sit far from the model's embeddings (the first loss is ~10 nats on
+        # SmolLM2); embeddings of sampled vocabulary tokens start at the right scale
+        return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=p.num_virtual_tokens,
+                                  prompt_tuning_init=PromptTuningInit.SAMPLE_VOCAB)
     if method.name == "p_tuning":
         return PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=p.num_virtual_tokens,
                                    encoder_hidden_size=p.encoder_hidden_size)
