@@ -42,8 +42,8 @@ def prompt_config(method: MethodSection, model, tokenizer_path: str | None = Non
             return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=p.num_virtual_tokens,
                                       prompt_tuning_init=PromptTuningInit.TEXT, prompt_tuning_init_text=p.init_text,
                                       tokenizer_name_or_path=tokenizer_path)
-        # random N(0, 1) vectors sit far from the model's embeddings (the first loss is ~10 nats on
-        # SmolLM2); embeddings of sampled vocabulary tokens start at the right scale
+        # peft's RANDOM init draws N(0, 1) vectors, far from the scale of real token embeddings;
+        # embeddings of sampled vocabulary tokens start where the model's inputs live
         return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=p.num_virtual_tokens,
                                   prompt_tuning_init=PromptTuningInit.SAMPLE_VOCAB)
     if method.name == "p_tuning":
