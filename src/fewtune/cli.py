@@ -220,6 +220,46 @@ def demo(
     _run(run_demo, output_dir, list(overrides or []))
 
 
+@app.command()
+def suggest(
+    data: Annotated[Path, typer.Argument(help="the training data file")],
+    model: Annotated[Optional[str], typer.Option(help="model name or folder (default: the embedded default)")] = None,
+    task: Annotated[str, typer.Option(help="auto, classification or generation")] = "auto",
+    method: Annotated[str, typer.Option(help="auto, lora or full")] = "auto",
+    lr_rule: Annotated[str, typer.Option(help="scale the learning rate to the batch size: sqrt or linear")] = "sqrt",
+    out: Annotated[Optional[Path], typer.Option(help="write the config here (YAML with the reasons as comments)")] = None,
+):
+    """Read the data and write a complete config for it, printing every rule applied and the number behind it."""
+    _setup_logging()
+    from fewtune.models import DEFAULT_MODEL
+    from fewtune.recipe.suggest import suggest as suggest_config
+
+    if task not in ("auto", "classification", "generation"):
+        _fail(ValueError(f"--task must be auto, classification or generation, got {task!r}"))
+    if method not in ("auto", "lora", "full"):
+        _fail(ValueError(f"--method must be auto, lora or full, got {method!r}"))
+    result = _run(suggest_config, data, model or DEFAULT_MODEL, task, lr_rule, method, out)
+    typer.echo(result.report())
+    if out:
+        typer.echo(f"config written to {out}; train with: fewtune train {out}")
+
+
+@app.command()
+def doctor(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory (or its metrics.jsonl)")],
+    predictions: Annotated[Optional[Path], typer.Option(help="JSONL with prediction and reference per example")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the findings as JSON")] = False,
+):
+    """Read a run's curves and say what happened (overfitting, underfitting, instability...) and what to change."""
+    from fewtune.recipe.doctor import diagnose, format_findings
+
+    try:
+        findings = diagnose(run_dir, predictions)
+    except (FileNotFoundError, ValueError) as err:
+        _fail(err)
+    typer.echo(json.dumps([f.to_dict() for f in findings], indent=2) if as_json else format_findings(findings))
+
+
 from fewtune.data.cli import app as data_app  # noqa: E402
 
 app.add_typer(data_app, name="data")

@@ -50,6 +50,28 @@ class LoraSection(Section):
     alpha: float = 16.0
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: str | list[str] = "all-linear"
+    use_dora: bool = False  # weight-decomposed LoRA (magnitude + direction)
+    use_rslora: bool = False  # scale by alpha / sqrt(r) instead of alpha / r: stable at higher ranks
+
+
+class PromptSection(Section):
+    """prompt_tuning, p_tuning and prefix_tuning: trained virtual tokens, the model frozen."""
+
+    num_virtual_tokens: int = Field(20, gt=0)
+    init_text: str | None = None  # prompt_tuning: start from this text's embeddings (None: sampled vocabulary)
+    encoder_hidden_size: int = Field(128, gt=0)  # p_tuning: the prompt encoder's MLP width
+
+
+class IA3Section(Section):
+    target_modules: list[str] | None = None  # None: peft's defaults for the architecture
+    feedforward_modules: list[str] | None = None
+
+
+class QLoraSection(Section):
+    """qlora: the base loaded in 4 bits (bitsandbytes, CUDA only), a LoRA adapter (method.lora) on top."""
+
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
 
 
 class FullSection(Section):
@@ -59,9 +81,12 @@ class FullSection(Section):
 
 
 class MethodSection(Section):
-    name: Literal["lora", "full"] = "lora"
+    name: Literal["lora", "full", "qlora", "prompt_tuning", "p_tuning", "prefix_tuning", "ia3"] = "lora"
     lora: LoraSection = LoraSection()
     full: FullSection = FullSection()
+    prompt: PromptSection = PromptSection()
+    ia3: IA3Section = IA3Section()
+    qlora: QLoraSection = QLoraSection()
 
 
 class EarlyStoppingSection(Section):
@@ -93,7 +118,48 @@ class TrainSection(Section):
     log_every: int = Field(1, gt=0)
 
     def resolved_lr(self, method: str) -> float:
-        return self.lr if self.lr is not None else (1e-4 if method == "lora" else 1e-5)
+        return self.lr if self.lr is not None else DEFAULT_LR.get(method, 1e-4)
+
+
+# learning rates that suit each method when train.lr is not set: full fine-tuning moves
+# every weight, so it needs a small step; virtual tokens and IA3 vectors need large ones
+DEFAULT_LR = {"full": 1e-5, "lora": 1e-4, "qlora": 1e-4, "ia3": 3e-3,
+              "prompt_tuning": 1e-2, "p_tuning": 1e-2, "prefix_tuning": 1e-2}
+
+
+class AdversarialSection(Section):
+    """Adversarial training on the embedding layer's output (FGM: one step; PGD: K projected steps)."""
+
+    kind: Literal["none", "fgm", "pgd"] = "none"
+    epsilon: float = Field(1.0, gt=0)  # largest perturbation per token (L2 norm of its embedding change)
+    alpha: float = Field(0.3, gt=0)  # PGD step size
+    steps: int = Field(3, ge=1)  # PGD steps K
+
+
+class ReplaySection(Section):
+    general: str | None = None  # a general data set mixed into training (fewtune data mix) against forgetting
+    ratio: float = Field(1.0, gt=0)  # general examples per training example
+
+
+class EwcSection(Section):
+    general: str | None = None  # general data the Fisher information is estimated on
+    weight: float = Field(0.0, ge=0)  # penalty weight lambda; 0 turns EWC off
+    samples: int = Field(64, gt=0)  # general examples used for the Fisher estimate
+
+
+class CurriculumSection(Section):
+    order: Literal["none", "length", "loss"] = "none"  # easy to hard: short first, or low base-model loss first
+    buckets: int = Field(4, ge=1)  # examples are shuffled within each difficulty bucket
+    epochs: int = Field(1, ge=1)  # epochs in curriculum order; later epochs are shuffled as usual
+
+
+class RegulariseSection(Section):
+    label_smoothing: float = Field(0.0, ge=0, lt=1)  # on completion tokens, training loss only
+    neftune_alpha: float = Field(0.0, ge=0)  # NEFTune noise on the embeddings while training (paper: 5)
+    adversarial: AdversarialSection = AdversarialSection()
+    replay: ReplaySection = ReplaySection()
+    ewc: EwcSection = EwcSection()
+    curriculum: CurriculumSection = CurriculumSection()
 
 
 class GenerateSection(Section):
@@ -113,12 +179,16 @@ class Config(Section):
     data: DataSection = DataSection()
     method: MethodSection = MethodSection()
     train: TrainSection = TrainSection()
+    regularise: RegulariseSection = RegulariseSection()
     generate: GenerateSection = GenerateSection()
 
     @model_validator(mode="after")
     def _check(self) -> "Config":
         if self.method.name == "full" and self.method.lora != LoraSection():
             pass  # harmless: lora settings are ignored for full fine-tuning
+        ewc = self.regularise.ewc
+        if ewc.weight > 0 and not ewc.general:
+            raise ValueError("regularise.ewc.weight > 0 needs regularise.ewc.general (a general data file)")
         return self
 
 
@@ -188,7 +258,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections (model, data, method, train, generate)")
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (model, data, method, train, regularise, generate)")
     cfg = build_config(data, overrides, source=str(path))
     # relative data paths are relative to the config file, as a user reading it expects
     for key in ("train", "validation"):
@@ -197,6 +267,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
             candidate = path.parent / value
             if candidate.exists():
                 setattr(cfg.data, key, str(candidate))
+    for section in (cfg.regularise.replay, cfg.regularise.ewc):
+        if section.general and not Path(section.general).is_absolute() and not Path(section.general).exists():
+            if (path.parent / section.general).exists():
+                section.general = str(path.parent / section.general)
     return cfg
 
 

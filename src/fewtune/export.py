@@ -19,8 +19,11 @@ def export_merged(run_dir: str | Path, out_dir: str | Path) -> Path:
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if not is_run_dir(run_dir):
         raise FileNotFoundError(f"{run_dir} is not a fewtune run directory (no config.yaml and template.json)")
+    from fewtune.train.adapters import check_mergeable
+
     loaded = load_for_inference(str(run_dir))
     model = loaded.model
+    check_mergeable(model)
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     out_dir.mkdir(parents=True, exist_ok=True)

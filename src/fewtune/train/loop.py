@@ -24,9 +24,12 @@ from tqdm.auto import tqdm
 from fewtune.config import Config, save_config
 from fewtune.data.dataset import RenderedSet, load_train_val, render_set
 from fewtune.data.render import Rendered, Template
-from fewtune.models import load_model, load_tokenizer
+from fewtune.models import load_tokenizer
 from fewtune.train import checkpoint as ckpt
 from fewtune.train.loss import WeightedLMLoss
+from fewtune.train.adapters import load_base
+from fewtune.train.regularise import StepExtras
+from fewtune.train.replay import add_replay
 from fewtune.train.methods import apply_method, load_trainable_state, parameter_counts, trainable_state
 
 log = logging.getLogger(__name__)
@@ -127,15 +130,16 @@ class Trainer:
         self.template = Template.for_tokenizer(self.tokenizer, cfg.model.template, cfg.model.separator,
                                                cfg.model.stop, cfg.data.system_prompt)
         train_examples, val_examples = load_train_val(cfg.data)
+        train_examples = add_replay(train_examples, cfg, self.run_dir)
         self.train_set: RenderedSet = render_set(train_examples, self.tokenizer, self.template, cfg.data, "training")
         self.val_set: RenderedSet = render_set(val_examples, self.tokenizer, self.template, cfg.data, "validation")
         if not self.train_set.items:
             raise TrainingError("no training example is left after dropping the ones with nothing to learn")
         self.lengths = [len(r) for r in self.train_set.items]
-        model = load_model(cfg.model.name, cfg.model.dtype)
-        self.model = apply_method(model, cfg.method)
+        model = load_base(cfg.model, cfg.method)
+        self.model = apply_method(model, cfg.method, cfg.model.name)
         self.trainable, self.total = parameter_counts(self.model)
-        self.loss_module = WeightedLMLoss(self.model)
+        self.loss_module = WeightedLMLoss(self.model, label_smoothing=cfg.regularise.label_smoothing)
         optimizer = _optimizer(self.model, cfg.train.resolved_lr(cfg.method.name), cfg.train.weight_decay)
         world = self.accelerator.num_processes
         self.batches_per_epoch = math.ceil(len(self.train_set.items) / (cfg.train.batch_size * world))
@@ -143,6 +147,7 @@ class Trainer:
         self.total_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * self.steps_per_epoch)
         self.loss_module, self.optimizer = self.accelerator.prepare(self.loss_module, optimizer)
         self.scheduler = _scheduler(self.optimizer, cfg, self.total_steps)
+        self.extras = StepExtras(self)
         self.state = {"step": 0, "epoch": 0, "batch": 0, "best_val": None, "best_step": None, "bad_evals": 0,
                       "stopped_early": False, "tokens": 0}
 
@@ -257,7 +262,7 @@ class Trainer:
                     f"the loss became {loss.item()} at step {self.state['step'] + 1}: training diverged. "
                     f"Lower train.lr (now {self.cfg.train.resolved_lr(self.cfg.method.name)}), keep "
                     "train.max_grad_norm set, raise train.warmup_ratio, or check model.dtype.")
-            acc.backward(loss)
+            self.extras.backward(loss, batch, global_weight)
             loss_total += loss_sum.detach()
         grad_norm = float("nan")
         if self.cfg.train.max_grad_norm:
@@ -301,8 +306,9 @@ class Trainer:
         try:
             self.loss_module.train()
             while s["step"] < self.total_steps and not s["stopped_early"]:
-                batches = epoch_batches(self.lengths, cfg.train.batch_size, acc.num_processes, acc.process_index,
-                                        cfg.train.seed, s["epoch"], cfg.train.group_by_length)
+                batches = self.extras.curriculum_batches(s["epoch"]) or epoch_batches(
+                    self.lengths, cfg.train.batch_size, acc.num_processes, acc.process_index, cfg.train.seed,
+                    s["epoch"], cfg.train.group_by_length)
                 while s["batch"] < len(batches) and s["step"] < self.total_steps:
                     group = batches[s["batch"]:s["batch"] + cfg.train.grad_accum]
                     micro = [collate([self.train_set.items[i] for i in idx], self.tokenizer.pad_token_id) for idx in group]
@@ -354,7 +360,7 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         if self.main:
             model = self.accelerator.unwrap_model(self.loss_module).model
-            if self.cfg.method.name == "lora":
+            if self.cfg.method.name != "full":
                 model.save_pretrained(self.run_dir / "adapter")
             else:
                 model.save_pretrained(self.run_dir / "model")
@@ -377,4 +383,7 @@ def train(cfg: Config, run_dir: str | Path | None = None, resume: bool | None = 
           stop_after: int | None = None) -> TrainResult:
     """Train as configured and write the run directory. The function `fewtune train` calls."""
     trainer = Trainer(cfg, Path(run_dir) if run_dir else None)
-    return trainer.fit(resume=cfg.train.resume if resume is None else resume, stop_after=stop_after)
+    try:
+        return trainer.fit(resume=cfg.train.resume if resume is None else resume, stop_after=stop_after)
+    finally:
+        trainer.extras.close()  # the embedding hooks (NEFTune, adversarial) leave the model

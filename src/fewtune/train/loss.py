@@ -22,13 +22,20 @@ def _base_model(model):
 class WeightedLMLoss(torch.nn.Module):
     """forward(...) -> (sum of weight * cross-entropy, sum of weights) over a batch."""
 
-    def __init__(self, model, selective: bool = True):
+    def __init__(self, model, selective: bool = True, label_smoothing: float = 0.0):
+        from fewtune.train.adapters import is_prompt_learning, virtual_tokens
+
         super().__init__()
         self.model = model
         base = _base_model(model)
         config = base.config
         self.softcap = getattr(config, "final_logit_softcapping", None)
-        self.selective = selective and hasattr(base, "get_decoder") and not any(
+        # label smoothing applies to the training loss only; validation loss stays plain cross-entropy
+        self.label_smoothing = label_smoothing
+        # prompt-learning methods add their virtual tokens inside PeftModel.forward, so they take
+        # the full forward; its logits start with one position per virtual token, dropped here
+        self.virtual = virtual_tokens(model)
+        self.selective = selective and not is_prompt_learning(model) and hasattr(base, "get_decoder") and not any(
             getattr(config, a, None) not in (None, 1, 1.0) for a in _LOGIT_TRANSFORMS)
 
     def _selected_logits(self, input_ids, attention_mask, select):
@@ -46,7 +53,9 @@ class WeightedLMLoss(torch.nn.Module):
         if self.selective:
             logits = self._selected_logits(input_ids, attention_mask, select)
         else:
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1][select]
-        ce = F.cross_entropy(logits.float(), targets[select], reduction="none")
+            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+            logits = logits[:, self.virtual:][:, :-1][select]
+        smoothing = self.label_smoothing if self.training else 0.0
+        ce = F.cross_entropy(logits.float(), targets[select], reduction="none", label_smoothing=smoothing)
         w = weights[select]
         return (ce * w).sum(), w.sum()

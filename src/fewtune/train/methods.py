@@ -18,12 +18,11 @@ def decoder_layers(model) -> torch.nn.ModuleList:
 
 
 def apply_lora(model, method: MethodSection):
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    lora = method.lora
-    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                        target_modules=lora.target_modules, task_type="CAUSAL_LM")
-    return get_peft_model(model, config)
+    from fewtune.train.adapters import lora_config
+
+    return get_peft_model(model, lora_config(method))
 
 
 def apply_freezing(model, method: MethodSection):
@@ -56,11 +55,15 @@ def apply_freezing(model, method: MethodSection):
     return model
 
 
-def apply_method(model, method: MethodSection):
+def apply_method(model, method: MethodSection, tokenizer_path: str | None = None):
+    from fewtune.train.adapters import PEFT_METHODS, apply_peft
+
     if method.name == "lora":
         return apply_lora(model, method)
     if method.name == "full":
         return apply_freezing(model, method)
+    if method.name in PEFT_METHODS:
+        return apply_peft(model, method, tokenizer_path)
     raise ValueError(f"unknown method.name '{method.name}'")
 
 

@@ -1,0 +1,231 @@
+"""`fewtune doctor RUN_DIR`: read a run's curves, say what happened and what to change.
+
+Input is the trainer's metrics.jsonl: step records ({step, epoch, train_loss, lr,
+grad_norm, ...}) and evaluation records ({step, val_loss, ...} plus any task metric as
+extra keys). Per-class collapse needs predictions (a JSONL file with `prediction` and
+`reference` or `label`); without one the doctor says it cannot tell. Every finding quotes
+the numbers it rests on.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# thresholds, named so the report can quote them
+SPIKE_FACTOR = 2.0  # a train loss above this many times the median of the previous window
+SPIKE_WINDOW = 10
+FLAT_DROP = 0.10  # underfitting: the train loss fell by less than this fraction
+HIGH_LOSS = 1.0  # nats per completion token: above this at the end counts as high
+OVERFIT_RISE = 0.02  # validation loss this fraction above its best at the end
+COLLAPSE_SHARE = 0.8  # one class predicted for at least this share of examples
+
+EVAL_KEYS = {"step", "epoch", "val_loss", "best", "event"}
+
+
+@dataclass
+class Finding:
+    kind: str  # overfitting, underfitting, instability, label_collapse, loss_metric_gap, ok, unknown
+    message: str
+    suggestions: list[str] = field(default_factory=list)
+    numbers: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "message": self.message, "suggestions": self.suggestions, "numbers": self.numbers}
+
+
+@dataclass
+class Curves:
+    train: list[tuple[int, float]]  # (step, train_loss)
+    grad_norm: list[tuple[int, float]]
+    val: list[tuple[int, float]]  # (step, val_loss)
+    metrics: dict[str, list[tuple[int, float]]]  # task metrics from evaluation records
+
+
+def read_curves(path: str | Path) -> Curves:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: doctor reads the metrics.jsonl a training run writes")
+    train, grad, val, metrics = [], [], [], {}
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{number}: not a JSON line ({err.msg})") from None
+        if "event" in rec:
+            continue
+        step = rec.get("step")
+        if "train_loss" in rec:
+            train.append((step, float(rec["train_loss"])))
+            if rec.get("grad_norm") is not None:
+                grad.append((step, float(rec["grad_norm"])))
+        if "val_loss" in rec:
+            val.append((step, float(rec["val_loss"])))
+            for key, value in rec.items():
+                if key not in EVAL_KEYS and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    metrics.setdefault(key, []).append((step, float(value)))
+    if not train:
+        raise ValueError(f"{path}: no record with train_loss: is this a fewtune run's metrics.jsonl?")
+    return Curves(train, grad, val, metrics)
+
+
+def lower_is_better(name: str) -> bool:
+    return any(w in name.lower() for w in ("loss", "error", "perplexity", "ppl", "wer", "cer"))
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _window(curve: list[tuple[int, float]], frac: float = 0.2) -> int:
+    return max(1, round(len(curve) * frac))
+
+
+def check_instability(c: Curves) -> list[Finding]:
+    found = []
+    bad = [(s, v) for s, v in c.train + c.val + c.grad_norm if not math.isfinite(v)]
+    if bad:
+        found.append(Finding("instability", f"{len(bad)} non-finite value(s) (NaN/inf), first at step {bad[0][0]}",
+                             ["lower train.lr", "keep train.max_grad_norm at 1.0", "raise train.warmup_ratio",
+                              "use model.dtype=float32 or bfloat16 instead of float16"],
+                             {"non_finite": len(bad), "first_step": bad[0][0]}))
+    losses = [(s, v) for s, v in c.train if math.isfinite(v)]
+    spikes = []
+    for i in range(SPIKE_WINDOW, len(losses)):
+        ref = statistics.median(v for _, v in losses[i - SPIKE_WINDOW:i])
+        if losses[i][1] > SPIKE_FACTOR * ref:
+            spikes.append((losses[i][0], losses[i][1], ref))
+    if spikes:
+        s, v, ref = spikes[0]
+        found.append(Finding("instability", f"{len(spikes)} loss spike(s): first at step {s}, train loss {v:.3f} against "
+                             f"a median of {ref:.3f} over the {SPIKE_WINDOW} steps before (more than {SPIKE_FACTOR:g}x)",
+                             ["lower train.lr", "keep train.max_grad_norm at 1.0", "raise train.warmup_ratio",
+                              "raise train.batch_size or train.grad_accum"],
+                             {"spikes": len(spikes), "first_step": s, "loss": v, "median_before": ref}))
+    return found
+
+
+def check_overfitting(c: Curves) -> list[Finding]:
+    if len(c.val) < 3:
+        return []
+    best_i = min(range(len(c.val)), key=lambda i: c.val[i][1])
+    best_step, best = c.val[best_i]
+    last_step, last = c.val[-1]
+    if best_i == len(c.val) - 1 or last <= best * (1 + OVERFIT_RISE):
+        return []
+    at_best = [v for s, v in c.train if s <= best_step][-_window(c.train):]
+    after = [v for s, v in c.train if s > best_step][-_window(c.train):]
+    if not at_best or not after or _mean(after) >= _mean(at_best):
+        return []
+    return [Finding("overfitting", f"validation loss turned up at step {best_step} ({best:.4f}) and ended at "
+                    f"{last:.4f} at step {last_step} (+{100 * (last / best - 1):.1f}%) while the train loss kept "
+                    f"falling ({_mean(at_best):.4f} -> {_mean(after):.4f})",
+                    [f"train for fewer steps (the best was at step {best_step}; early stopping keeps it)",
+                     "lower train.lr", "use a smaller method.lora.r", "add data or augmentation",
+                     "regularise: regularise.label_smoothing=0.1, regularise.neftune_alpha=5, method.lora.dropout=0.1"],
+                    {"best_step": best_step, "best_val_loss": best, "last_val_loss": last,
+                     "train_loss_at_best": _mean(at_best), "train_loss_end": _mean(after)})]
+
+
+def check_underfitting(c: Curves) -> list[Finding]:
+    w = _window(c.train)
+    if len(c.train) < 4:
+        return []
+    start, end = _mean([v for _, v in c.train[:w]]), _mean([v for _, v in c.train[-w:]])
+    if not (math.isfinite(start) and math.isfinite(end)) or start <= 0:
+        return []
+    drop = (start - end) / start
+    val_end = c.val[-1][1] if c.val else end
+    if drop < FLAT_DROP and min(end, val_end) > HIGH_LOSS:
+        return [Finding("underfitting", f"the train loss barely moved ({start:.4f} -> {end:.4f}, {100 * drop:.1f}% "
+                        f"< {100 * FLAT_DROP:.0f}%) and stays high (validation {val_end:.4f} > {HIGH_LOSS})",
+                        ["raise train.lr", "train more epochs", "use a larger method.lora.r or method.name=full",
+                         "check that the completions are what the model should learn (fewtune data check)"],
+                        {"train_start": start, "train_end": end, "drop": drop, "val_end": val_end})]
+    return []
+
+
+def check_loss_metric_gap(c: Curves) -> list[Finding]:
+    found = []
+    if not c.val:
+        return found
+    best_loss_step = min(c.val, key=lambda sv: sv[1])[0]
+    for name, curve in c.metrics.items():
+        if len(curve) < 2:
+            continue
+        low = lower_is_better(name)
+        best_step, best = (min if low else max)(curve, key=lambda sv: sv[1])
+        at_loss_best = dict(curve).get(best_loss_step)
+        if best_step != best_loss_step and at_loss_best is not None and abs(best - at_loss_best) > 1e-9:
+            found.append(Finding("loss_metric_gap", f"validation loss was best at step {best_loss_step} but {name} was "
+                                 f"best at step {best_step} ({best:.4f} against {at_loss_best:.4f} at step "
+                                 f"{best_loss_step}): the loss does not track the task metric",
+                                 ["choose the checkpoint by the task metric, not the validation loss",
+                                  "for classification, evaluate by choice scoring",
+                                  "a rising loss with a rising metric is overconfidence: label smoothing helps"],
+                                 {"metric": name, "best_loss_step": best_loss_step, "best_metric_step": best_step,
+                                  "best_metric": best, "metric_at_best_loss": at_loss_best}))
+    return found
+
+
+def check_label_collapse(predictions: str | Path | None) -> list[Finding]:
+    if predictions is None or not Path(predictions).is_file():
+        return [Finding("unknown", "label collapse: cannot tell, no predictions file (JSONL with 'prediction' and "
+                        "'reference'); pass --predictions FILE")]
+    preds, refs = [], []
+    for number, line in enumerate(Path(predictions).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        if "prediction" not in rec:
+            raise ValueError(f"{predictions}:{number}: no 'prediction' field")
+        preds.append(str(rec["prediction"]).strip())
+        ref = rec.get("reference", rec.get("label"))
+        if ref is not None:
+            refs.append(str(ref).strip())
+    if not preds:
+        return [Finding("unknown", f"label collapse: cannot tell, {predictions} holds no prediction")]
+    top, count = Counter(preds).most_common(1)[0]
+    share = count / len(preds)
+    ref_classes = len(set(refs))
+    ref_share = Counter(refs)[top] / len(refs) if refs else None
+    if share >= COLLAPSE_SHARE and (ref_classes > 1 or not refs) and (ref_share is None or ref_share < share - 0.2):
+        return [Finding("label_collapse", f"'{top}' is predicted for {count} of {len(preds)} examples "
+                        f"({100 * share:.0f}% >= {100 * COLLAPSE_SHARE:.0f}%)"
+                        + (f", though it is the reference for only {100 * ref_share:.0f}% of {ref_classes} classes"
+                           if ref_share is not None else ""),
+                        ["balance the classes (fewtune data check shows the label counts)",
+                         "lower train.lr or train fewer steps", "evaluate by choice scoring",
+                         "use label_smoothing and check the prompt names every class"],
+                        {"class": top, "share": share, "reference_share": ref_share, "classes": ref_classes})]
+    return []
+
+
+def diagnose(run_dir: str | Path, predictions: str | Path | None = None) -> list[Finding]:
+    """All findings for a run directory (or a metrics.jsonl path). The function `fewtune doctor` calls."""
+    c = read_curves(run_dir)
+    if predictions is None and Path(run_dir).is_dir() and (Path(run_dir) / "predictions.jsonl").is_file():
+        predictions = Path(run_dir) / "predictions.jsonl"
+    findings = check_instability(c) + check_overfitting(c) + check_underfitting(c) + check_loss_metric_gap(c)
+    if not findings:
+        end = _mean([v for _, v in c.train[-_window(c.train):]])
+        val = f", validation loss best {min(v for _, v in c.val):.4f}" if c.val else ", no validation loss logged"
+        findings.append(Finding("ok", f"no problem in the curves: {len(c.train)} steps, train loss "
+                                f"{c.train[0][1]:.4f} -> {end:.4f}{val}"))
+    return findings + check_label_collapse(predictions)
+
+
+def format_findings(findings: list[Finding]) -> str:
+    lines = []
+    for f in findings:
+        lines.append(f"[{f.kind}] {f.message}")
+        lines += [f"    - {s}" for s in f.suggestions]
+    return "\n".join(lines)

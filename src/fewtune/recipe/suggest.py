@@ -1,0 +1,247 @@
+"""`fewtune suggest DATA`: a complete config for a small data set, with the reason for each choice.
+
+The rules follow published small-data practice; each rule records the number that
+triggered it, so the printed report and the YAML comments say why, not just what:
+
+- size n decides the method (LoRA below 10,000 examples), the rank (4 below 500, 8 below
+  5,000, 16 above) and the epochs (OpenAI's legacy rule: 3, raised to min(25, 100 // n)
+  when n * 3 < 100, lowered to 25,000 // n for large sets; 2 from ~1,000 examples);
+- batch size is ~0.2% of the examples (OpenAI's legacy default), at least 1, at most 256
+  and at most what the memory estimate allows; the learning rate starts from a reference
+  (2e-4 at batch 8 for LoRA, 1e-5 for full fine-tuning) and is scaled to that batch by the
+  square-root rule (Adam) or the linear rule (SGD-style);
+- lengths (rendered by the one render function) set max_length to cover 99% of examples;
+- warmup 10%, weight decay 0.01, gradient clipping 1.0, cosine schedule, early stopping on
+  the held-out split (evaluated twice an epoch);
+- a classification set (labels, or few distinct short completions) gets choice-scoring
+  evaluation, and a warning when the classes are unbalanced.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from fewtune.config import Config, build_config
+from fewtune.models import DEFAULT_MODEL
+
+REFERENCE_BATCH = 8
+REFERENCE_LR = {"lora": 2e-4, "full": 1e-5}
+LR_BOUNDS = {"lora": (1e-4, 2e-4), "full": (5e-6, 2e-5)}  # the ranges small-data practice reports
+
+
+@dataclass
+class Rule:
+    key: str  # the config key it sets ("" for advice with no key)
+    value: object
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.key} = {self.value}: {self.reason}" if self.key else f"note: {self.reason}"
+
+
+@dataclass
+class DataProfile:
+    n: int
+    lengths: list[int]  # rendered tokens per example
+    task: str  # classification or generation
+    labels: Counter
+
+
+@dataclass
+class Suggestion:
+    config: Config
+    rules: list[Rule]
+    profile: DataProfile
+
+    def report(self) -> str:
+        return "\n".join(str(r) for r in self.rules)
+
+
+def percentile(values: list[int], q: float) -> int:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+def profile_data(path: str | Path, tokenizer, template, task: str = "auto") -> DataProfile:
+    from fewtune.data.formats import load_examples
+    from fewtune.data.render import render_conversation
+
+    examples = load_examples(path)
+    if not examples:
+        from fewtune.data.formats import DataError
+
+        raise DataError(str(path), None, "no examples to suggest a config for")
+    lengths = [len(render_conversation(e.messages, tokenizer, template).input_ids) for e in examples]
+    labels = Counter(e.label for e in examples if e.label is not None)
+    if not labels:  # completions that repeat from a small set are labels too
+        answers = Counter(e.reference.strip() for e in examples if e.reference)
+        if answers and len(answers) <= max(2, min(50, len(examples) // 4)):
+            labels = answers
+    if task == "auto":
+        task = "classification" if labels else "generation"
+    elif task == "classification" and not labels:
+        labels = Counter(e.reference.strip() for e in examples if e.reference)
+    return DataProfile(len(examples), lengths, task, labels)
+
+
+def epochs_rule(n: int) -> tuple[int, str]:
+    if n * 3 < 100:
+        e = min(25, 100 // n)
+        return e, f"n={n}: n*3={n * 3} < 100, so OpenAI's legacy rule raises 3 epochs to min(25, 100 // {n}) = {e}"
+    if n * 3 > 25000:
+        e = max(1, 25000 // n)
+        return e, f"n={n}: n*3={n * 3} > 25000, so the legacy rule lowers the epochs to 25000 // {n} = {e}"
+    if n >= 1000:
+        return 2, f"n={n} >= 1000: 2 epochs (2-3 is the usual range for ~1k examples; more overfits)"
+    return 3, f"n={n}: 3 epochs (OpenAI's legacy default; n*3={n * 3} >= 100)"
+
+
+def memory_batch_limit(model_name: str, max_length: int) -> tuple[int, str]:
+    """A rough upper bound on the batch size from the activation memory per token."""
+    import torch
+    from transformers import AutoConfig
+
+    from fewtune.models import resolve_model_path
+
+    try:
+        config = AutoConfig.from_pretrained(resolve_model_path(model_name))
+        hidden = getattr(config, "hidden_size", 2048)
+        layers = getattr(config, "num_hidden_layers", 24)
+    except Exception:  # an unreadable config should not stop a suggestion: assume a 1B-class model
+        hidden, layers = 2048, 24
+    if torch.cuda.is_available():
+        budget = torch.cuda.get_device_properties(0).total_memory * 0.5
+        where = f"half of the GPU's {budget * 2 / 2**30:.0f} GiB"
+    else:
+        budget = 8 * 2**30
+        where = "8 GiB of CPU memory"
+    per_token = 4 * hidden * layers * 20  # ~20 saved fp32 activations per hidden unit and layer
+    limit = max(1, int(budget // (per_token * max_length)))
+    return limit, (f"memory: {where} / ({per_token / 2**20:.2f} MiB of activations per token x {max_length} tokens) "
+                   f"allows about {limit} examples per batch")
+
+
+def suggest(data: str | Path, model: str = DEFAULT_MODEL, task: str = "auto", lr_rule: str = "sqrt",
+            method: str = "auto", out: str | Path | None = None) -> Suggestion:
+    """Profile the data and build a config with the reasons. The function `fewtune suggest` calls."""
+    from fewtune.data.render import Template
+    from fewtune.models import load_tokenizer
+
+    if lr_rule not in ("sqrt", "linear"):
+        raise ValueError(f"lr_rule must be sqrt or linear, got {lr_rule!r}")
+    tokenizer = load_tokenizer(model)
+    template = Template.for_tokenizer(tokenizer)
+    p = profile_data(data, tokenizer, template, task)
+    n, rules = p.n, []
+    add = lambda key, value, reason: rules.append(Rule(key, value, reason))  # noqa: E731
+
+    # data
+    p99, longest = percentile(p.lengths, 0.99), max(p.lengths)
+    max_length = min(4096, max(64, 32 * math.ceil(p99 / 32)))
+    cut = sum(x > max_length for x in p.lengths)
+    add("data.max_length", max_length, f"99% of the {n} examples render to <= {p99} tokens (longest {longest}); "
+        f"rounded up to a multiple of 32, {cut} example(s) would be cut")
+    if cut:
+        add("data.on_bad_example", "drop", f"{cut} example(s) longer than {max_length} tokens: one whose completion is "
+            "cut away entirely is skipped and counted instead of stopping the run")
+    val_ratio = round(min(0.2, max(0.1, 20 / n)), 3) if n >= 25 else 0.2
+    add("data.val_ratio", val_ratio, f"n={n}: hold out {val_ratio:.0%} ({round(val_ratio * n)} examples) for "
+        "validation and early stopping (at least ~20 when the set allows, at most 20%)")
+    add("data.prompt_loss_weight", 0.0, "loss on the completions only: the prompt is given, not learned")
+
+    # method
+    if method == "auto":
+        method = "lora" if n < 10000 else "full"
+        add("method.name", method, f"n={n} {'<' if method == 'lora' else '>='} 10000: "
+            + ("LoRA trains <1% of the weights, which overfits less on small data" if method == "lora"
+               else "enough data to move every weight"))
+    else:
+        add("method.name", method, "as asked")
+    train_n = n - round(val_ratio * n)
+    if method == "lora":
+        r = 4 if n < 500 else 8 if n < 5000 else 16
+        add("method.lora.r", r, f"n={n}: rank {r} ({'<500: 4' if n < 500 else '<5000: 8' if n < 5000 else '16'}); "
+            "a low rank is enough for a few hundred to a few thousand examples")
+        add("method.lora.alpha", 2 * r, f"alpha = 2 x r = {2 * r} (update scale alpha/r = 2)")
+        dropout = 0.1 if n < 1000 else 0.05
+        add("method.lora.dropout", dropout, f"n={n} {'<' if n < 1000 else '>='} 1000: dropout {dropout}")
+        add("method.lora.target_modules", "all-linear", "all linear layers: better than attention-only at equal rank")
+
+    # schedule
+    epochs, why = epochs_rule(n)
+    add("train.epochs", epochs, why)
+    share = round(0.002 * n)
+    batch = max(1, min(256, share))
+    limit, mem_why = memory_batch_limit(model, max_length)
+    why = f"about 0.2% of n={n} is {0.002 * n:.2f} -> {batch} (OpenAI's legacy default, between 1 and 256)"
+    if batch > limit:
+        why += f"; {mem_why}, so {limit}"
+        batch = limit
+    add("train.batch_size", batch, why)
+    base = REFERENCE_LR[method if method in REFERENCE_LR else "lora"]
+    factor = (batch / REFERENCE_BATCH) ** 0.5 if lr_rule == "sqrt" else batch / REFERENCE_BATCH
+    lo, hi = LR_BOUNDS[method if method in LR_BOUNDS else "lora"]
+    lr = float(f"{min(hi, max(lo, base * factor)):.3g}")
+    add("train.lr", lr, f"{base:g} at batch {REFERENCE_BATCH} for {method}, scaled by the {lr_rule} rule to batch "
+        f"{batch}: x{factor:.3f} = {base * factor:.3g}" + (f", kept within [{lo:g}, {hi:g}]" if lr != float(f"{base * factor:.3g}") else ""))
+    steps_per_epoch = math.ceil(train_n / batch)
+    total = math.ceil(steps_per_epoch * epochs)
+    add("train.warmup_ratio", 0.1, f"10% of the {total} steps ({math.ceil(0.1 * total)}) warm up: Adam's first "
+        "steps are noisy")
+    add("train.scheduler", "cosine", "cosine decay to the end")
+    add("train.weight_decay", 0.01, "weight decay 0.01")
+    add("train.max_grad_norm", 1.0, "clip gradients at norm 1.0 against spikes")
+    eval_every = max(1, steps_per_epoch // 2)
+    add("train.eval_every", eval_every, f"{steps_per_epoch} steps per epoch ({train_n} examples / batch {batch}): "
+        "evaluate twice an epoch so early stopping can act within an epoch")
+    add("train.early_stopping.patience", 3, "stop after 3 evaluations without a better validation loss; the best "
+        "weights are kept")
+
+    # task
+    if p.task == "classification" and p.labels:
+        counts = p.labels.most_common()
+        ratio = counts[0][1] / counts[-1][1]
+        add("", None, f"classification: {len(counts)} classes ({', '.join(f'{k}: {v}' for k, v in counts[:8])}"
+            f"{', ...' if len(counts) > 8 else ''}); evaluate by choice scoring (the log-probability of each label), "
+            "not by free generation")
+        if ratio > 3:
+            add("", None, f"the classes are unbalanced (largest/smallest = {ratio:.1f} > 3): add examples of the rare "
+                "classes or check that the metric is macro-F1")
+    else:
+        add("", None, f"generation task: no labels found (n={n}); evaluate by generation against references")
+
+    values = {"model": {"name": model}, "data": {"train": str(Path(data).resolve())}, "method": {}, "train": {}}
+    for rule in rules:
+        if rule.key:
+            node = values
+            *parents, last = rule.key.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[last] = rule.value
+    cfg = build_config(values, source="fewtune suggest")
+    if out is not None:
+        write_config(cfg, rules, out)
+    return Suggestion(cfg, rules, p)
+
+
+def write_config(cfg: Config, rules: list[Rule], out: str | Path) -> Path:
+    """The complete config, every key, with the reasons as comments at the top and beside each key."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    reasons = {r.key: r.reason for r in rules if r.key}
+    header = ["# written by `fewtune suggest`; every rule it applied:"] + [f"#   {r}" for r in rules]
+    body = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True).splitlines()
+    lines, path = [], []
+    for line in body:
+        indent = (len(line) - len(line.lstrip(" "))) // 2
+        key = line.strip().split(":", 1)[0]
+        path = path[:indent] + [key]
+        reason = reasons.get(".".join(path))
+        lines.append(f"{line}  # {reason}" if reason and not line.rstrip().endswith(":") else line)
+    out.write_text("\n".join(header + lines) + "\n", encoding="utf-8")
+    return out

@@ -1,0 +1,51 @@
+"""Curriculum learning: easy examples first, hard ones last, shuffled within difficulty buckets.
+
+Difficulty is the example's length in tokens, or the base model's mean loss on its
+completion (measured once before training). The ordered examples are cut into
+``buckets`` equal groups; each group is shuffled with the epoch's seed, so the order goes
+from easy to hard without being a fixed sort.
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+
+@torch.no_grad()
+def base_losses(loss_module, items, pad_id: int, device, batch_size: int = 8, progress: bool = True) -> list[float]:
+    """Mean completion-token loss of each rendered example under the model as it is now."""
+    from fewtune.train.loop import collate
+
+    was_training = loss_module.training
+    loss_module.eval()
+    out = []
+    for i in tqdm(range(len(items)), desc="curriculum: base loss", disable=not progress or len(items) < 2,
+                  dynamic_ncols=True):
+        batch = {k: v.to(device) for k, v in collate([items[i]], pad_id).items()}
+        loss_sum, weight = loss_module(**batch)
+        out.append((loss_sum / weight).item())
+    loss_module.train(was_training)
+    return out
+
+
+def curriculum_order(difficulty: list[float], buckets: int, seed: int, epoch: int) -> list[int]:
+    """Example indices from easy to hard, shuffled within each of ``buckets`` equal-size groups."""
+    ranked = sorted(range(len(difficulty)), key=lambda i: (difficulty[i], i))
+    generator = torch.Generator().manual_seed(seed * 1000 + epoch)
+    buckets = max(1, min(buckets, len(ranked)))
+    bounds = [round(b * len(ranked) / buckets) for b in range(buckets + 1)]
+    order = []
+    for lo, hi in zip(bounds, bounds[1:]):
+        group = ranked[lo:hi]
+        order += [group[j] for j in torch.randperm(len(group), generator=generator).tolist()]
+    return order
+
+
+def curriculum_batches(difficulty: list[float], buckets: int, batch_size: int, world: int, rank: int, seed: int,
+                       epoch: int) -> list[list[int]]:
+    """This process's share of each global batch, the batches in easy-to-hard order."""
+    order = curriculum_order(difficulty, buckets, seed, epoch)
+    step = batch_size * world
+    batches = [order[i:i + step] for i in range(0, len(order), step)]
+    return [b[rank * batch_size:(rank + 1) * batch_size] for b in batches]
