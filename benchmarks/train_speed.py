@@ -41,6 +41,14 @@ SNIPS = ROOT.parent / "shared" / "data" / "snips"
 SYSTEM_PROMPT = ("Classify the user request into exactly one of these intents: AddToPlaylist, BookRestaurant, "
                  "GetWeather, PlayMusic, RateBook, SearchCreativeWork (movies, shows, songs, books), "
                  "SearchScreeningEvent (movie showtimes). Reply with the intent name only.")
+PROFILE_STEPS = 2  # with --profile: extra steps after the timed ones, run under torch.profiler
+CATEGORIES = (  # (label, substrings of aten op names), for the "where the time goes" line
+    ("matrix multiplies", ("aten::mm", "aten::addmm", "aten::bmm")),
+    ("attention", ("scaled_dot_product", "flash_attention")),
+    ("cross-entropy", ("log_softmax", "nll_loss")),
+    ("optimizer", ("adam", "_foreach")),
+    ("gather/scatter", ("aten::index", "index_put", "index_select", "gather", "scatter")),
+)
 ARMS = {
     "baseline": "transformers.Trainer, default precision, DataCollatorForSeq2Seq padding",
     "padded": "fewtune, packing off: length-grouped padded batches",
@@ -69,7 +77,7 @@ def snips_rows(snips_dir: Path, limit: int | None) -> list[dict]:
 def make_config(args, data_path: str | None, arm: str, run_dir: str):
     from fewtune.config import build_config, load_config
 
-    total = args.warmup + args.steps
+    total = args.warmup + args.steps + (PROFILE_STEPS if args.profile else 0)
     overrides = [f"train.max_steps={total}", f"train.output_dir={run_dir}", "train.eval_every=null",
                  "train.save_every=null", "data.val_ratio=0", "data.validation=null", "train.log_every=1",
                  f"train.batch_size={args.batch_size}", "train.early_stopping.enabled=false"]
@@ -165,6 +173,55 @@ def machine() -> dict:
 
 # ------------------------------------------------------------------ the arms (child processes)
 
+class FlopCount:
+    """FLOPs the first (untimed) step executes, counted by torch.utils.flop_counter."""
+
+    def __init__(self):
+        self.mode, self.flops = None, None
+
+    def begin(self, step: int) -> None:
+        if step == 0:
+            from torch.utils.flop_counter import FlopCounterMode
+
+            self.mode = FlopCounterMode(display=False)
+            self.mode.__enter__()
+
+    def end(self, step: int) -> None:
+        if self.mode is not None and step == 0:
+            self.mode.__exit__(None, None, None)
+            self.flops = self.mode.get_total_flops()
+            self.mode = None
+
+
+class StepProfiler:
+    """Runs torch.profiler over the steps after the timed ones; summarises where the time went."""
+
+    def __init__(self, enabled: bool, first: int):
+        self.enabled, self.first, self.profiler, self.summary = enabled, first, None, None
+
+    def begin(self, step: int) -> None:
+        if self.enabled and step == self.first:
+            from torch.profiler import ProfilerActivity, profile
+
+            self.profiler = profile(activities=[ProfilerActivity.CPU])
+            self.profiler.__enter__()
+
+    def end(self, step: int) -> None:
+        if self.profiler is not None and step == self.first + PROFILE_STEPS - 1:
+            self.profiler.__exit__(None, None, None)
+            events = self.profiler.key_averages()
+            total = sum(e.self_cpu_time_total for e in events)
+            shares = {}
+            for e in events:
+                label = next((lab for lab, keys in CATEGORIES if any(k in e.key.lower() for k in keys)), "other ops")
+                shares[label] = shares.get(label, 0) + e.self_cpu_time_total
+            top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:10]
+            self.summary = {"shares": {k: v / total for k, v in sorted(shares.items(), key=lambda kv: -kv[1])},
+                            "top": [(e.key, e.self_cpu_time_total / total, e.count) for e in top],
+                            "total_s": total / 1e6 / PROFILE_STEPS}
+            self.profiler = None
+
+
 def run_fewtune(args, spec: dict) -> dict:
     import torch
 
@@ -175,20 +232,32 @@ def run_fewtune(args, spec: dict) -> dict:
     marks: list[tuple[float, int]] = []  # (time after the step, peak memory so far)
     device = trainer.accelerator.device.type
     original = trainer._train_step
+    timed = args.warmup + args.steps
+    profiler = StepProfiler(args.profile, timed)
+    counter = FlopCount()
+    calls = [0]
 
     def timed_step(micro):
+        step = calls[0]
+        profiler.begin(step)
+        counter.begin(step)
         result = original(micro)
         if device == "cuda":
             torch.cuda.synchronize()
-        marks.append((time.perf_counter(), peak_memory(device)))
+        counter.end(step)
+        profiler.end(step)
+        if step < timed:
+            marks.append((time.perf_counter(), peak_memory(device)))
+        calls[0] += 1
         return result
 
     trainer._train_step = timed_step
     trainer.fit()
     records = [json.loads(l) for l in (Path(spec["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
-    tokens = [r["tokens"] for r in records if "train_loss" in r]
+    tokens = [r["tokens"] for r in records if "train_loss" in r][:len(marks)]
     losses = [r["train_loss"] for r in records if "train_loss" in r]
     return {"times": [t for t, _ in marks], "tokens": tokens, "losses": losses, "peak_memory": marks[-1][1],
+            "profile": profiler.summary, "step0_flops": counter.flops,
             "device": device, "precision": trainer.accelerator.mixed_precision, "packing": trainer.packing,
             "threads": torch.get_num_threads(), "lora_params": trainer.trainable}
 
@@ -230,14 +299,26 @@ def run_baseline(args, spec: dict) -> dict:
     losses: list[float] = []
     device = "cuda" if torch.cuda.is_available() else "cpu"
 
+    timed = args.warmup + args.steps
+    profiler = StepProfiler(args.profile, timed)
+    counter = FlopCount()
+
     class Timer(TrainerCallback):
+        def on_step_begin(self, targs, state, control, **kw):
+            profiler.begin(state.global_step)
+            counter.begin(state.global_step)
+
         def on_step_end(self, targs, state, control, **kw):
             if device == "cuda":
                 torch.cuda.synchronize()
-            marks.append((time.perf_counter(), peak_memory(device)))
+            step = state.global_step - 1  # already counted when this runs
+            counter.end(step)
+            profiler.end(step)
+            if step < timed:
+                marks.append((time.perf_counter(), peak_memory(device)))
 
     targs = TrainingArguments(output_dir=spec["run_dir"], per_device_train_batch_size=cfg.train.batch_size,
-                              max_steps=args.warmup + args.steps, learning_rate=cfg.train.resolved_lr("lora"),
+                              max_steps=timed + (PROFILE_STEPS if args.profile else 0), learning_rate=cfg.train.resolved_lr("lora"),
                               weight_decay=cfg.train.weight_decay, lr_scheduler_type="cosine", logging_steps=1,
                               save_strategy="no", report_to=[], seed=cfg.train.seed, dataloader_num_workers=0,
                               disable_tqdm=True)
@@ -248,6 +329,7 @@ def run_baseline(args, spec: dict) -> dict:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"times": [t for t, _ in marks], "tokens": batch_tokens[:len(marks)], "losses": losses,
             "peak_memory": marks[-1][1], "device": device, "precision": "fp32 (default)", "packing": False,
+            "profile": profiler.summary, "step0_flops": counter.flops,
             "threads": torch.get_num_threads(), "lora_params": trainable}
 
 
@@ -286,6 +368,8 @@ def main() -> None:
     parser.add_argument("--config", default=None, help="a fewtune YAML config to benchmark instead of SNIPS")
     parser.add_argument("--snips", type=Path, default=SNIPS)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "train_speed.md")
+    parser.add_argument("--profile", action="store_true",
+                        help=f"profile {PROFILE_STEPS} more steps per arm with torch.profiler (not timed)")
     parser.add_argument("--note", default="", help="a line added to the results file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -354,14 +438,17 @@ def main() -> None:
 
 def report(args, results, info, peak, peak_flops, flops, mean_len, n_examples, load_before, load_after) -> None:
     base = results.get("baseline")
-    lines = ["| arm | what | precision | tokens/s | s/step | peak memory | MFU | vs baseline |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| arm | what | precision | tokens/s | s/step | peak memory | MFU | HFU | vs baseline |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for arm, r in results.items():
         ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
         mem = f"{r['peak_memory'] / 2**20:,.0f} MiB" + (" RSS" if r["device"] == "cpu" else " alloc")
         mfu = r["tokens_per_s"] * flops / peak_flops
+        hfu = "-"
+        if r.get("step0_flops") and r["tokens"]:
+            hfu = f"{100 * r['tokens_per_s'] * r['step0_flops'] / r['tokens'][0] / peak_flops:.1f}%"
         lines.append(f"| {arm} | {ARMS[arm]} | {r['precision']} | {r['tokens_per_s']:.1f} | {r['s_per_step']:.2f} | "
-                     f"{mem} | {100 * mfu:.1f}% | {ratio} |")
+                     f"{mem} | {100 * mfu:.1f}% | {hfu} | {ratio} |")
     table = "\n".join(lines)
     print("\n" + table + "\n")
     if base and "fewtune" in results:
@@ -385,13 +472,26 @@ def report(args, results, info, peak, peak_flops, flops, mean_len, n_examples, l
         f"Load average (1/5/15 min) before: {load_before}; after: {load_after}.",
         f"Matrix-multiply peak (1024^3 probe): " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in peak.items())
         + f"; MFU uses {peak_flops / 1e9:.1f} GFLOP/s and {flops / 1e6:.0f} MFLOP per token "
-          "(plain forward + input-gradient backward, all logits, attention, LoRA).",
+          "(plain forward + input-gradient backward, all logits, attention, LoRA: the same count for every arm, "
+          "so MFU ratios equal tokens/s ratios). HFU counts the FLOPs each arm actually executes "
+          "(torch.utils.flop_counter on its first step; work it skips is not counted).",
+        "Executed MFLOP per example token: " + ", ".join(
+            f"{a} {r['step0_flops'] / r['tokens'][0] / 1e6:.0f}" for a, r in results.items()
+            if r.get("step0_flops") and r["tokens"]) + ".",
         f"Threads per arm: " + ", ".join(f"{a} {r['threads']}" for a, r in results.items()) + ".",
         "First timed losses: " + ", ".join(f"{a} {r['losses'][args.warmup] if len(r['losses']) > args.warmup else float('nan'):.3f}"
                                          for a, r in results.items()) + ".",
     ]
     if args.note:
         text += ["", args.note]
+    profiled = {a: r["profile"] for a, r in results.items() if r.get("profile")}
+    if profiled:
+        text += ["", "## Where the time goes", "",
+                 f"torch.profiler over {PROFILE_STEPS} steps after the timed ones, share of operator (self) CPU time:", ""]
+        for arm, prof in profiled.items():
+            shares = ", ".join(f"{k} {100 * v:.0f}%" for k, v in prof["shares"].items())
+            top = ", ".join(f"`{name}` {100 * share:.0f}% ({count})" for name, share, count in prof["top"][:6])
+            text += [f"- **{arm}** ({prof['total_s']:.2f} s of operators per step): {shares}. Top ops: {top}."]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(text) + "\n", encoding="utf-8")
     print(f"written to {args.out}")

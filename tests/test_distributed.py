@@ -52,3 +52,16 @@ def test_two_processes_match_one_process(tiny_model, pc_data, tmp_path):
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,kind,processes", [
+    ("ddp", "MULTI_GPU", 2), ("multi_node", "MULTI_GPU", 8), ("fsdp", "FSDP", 2),
+    ("deepspeed_zero2", "DEEPSPEED", 2), ("deepspeed_zero3", "DEEPSPEED", 2)])
+def test_shipped_accelerate_configs_load(name, kind, processes):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "accelerate" / f"{name}.yaml"
+    config = load_config_from_file(str(path))
+    assert config.distributed_type.value == kind and config.num_processes == processes
+    if kind == "DEEPSPEED":
+        assert config.deepspeed_config["zero_stage"] == int(name[-1])
