@@ -79,3 +79,9 @@ def make_config(tmp_path, tiny_model, pc_data):
         return build_config(base, [f"{k.replace('__', '.')}={v}" for k, v in dotted.items()])
 
     return make
+
+
+@pytest.fixture(autouse=True)
+def _render_cache_in_tmp(tmp_path, monkeypatch):
+    """Tests keep the tokenization cache in their own temporary folder, not in the user's cache."""
+    monkeypatch.setattr("fewtune.data.cache._cache_dir", lambda: tmp_path / "render-cache")

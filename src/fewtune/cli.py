@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -75,6 +76,8 @@ def train(
     else:
         cfg = _run(load_config, config, overrides)
     result = _run(run_training, cfg)
+    if os.environ.get("RANK", "0") != "0":  # data-parallel launch: one summary line, from process 0
+        return
     typer.echo(f"run directory: {result.run_dir}  (steps: {result.steps}, best validation loss: "
                f"{'n/a' if result.best_val_loss is None else f'{result.best_val_loss:.4f}'}, "
                f"{'early stop, ' if result.stopped_early else ''}{result.wall_s:.0f} s)")

@@ -112,7 +112,14 @@ class TrainSection(Section):
     early_stopping: EarlyStoppingSection = EarlyStoppingSection()
     save_every: int | None = Field(None, gt=0)  # steps; a checkpoint is also written at each epoch end
     keep_checkpoints: int = Field(2, ge=1)
+    # auto: bf16 on GPUs that have it (else fp16 with loss scaling); on CPU bf16 only if a probe finds it faster
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    packing: bool = True  # a micro-batch is one row without padding; attention stays inside each example
+    share_prefix: bool = True  # with packing: a token prefix common to a micro-batch is computed once
+    loss_chunk_size: int | None = Field(None, gt=0)  # positions per output-layer chunk; None: ~128 MB of logits
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more time
+    num_threads: int | None = Field(None, gt=0)  # CPU threads per process; None: available cores / processes
+    cache_tokenized: bool = True  # keep rendered token ids on disk (resumes, sweeps)
     seed: int = 42
     resume: bool = False
     log_every: int = Field(1, gt=0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import signal
 import threading
 import time
@@ -22,15 +23,19 @@ import torch
 from tqdm.auto import tqdm
 
 from fewtune.config import Config, save_config
-from fewtune.data.dataset import RenderedSet, load_train_val, render_set
-from fewtune.data.render import Rendered, Template
+from fewtune.data.cache import cached_render_set
+from fewtune.data.dataset import RenderedSet, load_train_val
+from fewtune.data.render import Template
 from fewtune.models import load_tokenizer
 from fewtune.train import checkpoint as ckpt
+from fewtune.train import runtime
+from fewtune.train.batching import batch_weight, collate, pack, setup_packing
 from fewtune.train.loss import WeightedLMLoss
 from fewtune.train.adapters import load_base
 from fewtune.train.regularise import StepExtras
 from fewtune.train.replay import add_replay
 from fewtune.train.methods import apply_method, load_trainable_state, parameter_counts, trainable_state
+from fewtune.train.packed_attention import attention_implementation, restore_attention
 
 log = logging.getLogger(__name__)
 
@@ -56,20 +61,6 @@ class TrainResult:
     wall_s: float
 
 
-def collate(items: list[Rendered], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch; padding has attention 0 and loss weight 0."""
-    width = max(len(r) for r in items)
-    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(items), width), dtype=torch.long)
-    weights = torch.zeros((len(items), width), dtype=torch.float32)
-    for row, r in enumerate(items):
-        n = len(r)
-        ids[row, :n] = torch.tensor(r.input_ids)
-        mask[row, :n] = 1
-        weights[row, :n] = torch.tensor(r.loss_weights)
-    return {"input_ids": ids, "attention_mask": mask, "loss_weights": weights}
-
-
 def epoch_batches(lengths: list[int], batch_size: int, world: int, rank: int, seed: int, epoch: int,
                   group_by_length: bool = False) -> list[list[int]]:
     """This process's share of each global batch of the epoch (global batch = batch_size * world).
@@ -91,21 +82,16 @@ def epoch_batches(lengths: list[int], batch_size: int, world: int, rank: int, se
     return [b[rank * batch_size:(rank + 1) * batch_size] for b in batches]
 
 
-def _mixed_precision(setting: str) -> str:
-    if setting != "auto":
-        return setting
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "no"  # CPU autocast to bf16 is slower than fp32 without native bf16 matmul kernels
-
-
 def _optimizer(model, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 and "norm" not in name.lower() else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr)
+    # one fused kernel for all tensors instead of a Python loop over hundreds of small LoRA
+    # matrices (about 9x faster per step on CPU); float32 trainables are kept for this
+    fused = all(p.dtype == torch.float32 and p.device.type in ("cpu", "cuda") for p in decay + no_decay)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, fused=fused or None)
 
 
 def _scheduler(optimizer, cfg: Config, total_steps: int):
@@ -124,22 +110,49 @@ class Trainer:
 
         self.cfg = cfg
         self.run_dir = Path(run_dir or cfg.train.output_dir)
-        self.accelerator = Accelerator(mixed_precision=_mixed_precision(cfg.train.mixed_precision))
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        # without cpu=True accelerate sees no distributed setup on a machine without GPUs, and
+        # torchrun's processes would each train alone on all the data, into the same folder
+        cpu = launched > 1 and not torch.cuda.is_available()
+        self.accelerator = Accelerator(mixed_precision=runtime.resolve_mixed_precision(cfg.train.mixed_precision),
+                                       cpu=cpu)
+        for kind in ("FSDP", "DEEPSPEED"):
+            if os.environ.get(f"ACCELERATE_USE_{kind}", "").lower() == "true" and \
+                    self.accelerator.distributed_type.value != kind:
+                log.warning("the accelerate config asks for %s but this run is %s (accelerate uses %s with GPUs only)",
+                            kind, self.accelerator.distributed_type.value, kind)
+        if self.accelerator.num_processes != launched:
+            raise TrainingError(f"launched as {launched} processes but accelerate set up "
+                                f"{self.accelerator.num_processes}: check the launcher and its environment")
+        if self.accelerator.device.type == "cpu":
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", self.accelerator.num_processes))
+            threads = runtime.configure_threads(cfg.train.num_threads, local)
+            log.info("CPU threads per process: %d (mixed precision: %s)", threads, self.accelerator.mixed_precision)
         set_seed(cfg.train.seed)
         self.tokenizer = load_tokenizer(cfg.model.name)
         self.template = Template.for_tokenizer(self.tokenizer, cfg.model.template, cfg.model.separator,
                                                cfg.model.stop, cfg.data.system_prompt)
         train_examples, val_examples = load_train_val(cfg.data)
         train_examples = add_replay(train_examples, cfg, self.run_dir)
-        self.train_set: RenderedSet = render_set(train_examples, self.tokenizer, self.template, cfg.data, "training")
-        self.val_set: RenderedSet = render_set(val_examples, self.tokenizer, self.template, cfg.data, "validation")
+        cache = cfg.train.cache_tokenized
+        self.train_set: RenderedSet = cached_render_set(train_examples, self.tokenizer, self.template, cfg.data,
+                                                        "training", cache)
+        self.val_set: RenderedSet = cached_render_set(val_examples, self.tokenizer, self.template, cfg.data,
+                                                      "validation", cache)
         if not self.train_set.items:
             raise TrainingError("no training example is left after dropping the ones with nothing to learn")
         self.lengths = [len(r) for r in self.train_set.items]
         model = load_base(cfg.model, cfg.method)
         self.model = apply_method(model, cfg.method, cfg.model.name)
+        runtime.keep_trainable_fp32(self.model)
+        if cfg.train.gradient_checkpointing:
+            runtime.enable_gradient_checkpointing(self.model)
         self.trainable, self.total = parameter_counts(self.model)
-        self.loss_module = WeightedLMLoss(self.model, label_smoothing=cfg.regularise.label_smoothing)
+        self.loss_module = WeightedLMLoss(self.model, chunk_size=cfg.train.loss_chunk_size,
+                                          label_smoothing=cfg.regularise.label_smoothing)
+        self.base_model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        self.attention_before = attention_implementation(self.base_model)
+        self.packing = cfg.train.packing and setup_packing(self.loss_module, cfg.train.share_prefix)
         optimizer = _optimizer(self.model, cfg.train.resolved_lr(cfg.method.name), cfg.train.weight_decay)
         world = self.accelerator.num_processes
         self.batches_per_epoch = math.ceil(len(self.train_set.items) / (cfg.train.batch_size * world))
@@ -150,6 +163,12 @@ class Trainer:
         self.extras = StepExtras(self)
         self.state = {"step": 0, "epoch": 0, "batch": 0, "best_val": None, "best_step": None, "bad_evals": 0,
                       "stopped_early": False, "tokens": 0}
+
+    def make_batch(self, items) -> dict[str, torch.Tensor]:
+        """A micro-batch as the loss module takes it: one packed row, or a padded batch."""
+        if self.packing:
+            return pack(items, self.cfg.train.share_prefix)
+        return collate(items, self.tokenizer.pad_token_id)
 
     # -------------------------------------------------------------- bookkeeping
 
@@ -211,7 +230,7 @@ class Trainer:
         size = self.cfg.train.batch_size
         shard = items[acc.process_index::acc.num_processes]
         for i in range(0, len(shard), size):
-            batch = {k: v.to(acc.device) for k, v in collate(shard[i:i + size], self.tokenizer.pad_token_id).items()}
+            batch = {k: v.to(acc.device) for k, v in self.make_batch(shard[i:i + size]).items()}
             with acc.autocast():
                 loss_sum, weight = self.loss_module(**batch)
             total += torch.stack([loss_sum.float(), weight.float()])
@@ -245,7 +264,7 @@ class Trainer:
 
     def _train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[float, float]:
         acc = self.accelerator
-        local_weight = sum(b["loss_weights"][:, 1:].sum() for b in micro_batches).to(acc.device)
+        local_weight = sum(batch_weight(b) for b in micro_batches).to(acc.device)
         global_weight = acc.reduce(local_weight.clone(), "sum").item()
         if global_weight <= 0:
             raise TrainingError("a batch has no token with loss weight (should have been caught when rendering)")
@@ -266,9 +285,11 @@ class Trainer:
             loss_total += loss_sum.detach()
         grad_norm = float("nan")
         if self.cfg.train.max_grad_norm:
-            grad_norm = float(acc.clip_grad_norm_(self.model.parameters(), self.cfg.train.max_grad_norm))
+            norm = acc.clip_grad_norm_(self.model.parameters(), self.cfg.train.max_grad_norm)
+            grad_norm = float(norm) if norm is not None else float("nan")  # DeepSpeed may not report one
         self.optimizer.step()
-        self.scheduler.step()
+        if not acc.optimizer_step_was_skipped:  # fp16 loss scaling skips steps whose gradients overflowed
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return acc.reduce(loss_total, "sum").item() / global_weight, grad_norm
 
@@ -311,10 +332,11 @@ class Trainer:
                     s["epoch"], cfg.train.group_by_length)
                 while s["batch"] < len(batches) and s["step"] < self.total_steps:
                     group = batches[s["batch"]:s["batch"] + cfg.train.grad_accum]
-                    micro = [collate([self.train_set.items[i] for i in idx], self.tokenizer.pad_token_id) for idx in group]
                     step_start = time.time()
+                    micro = [self.make_batch([self.train_set.items[i] for i in idx]) for idx in group]
                     loss, grad_norm = self._train_step(micro)
-                    tokens = acc.reduce(torch.tensor(sum(int(b["attention_mask"].sum()) for b in micro),
+                    # real tokens of the examples (no padding; a shared prefix counts once per example)
+                    tokens = acc.reduce(torch.tensor(sum(len(self.train_set.items[i]) for idx in group for i in idx),
                                                      device=acc.device), "sum").item()
                     s["tokens"] += tokens
                     s["batch"] += len(group)
@@ -328,7 +350,8 @@ class Trainer:
                     if s["step"] % cfg.train.log_every == 0:
                         self._log({"step": s["step"], "epoch": round(s["epoch"] + s["batch"] / len(batches), 4),
                                    "train_loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens,
-                                   "step_s": round(time.time() - step_start, 4), "tokens_per_s": round(tok_s, 1)})
+                                   "step_s": round(time.time() - step_start, 4), "tokens_per_s": round(tok_s, 1),
+                                   "elapsed_s": round(elapsed, 4)})
                     end_of_epoch = s["batch"] >= len(batches)
                     if (cfg.train.eval_every and s["step"] % cfg.train.eval_every == 0) or end_of_epoch \
                             or s["step"] == self.total_steps:
@@ -354,6 +377,8 @@ class Trainer:
 
     def _finish(self, wall_s: float) -> TrainResult:
         s = self.state
+        if self.packing:  # the trained model leaves with the attention it came with
+            restore_attention(self.base_model, self.attention_before)
         if s["best_val"] is not None and (self.run_dir / "best").exists():
             load_trainable_state(self.model, ckpt.load_weights(self.run_dir / "best"))
             log.info("loaded the best weights (validation loss %.4f at step %d)", s["best_val"], s["best_step"])

@@ -1,0 +1,107 @@
+"""How a run uses the machine: mixed precision, CPU threads, fp32 master weights, checkpointing.
+
+Mixed precision on a CPU is chosen by measurement, not by name: bfloat16 helps only where
+the CPU has bf16 matrix instructions (AVX-512 BF16, AMX) and PyTorch's kernels use them.
+Elsewhere bf16 matrix products fall back to slow generic kernels (an AVX2-only AMD EPYC:
+a bf16 linear layer ran at about a fifth of the fp32 speed, a square bf16 matmul at 1/100;
+oneDNN refuses bf16 there outright). So ``auto`` times a small linear layer in fp32 and
+under bf16 autocast and picks bf16 only when it is clearly faster.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+_PROBE: dict[str, float] = {}
+BF16_MIN_SPEEDUP = 1.2  # bf16 must beat fp32 by this factor on the probe to be chosen on CPU
+
+
+def _linear_seconds(autocast_bf16: bool, rows: int = 256, size: int = 512, reps: int = 3) -> float:
+    """Best time of the operation training runs most: a linear layer, fp32 or under bf16 autocast."""
+    x = torch.randn(rows, size)
+    w = torch.randn(size, size)
+    context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast_bf16 else nullcontext()
+    best = float("inf")
+    with context:
+        F.linear(x, w)  # warm-up: kernel selection, allocation
+        for _ in range(reps):
+            start = time.perf_counter()
+            F.linear(x, w)
+            best = min(best, time.perf_counter() - start)
+    return best
+
+
+def cpu_bf16_speedup() -> float:
+    """fp32 time / bf16-autocast time of a 256x512x512 linear layer on this CPU (measured once per process)."""
+    if "bf16" not in _PROBE:
+        _PROBE["bf16"] = _linear_seconds(False) / _linear_seconds(True)
+    return _PROBE["bf16"]
+
+
+def resolve_mixed_precision(setting: str, cpu: bool | None = None) -> str:
+    """'auto' -> 'bf16', 'fp16' or 'no' for this machine; other settings pass through (checked)."""
+    cpu = (not torch.cuda.is_available()) if cpu is None else cpu
+    if setting == "fp16" and cpu:
+        raise ValueError("train.mixed_precision=fp16 needs a GPU; on a CPU use bf16 or no")
+    if setting != "auto":
+        return setting
+    if not cpu:
+        # fp16 needs loss scaling (accelerate's GradScaler); bf16 does not, so it wins where supported
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    speedup = cpu_bf16_speedup()
+    choice = "bf16" if speedup >= BF16_MIN_SPEEDUP else "no"
+    log.info("mixed precision auto on CPU: bf16 matmul runs %.2fx the speed of fp32 -> %s", speedup,
+             "bf16" if choice == "bf16" else "fp32")
+    return choice
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def configure_threads(num_threads: int | None, processes_on_this_machine: int = 1) -> int:
+    """CPU threads for this process: as configured, else the cores this process may use / processes here.
+
+    Launchers (torchrun, accelerate launch) set OMP_NUM_THREADS=1 for every process, which
+    leaves most cores idle when there are fewer processes than cores.
+    """
+    n = num_threads or max(1, available_cores() // max(processes_on_this_machine, 1))
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n
+
+
+def keep_trainable_fp32(model) -> int:
+    """Trainable parameters in float32 (optimizer state follows them); returns how many were cast.
+
+    The frozen weights may be bf16/fp16 (``model.dtype``); autocast runs the matrix products
+    in the low precision, while updates accumulate in float32, where small steps are not lost.
+    """
+    cast = 0
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+            cast += 1
+    return cast
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each block's activations in the backward pass instead of storing them."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise ValueError(f"{type(base).__name__} does not support gradient checkpointing")
+    if hasattr(base, "activation_checkpointing_enable"):  # the name since transformers 5.x
+        base.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -1,0 +1,67 @@
+"""Data-parallel training: 2 CPU processes (gloo, launched by torchrun) reach the same result
+as one process with the same global batch."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from fewtune.config import build_config
+from fewtune.train.loop import train
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def _settings(tiny_model, data, out, batch_size) -> dict:
+    return {
+        "model": {"name": tiny_model},
+        "data": {"train": str(data), "val_ratio": 0.2, "max_length": 64},
+        "method": {"name": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
+        "train": {"output_dir": str(out), "max_steps": 4, "batch_size": batch_size, "lr": 1e-3,
+                  "warmup_ratio": 0.0, "seed": 3, "eval_every": 2, "cache_tokenized": False},
+    }
+
+
+def _metrics(run_dir: Path, key: str) -> list[float]:
+    return [json.loads(l)[key] for l in (run_dir / "metrics.jsonl").read_text().splitlines() if f'"{key}"' in l]
+
+
+def test_two_processes_match_one_process(tiny_model, pc_data, tmp_path):
+    single = train(build_config(_settings(tiny_model, pc_data, tmp_path / "single", batch_size=4)))
+    config = tmp_path / "ddp.yaml"
+    config.write_text(yaml.safe_dump(_settings(tiny_model, pc_data, tmp_path / "ddp", batch_size=2)))
+    env = {**os.environ, "PYTHONPATH": str(SRC) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "fewtune.cli", "train", str(config)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ddp_dir = tmp_path / "ddp"
+    start = json.loads((ddp_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert start["event"] == "start"
+    assert _metrics(ddp_dir, "tokens") == _metrics(single.run_dir, "tokens")  # same global batches
+    assert _metrics(ddp_dir, "train_loss") == pytest.approx(_metrics(single.run_dir, "train_loss"), rel=1e-4)
+    assert _metrics(ddp_dir, "val_loss") == pytest.approx(_metrics(single.run_dir, "val_loss"), rel=1e-4)
+    a = load_file(single.run_dir / "adapter" / "adapter_model.safetensors")
+    b = load_file(ddp_dir / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,kind,processes", [
+    ("ddp", "MULTI_GPU", 2), ("multi_node", "MULTI_GPU", 8), ("fsdp", "FSDP", 2),
+    ("deepspeed_zero2", "DEEPSPEED", 2), ("deepspeed_zero3", "DEEPSPEED", 2)])
+def test_shipped_accelerate_configs_load(name, kind, processes):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "accelerate" / f"{name}.yaml"
+    config = load_config_from_file(str(path))
+    assert config.distributed_type.value == kind and config.num_processes == processes
+    if kind == "DEEPSPEED":
+        assert config.deepspeed_config["zero_stage"] == int(name[-1])

@@ -1,0 +1,111 @@
+"""Mixed precision, threads, gradient checkpointing and the tokenization cache."""
+
+import json
+import logging
+
+import pytest
+import torch
+
+from fewtune.data import cache as cache_module
+from fewtune.data.cache import cached_render_set
+from fewtune.data.dataset import load_train_val
+from fewtune.data.render import Template
+from fewtune.train import runtime
+from fewtune.train.loop import Trainer
+
+
+def test_auto_precision_on_cpu_follows_the_probe(monkeypatch):
+    speedup = runtime.cpu_bf16_speedup()
+    assert speedup > 0
+    assert runtime.resolve_mixed_precision("auto", cpu=True) == ("bf16" if speedup >= runtime.BF16_MIN_SPEEDUP else "no")
+    monkeypatch.setattr(runtime, "cpu_bf16_speedup", lambda: 3.0)
+    assert runtime.resolve_mixed_precision("auto", cpu=True) == "bf16"
+    monkeypatch.setattr(runtime, "cpu_bf16_speedup", lambda: 0.05)
+    assert runtime.resolve_mixed_precision("auto", cpu=True) == "no"
+    assert runtime.resolve_mixed_precision("bf16", cpu=True) == "bf16"
+    with pytest.raises(ValueError, match="fp16 needs a GPU"):
+        runtime.resolve_mixed_precision("fp16", cpu=True)
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one mixed-precision setting per process; these tests change it."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
+@pytest.mark.parametrize("model_dtype", ["float32", "bfloat16"])
+def test_bf16_path_runs_on_cpu_with_fp32_trainables(make_config, model_dtype, fresh_accelerate_state):
+    trainer = Trainer(make_config(train__mixed_precision="bf16", model__dtype=model_dtype, train__max_steps=2))
+    assert trainer.accelerator.mixed_precision == "bf16"
+    seen = []
+    layer = next(m for m in trainer.model.modules() if isinstance(m, torch.nn.Linear))
+    handle = layer.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    result = trainer.fit()
+    handle.remove()
+    assert result.steps == 2 and seen and all(d == torch.bfloat16 for d in seen)  # autocast was on
+    trainable = [p for p in trainer.model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    states = [s for s in trainer.optimizer.state_dict()["state"].values()]
+    assert states and all(s["exp_avg"].dtype == torch.float32 for s in states)
+    losses = [json.loads(l) for l in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(m["train_loss"])) for m in losses if "train_loss" in m)
+
+
+def test_gradient_checkpointing_gives_the_same_training(make_config, tmp_path):
+    settings = dict(train__max_steps=2, method__lora__dropout=0.0, data__val_ratio=0)
+    plain = Trainer(make_config(train__output_dir=str(tmp_path / "a"), **settings))
+    ckpt = Trainer(make_config(train__output_dir=str(tmp_path / "b"), train__gradient_checkpointing=True, **settings))
+    on = lambda t: any(getattr(m, "gradient_checkpointing", False) for m in t.base_model.modules())
+    assert on(ckpt) and not on(plain)
+    plain.fit()
+    ckpt.fit()
+    a = {n: p for n, p in plain.model.named_parameters() if p.requires_grad}
+    for n, p in ckpt.model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p, a[n], rtol=1e-4, atol=1e-6)
+
+
+def test_thread_settings():
+    before = torch.get_num_threads()
+    try:
+        assert runtime.configure_threads(1) == 1 == torch.get_num_threads()
+        cores = runtime.available_cores()
+        assert runtime.configure_threads(None, 2) == max(1, cores // 2)
+        assert runtime.configure_threads(None, 1) == cores
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_rendering_is_cached_and_keyed_by_its_inputs(make_config, tokenizer, monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr("fewtune.data.cache._cache_dir", lambda: tmp_path / "cache")
+    cfg = make_config()
+    template = Template.for_tokenizer(tokenizer, system_prompt=None)
+    train, _ = load_train_val(cfg.data)
+    first = cached_render_set(train, tokenizer, template, cfg.data, "training")
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 1
+    calls = []
+    real = cache_module.render_set
+    monkeypatch.setattr(cache_module, "render_set", lambda *a: calls.append(a) or real(*a))
+    with caplog.at_level(logging.INFO, logger="fewtune.data.cache"):
+        again = cached_render_set(train, tokenizer, template, cfg.data, "training")
+    assert not calls and "from the cache" in caplog.text
+    assert [r.input_ids for r in again.items] == [r.input_ids for r in first.items]
+    assert [r.loss_weights for r in again.items] == [r.loss_weights for r in first.items]
+    assert again.examples == first.examples
+    # another max_length, another template or other examples: not the cached entry
+    longer = cfg.data.model_copy(update={"max_length": 200})
+    for args in ((train, template, longer), (train, Template.for_tokenizer(tokenizer, system_prompt="x"), cfg.data),
+                 (train[:-1], template, cfg.data)):
+        calls.clear()
+        cached_render_set(args[0], tokenizer, args[1], args[2], "training")
+        assert calls
+    # an unreadable entry is rendered again, not trusted
+    for path in (tmp_path / "cache").glob("*.json"):
+        path.write_text("{broken")
+    with caplog.at_level(logging.WARNING, logger="fewtune.data.cache"):
+        redone = cached_render_set(train, tokenizer, template, cfg.data, "training")
+    assert "unreadable" in caplog.text and [r.input_ids for r in redone.items] == [r.input_ids for r in first.items]
