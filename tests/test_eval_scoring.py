@@ -34,7 +34,7 @@ def test_choice_scores_equal_plain_forward_and_argmax_wins(tiny_models, arch, ki
     model, tok, template = loaded.model, loaded.tokenizer, loaded.template
     # different prompt lengths: padding inside a batch, a shared prefix, labels of 1 to 5 tokens
     conversations = [[Message("user", f"question {i} " + "word " * (i % 5))] for i in range(7)]
-    scores = list(choice_scores(model, tok, template, conversations, LABELS, batch_size=3, max_rows=5, progress=False))
+    scores = list(choice_scores(model, tok, template, conversations, LABELS, batch_size=3, progress=False))
     assert len(scores) == len(conversations)
     for conv, score in zip(conversations, scores):
         hand = [_by_hand(model, tok, template, conv, lab) for lab in LABELS]

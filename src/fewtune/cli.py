@@ -60,6 +60,7 @@ def train(
     overrides: Annotated[Optional[list[str]], typer.Argument(help="dotted overrides, e.g. train.lr=2e-4")] = None,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="continue this run directory from its last checkpoint")] = None,
     verbose: bool = False,
+    report: Annotated[bool, typer.Option("--report", help="write RUN_DIR/report (Markdown + HTML) at the end")] = False,
 ):
     """Fine-tune as the config says and write a run directory."""
     _setup_logging(verbose)
@@ -81,6 +82,10 @@ def train(
     typer.echo(f"run directory: {result.run_dir}  (steps: {result.steps}, best validation loss: "
                f"{'n/a' if result.best_val_loss is None else f'{result.best_val_loss:.4f}'}, "
                f"{'early stop, ' if result.stopped_early else ''}{result.wall_s:.0f} s)")
+    if report:
+        from fewtune.eval.report import build_report
+
+        typer.echo(f"report: {_run(build_report, result.run_dir)}")
 
 
 def _prompt_conversation(record: dict, path: str, line: int):

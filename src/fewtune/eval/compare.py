@@ -129,10 +129,35 @@ def compare(targets: Sequence[str], data: str | Path, task: str = "auto", labels
                                             window=window, progress=progress))
         del loaded
         gc.collect()
+    report = compare_results(results, names, labels, general_results, n_resamples, show)
+    report.update({"data": str(data), "targets": list(map(str, targets)), "system_prompt": system_prompt})
+    if general:
+        report["general_data"] = str(general)
+    if out:
+        write_compare(report, out)
+    return report
+
+
+def write_compare(report: dict, output_dir: str | Path) -> Path:
+    """compare.json and compare.md into the folder (which `fewtune report` reads)."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report["output_dir"] = str(out)
+    (out / "compare.json").write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
+    (out / "compare.md").write_text(compare_markdown(report), encoding="utf-8")
+    return out
+
+
+def compare_results(results: Sequence[EvalResult], names: Sequence[str], labels: Sequence[str] | None = None,
+                    general_results: Sequence[EvalResult] = (), n_resamples: int = 1000, show: int = 20) -> dict:
+    """The comparison of evaluation results on the same examples (the first is the baseline)."""
+    task = results[0].task
     n = len(results[0].predictions)
-    report: dict = {"task": task, "data": str(data), "n": n, "targets": list(map(str, targets)), "names": names,
-                    "baseline": names[0], "mode": mode if task == "classification" else None,
-                    "system_prompt": system_prompt, "n_resamples": n_resamples,
+    if any(r.task != task or len(r.predictions) != n for r in results):
+        raise EvalError("compared results must be of one task on the same examples")
+    labels = labels or results[0].metrics.get("labels")
+    report: dict = {"task": task, "data": results[0].settings.get("data"), "n": n, "names": list(names),
+                    "baseline": names[0], "mode": results[0].metrics.get("mode"), "n_resamples": n_resamples,
                     "metrics": {name: r.metrics for name, r in zip(names, results)},
                     "seconds": {name: r.settings.get("seconds") for name, r in zip(names, results)},
                     "comparisons": []}
@@ -155,17 +180,12 @@ def compare(targets: Sequence[str], data: str | Path, task: str = "auto", labels
                                         for a, b in disagree[:show]]
         if general_results:
             g_a, g_b = general_results[0], general_results[names.index(name)]
-            row["general"] = {"data": str(general), "unit": g_a.metrics["unit"],
+            row["general"] = {"data": g_b.settings.get("data"), "unit": g_a.metrics["unit"],
                               "perplexity": paired_difference(perplexity_function(g_a), perplexity_function(g_b),
                                                               len(g_a.predictions), n_resamples)}
         report["comparisons"].append(row)
     if general_results:
         report["general"] = {name: g.metrics for name, g in zip(names, general_results)}
-    if out:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "compare.json").write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
-        (out / "compare.md").write_text(compare_markdown(report), encoding="utf-8")
-        report["output_dir"] = str(out)
     return report
 
 

@@ -210,11 +210,12 @@ def _result_section(doc: Doc, result: EvalResult, out: Path) -> None:
         if pairs:
             doc.para("Most confused label pairs:")
             doc.table(["expected", "predicted as", "count"], [[p["expected"], p["predicted"], p["count"]] for p in pairs], {2})
-    elif result.task == "json" and m.get("per_field"):
-        doc.table(["field", "precision", "recall", "F1", "support"],
-                  [[f, f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}", r["support"]]
-                   for f, r in m["per_field"].items()], {1, 2, 3, 4})
-        if result.task == "json" and m.get("invalid"):
+    elif result.task == "json":
+        if m.get("per_field"):
+            doc.table(["field", "precision", "recall", "F1", "support"],
+                      [[f, f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}", r["support"]]
+                       for f, r in m["per_field"].items()], {1, 2, 3, 4})
+        if m.get("invalid"):
             doc.para(f"{m['invalid_count']} invalid outputs, for example: "
                      + "; ".join(repr(x["output"][:80]) for x in m["invalid"][:3]))
     header, rows = _worst(result)

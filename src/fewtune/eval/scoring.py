@@ -10,10 +10,12 @@ Work is shared three ways, because on a CPU the cost is the number of token posi
 
 1. the prefix all prompts of the set share (typically the system prompt and the chat
    markup) runs once for the whole set and its key/value cache is reused;
-2. each example's remaining prompt tokens run once per batch of examples;
-3. the label continuations run for every (example, label) row on that example's cache.
+2. each example's remaining prompt tokens run once, a batch of examples at a time;
+3. all label continuations of an example run as one packed row on that example's cache,
+   each label seeing the prompt and its own earlier tokens only (a block-diagonal mask),
+   so nothing is copied per label.
 
-Only the positions that predict label tokens are projected to the vocabulary, and only
+Only the positions that predict label tokens reach the vocabulary projection, and only
 per-example sums leave a batch, so memory does not grow with the size of the set.
 """
 
@@ -105,41 +107,66 @@ def _common_prefix(prompts: Sequence[list[int]]) -> int:
     return max(n, 0)
 
 
-def _cache_from(layers: list[tuple[torch.Tensor, torch.Tensor]]):
-    from transformers import DynamicCache
-
-    return DynamicCache(ddp_cache_data=layers)
-
-
-def _cache_layers(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(layer.keys, layer.values) for layer in cache.layers]
-
-
 def _pad(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
+    width = max(1, max(len(r) for r in rows))
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r)
+        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
         mask[i, :len(r)] = 1
     return ids, mask
 
 
+def _label_rows(conts: list[list[list[int]]], seen: torch.Tensor, dtype: torch.dtype):
+    """All labels of an example packed into one row: inputs, targets, positions and a 4D additive mask.
+
+    Label j contributes its continuation minus the last token as inputs (its first token is
+    predicted by the prompt). Each label's tokens see the example's prompt (``seen``: 1 where
+    the cache holds a real token) and the earlier tokens of the same label only.
+    """
+    b, cached = seen.shape
+    widths = [sum(len(c) - 1 for c in row) for row in conts]
+    width = max(1, max(widths))
+    ids = torch.zeros((b, width), dtype=torch.long)
+    targets = torch.zeros((b, width), dtype=torch.long)
+    offset = torch.zeros((b, width), dtype=torch.long)  # position within the label
+    owner = torch.full((b, width), -1, dtype=torch.long)  # which label a column belongs to (-1: padding)
+    allowed = torch.zeros((b, width, cached + width), dtype=torch.bool)
+    allowed[:, :, :cached] = seen.bool().unsqueeze(1)
+    for r, row in enumerate(conts):
+        col = 0
+        for j, c in enumerate(row):
+            n = len(c) - 1
+            if n <= 0:
+                continue
+            ids[r, col:col + n] = torch.tensor(c[:-1])
+            targets[r, col:col + n] = torch.tensor(c[1:])
+            offset[r, col:col + n] = torch.arange(n)
+            owner[r, col:col + n] = j
+            allowed[r, col:col + n, cached + col:cached + col + n] = torch.ones((n, n), dtype=torch.bool).tril()
+            col += n
+    allowed[:, :, 0] |= owner < 0  # padding columns look at the first token, so no row is empty
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
+    return ids, targets, offset, owner, mask
+
+
 @torch.no_grad()
 def choice_scores(model, tokenizer, template: Template, conversations: Sequence[Sequence[Message]],
-                  labels: Sequence[str], batch_size: int = 8, max_rows: int = 64,
-                  progress: bool = True) -> Iterator[ChoiceScore]:
+                  labels: Sequence[str], batch_size: int = 8, progress: bool = True) -> Iterator[ChoiceScore]:
     """Yield, in order, each conversation's :class:`ChoiceScore` over ``labels``.
 
     ``conversations`` are prompts (a final assistant turn, if any, is dropped by the render).
-    ``batch_size`` examples share one forward of their prompts; their label rows run in
-    chunks of at most ``max_rows``.
+    ``batch_size`` examples run together: one forward of their own prompt tokens on the
+    shared prefix's cache, then one forward of all their labels, packed one row per example
+    on that cache. Examples are grouped by prompt length within windows of 16 batches (less
+    padding); results still come out in the input order.
     """
     if not labels:
         raise ValueError("choice scoring needs at least one candidate label")
     if not conversations:
         return
     device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     prompts = [render_conversation(list(c), tokenizer, template, for_generation=True).input_ids for c in conversations]
     continuations = _Continuations(tokenizer, template, labels, len(conversations))
@@ -147,60 +174,58 @@ def choice_scores(model, tokenizer, template: Template, conversations: Sequence[
     prefix_layers = None
     if n_prefix:
         out = model(input_ids=torch.tensor([prompts[0][:n_prefix]], device=device), use_cache=True, logits_to_keep=1)
-        prefix_layers = _cache_layers(out.past_key_values)
+        prefix_layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
     bar = tqdm(total=len(conversations), desc="choice scoring", disable=not progress, dynamic_ncols=True)
-    for start in range(0, len(conversations), batch_size):
-        idx = list(range(start, min(start + batch_size, len(conversations))))
-        suffixes = [prompts[i][n_prefix:] for i in idx]
-        ids, mask = _pad(suffixes, pad_id)
-        b, width = ids.shape
-        lengths = mask.sum(1)
-        position = n_prefix + torch.arange(width).expand(b, width)
-        cache = None
-        if prefix_layers is not None:
-            cache = _cache_from([(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in prefix_layers])
-            mask = torch.cat([torch.ones((b, n_prefix), dtype=torch.long), mask], dim=1)
-        last = lengths - 1
-        keep = torch.unique(last)  # logits only where a prompt ends: they predict the first label token
-        out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=position.to(device),
-                    past_key_values=cache, use_cache=True, logits_to_keep=keep.to(device))
-        first_logp = F.log_softmax(out.logits.float(), dim=-1)  # [b, len(keep), vocab]
-        where = torch.searchsorted(keep, last)
-        first_logp = first_logp[torch.arange(b), where]  # [b, vocab]
-        example_layers = _cache_layers(out.past_key_values)
-        del out
-        conts = [continuations(i, conversations[i], prompts[i]) for i in idx]
-        rows = [(r, j) for r in range(b) for j in range(len(labels))]
-        sums = torch.zeros((b, len(labels)), dtype=torch.float64)
-        counts = torch.zeros((b, len(labels)), dtype=torch.long)
-        for chunk_start in range(0, len(rows), max_rows):
-            chunk = rows[chunk_start:chunk_start + max_rows]
-            seqs = [conts[r][j] for r, j in chunk]
-            owner = torch.tensor([r for r, _ in chunk])
-            first = torch.tensor([s[0] for s in seqs])
-            sums[owner, [j for _, j in chunk]] += first_logp[owner, first].double().cpu()
-            counts[owner, [j for _, j in chunk]] += 1
-            longest = max(len(s) for s in seqs)
-            if longest < 2:
-                continue
-            lab_ids, lab_mask = _pad([s[:-1] for s in seqs], pad_id)  # inputs: all but the last label token
-            targets, target_mask = _pad([s[1:] for s in seqs], pad_id)
-            n, lw = lab_ids.shape
-            cache = _cache_from([(k.index_select(0, owner.to(k.device)), v.index_select(0, owner.to(v.device)))
-                                 for k, v in example_layers])
-            full_mask = torch.cat([torch.ones((n, n_prefix), dtype=torch.long), mask[owner, n_prefix:], lab_mask], dim=1)
-            position = (n_prefix + lengths[owner]).unsqueeze(1) + torch.arange(lw).unsqueeze(0)
-            logits = model(input_ids=lab_ids.to(device), attention_mask=full_mask.to(device),
-                           position_ids=position.to(device), past_key_values=cache, use_cache=True).logits
-            logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.to(device).unsqueeze(-1)).squeeze(-1)
-            logp = (logp * target_mask.to(device)).sum(1).double().cpu()
-            sums.index_put_((owner, torch.tensor([j for _, j in chunk])), logp, accumulate=True)
-            counts.index_put_((owner, torch.tensor([j for _, j in chunk])), target_mask.sum(1), accumulate=True)
-            del logits, cache
-        for r in range(b):
-            yield ChoiceScore(sums[r].tolist(), counts[r].tolist())
-        bar.update(b)
+    window = batch_size * 16
+    for w_start in range(0, len(conversations), window):
+        in_window = range(w_start, min(w_start + window, len(conversations)))
+        order = sorted(in_window, key=lambda i: len(prompts[i]))
+        done: dict[int, ChoiceScore] = {}
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            for i, score in zip(idx, _score_batch(model, [prompts[i][n_prefix:] for i in idx],
+                                                  [continuations(i, conversations[i], prompts[i]) for i in idx],
+                                                  prefix_layers, n_prefix, pad_id, device, dtype)):
+                done[i] = score
+            bar.update(len(idx))
+        for i in in_window:
+            yield done.pop(i)
     bar.close()
+
+
+def _score_batch(model, suffixes: list[list[int]], conts: list[list[list[int]]], prefix_layers, n_prefix: int,
+                 pad_id: int, device, dtype) -> list[ChoiceScore]:
+    from transformers import DynamicCache
+
+    ids, mask = _pad(suffixes, pad_id)
+    b, width = ids.shape
+    lengths = mask.sum(1)
+    cache = None
+    if prefix_layers is not None:
+        cache = DynamicCache(ddp_cache_data=[(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in prefix_layers])
+        mask = torch.cat([torch.ones((b, n_prefix), dtype=torch.long), mask], dim=1)
+    last = lengths - 1
+    keep = torch.unique(last)  # logits only where a prompt ends: they predict each label's first token
+    out = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                position_ids=(n_prefix + torch.arange(width)).expand(b, width).to(device),
+                past_key_values=cache, use_cache=True, logits_to_keep=keep.to(device))
+    first = torch.log_softmax(out.logits.float(), dim=-1)[torch.arange(b), torch.searchsorted(keep, last).to(device)]
+    n_labels = len(conts[0])
+    sums = torch.zeros((b, n_labels), dtype=torch.float64)
+    counts = torch.ones((b, n_labels), dtype=torch.long)
+    for r in range(b):
+        sums[r] = first[r, [c[0] for c in conts[r]]].double().cpu()
+    lab_ids, targets, offset, owner, lab_mask = _label_rows(conts, mask, dtype)
+    if (owner >= 0).any():
+        position = n_prefix + lengths.unsqueeze(1) + offset
+        logits = model(input_ids=lab_ids.to(device), attention_mask=lab_mask.to(device), position_ids=position.to(device),
+                       past_key_values=out.past_key_values, use_cache=True).logits
+        logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.to(device).unsqueeze(-1)).squeeze(-1).cpu()
+        real = owner >= 0
+        rows = torch.arange(b).unsqueeze(1).expand_as(owner)
+        sums.index_put_((rows[real], owner[real]), logp[real].double(), accumulate=True)
+        counts.index_put_((rows[real], owner[real]), torch.ones(int(real.sum()), dtype=torch.long), accumulate=True)
+    return [ChoiceScore(sums[r].tolist(), counts[r].tolist()) for r in range(b)]
 
 
 # ---------------------------------------------------------------- perplexity
