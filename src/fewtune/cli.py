@@ -32,6 +32,7 @@ def _run(fn, *args, **kwargs):
     from fewtune.config import ConfigError
     from fewtune.data.formats import DataError
     from fewtune.data.render import RenderError
+    from fewtune.eval.evaluate import EvalError
     from fewtune.models import ModelNotFoundError
     from fewtune.train.loop import Interrupted, TrainingError
 
@@ -41,6 +42,8 @@ def _run(fn, *args, **kwargs):
         typer.secho(str(err), fg=typer.colors.YELLOW, err=True)
         raise typer.Exit(130)
     except (ConfigError, DataError, RenderError, ModelNotFoundError, TrainingError, FileNotFoundError) as err:
+        _fail(err)
+    except EvalError as err:
         _fail(err)
 
 
@@ -58,6 +61,7 @@ def train(
     overrides: Annotated[Optional[list[str]], typer.Argument(help="dotted overrides, e.g. train.lr=2e-4")] = None,
     resume: Annotated[Optional[Path], typer.Option("--resume", help="continue this run directory from its last checkpoint")] = None,
     verbose: bool = False,
+    report: Annotated[bool, typer.Option("--report", help="write RUN_DIR/report (Markdown + HTML) at the end")] = False,
 ):
     """Fine-tune as the config says and write a run directory."""
     _setup_logging(verbose)
@@ -81,6 +85,10 @@ def train(
     typer.echo(f"run directory: {result.run_dir}  (steps: {result.steps}, best validation loss: "
                f"{'n/a' if result.best_val_loss is None else f'{result.best_val_loss:.4f}'}, "
                f"{'early stop, ' if result.stopped_early else ''}{result.wall_s:.0f} s)")
+    if report:
+        from fewtune.eval.report import build_report
+
+        typer.echo(f"report: {_run(build_report, result.run_dir)}")
 
 
 def _prompt_conversation(record: dict, path: str, line: int):
@@ -209,6 +217,97 @@ def export(
 
     out = _run(export_merged, run_dir, merged)
     typer.echo(f"merged model written to {out}")
+
+
+def _labels(values: Optional[list[str]]) -> Optional[list[str]]:
+    """--labels a,b,c or --labels a --labels b."""
+    if not values:
+        return None
+    return [x.strip() for v in values for x in v.split(",") if x.strip()]
+
+
+def _default_output(target: str, what: str) -> Path:
+    from fewtune.generate import is_run_dir
+
+    if is_run_dir(target):
+        return Path(target) / what
+    return Path("runs") / what / (Path(target).name or "model")
+
+
+@app.command("eval")
+def eval_(
+    target: Annotated[str, typer.Argument(help="run directory, model folder, .gguf file or model name")],
+    data: Annotated[Path, typer.Option("--data", "-d", help="evaluation set (any data format; .txt for perplexity)")],
+    task: Annotated[str, typer.Option(help="auto | classification | generation | json | perplexity")] = "auto",
+    labels: Annotated[Optional[list[str]], typer.Option(help="candidate labels, comma-separated (default: those in --data)")] = None,
+    mode: Annotated[str, typer.Option(help="classification: choice (score each label) | generate")] = "choice",
+    normalize: Annotated[bool, typer.Option("--normalize", help="choice scoring: mean log-prob per token")] = False,
+    limit: Annotated[Optional[int], typer.Option(help="only the first N examples")] = None,
+    batch_size: int = 8,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="generation length (default: the run's, or label + 16)")] = None,
+    window: Annotated[int, typer.Option(help="perplexity: tokens per window of a .txt file")] = 256,
+    system: Annotated[Optional[str], typer.Option(help="system prompt (models without a run's template)")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="folder for results.json and predictions.jsonl")] = None,
+    report: Annotated[bool, typer.Option("--report", help="also write a Markdown/HTML report")] = False,
+):
+    """Task metrics with the training template: accuracy/F1, ROUGE/BLEU, JSON fields, perplexity."""
+    _setup_logging()
+    from fewtune.eval.evaluate import evaluate
+    from fewtune.eval.summary import print_eval
+
+    out = output or _default_output(target, "eval")
+    result = _run(evaluate, target, data, task, _labels(labels), mode, limit, batch_size, out, normalize, system,
+                  max_new_tokens, window)
+    print_eval(result)
+    typer.echo(f"results: {out / 'results.json'}, predictions: {out / 'predictions.jsonl'}")
+    if report:
+        from fewtune.eval.report import build_report
+
+        typer.echo(f"report: {_run(build_report, out)}")
+
+
+@app.command()
+def compare(
+    targets: Annotated[list[str], typer.Argument(help="two or more runs/models; the first is the baseline")],
+    data: Annotated[Path, typer.Option("--data", "-d", help="evaluation set")],
+    general: Annotated[Optional[Path], typer.Option(help="general-ability set (.txt or data file): perplexity, forgetting")] = None,
+    task: str = "auto",
+    labels: Annotated[Optional[list[str]], typer.Option(help="candidate labels, comma-separated")] = None,
+    mode: Annotated[str, typer.Option(help="classification: choice | generate")] = "choice",
+    limit: Optional[int] = None,
+    batch_size: int = 8,
+    max_new_tokens: Optional[int] = None,
+    resamples: Annotated[int, typer.Option(help="bootstrap resamples")] = 1000,
+    system: Annotated[Optional[str], typer.Option(help="system prompt for plain models (default: the run's)")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o")] = None,
+    report: Annotated[bool, typer.Option("--report", help="also write a Markdown/HTML report")] = False,
+):
+    """Same examples through each model: metrics side by side, differences with 95% bootstrap intervals."""
+    _setup_logging()
+    from fewtune.eval.compare import compare as run_compare
+    from fewtune.eval.summary import print_compare
+
+    out = output or _default_output(targets[-1], "compare")
+    result = _run(run_compare, targets, data, task, _labels(labels), mode, limit, batch_size, general, 256, out,
+                  resamples, system, max_new_tokens)
+    print_compare(result)
+    typer.echo(f"written: {out / 'compare.json'}, {out / 'compare.md'}")
+    if report:
+        from fewtune.eval.report import build_report
+
+        typer.echo(f"report: {_run(build_report, out)}")
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory, or an eval/compare output folder")],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="default: RUN_DIR/report")] = None,
+):
+    """Markdown + self-contained HTML report: config, data, curves, confusion matrix, errors, before/after."""
+    _setup_logging()
+    from fewtune.eval.report import build_report
+
+    typer.echo(f"report: {_run(build_report, run_dir, output)}")
 
 
 @app.command()

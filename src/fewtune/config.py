@@ -22,6 +22,14 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+# metrics train.eval_metric can select (all: higher is better), as fewtune.eval computes them
+TASK_METRICS = {
+    "classification": ("accuracy", "macro_f1", "weighted_f1", "macro_precision", "macro_recall"),
+    "generation": ("rouge1", "rouge2", "rougeL", "bleu", "exact_match"),
+    "json": ("json_valid", "exact_match", "field_f1", "field_precision", "field_recall"),
+}
+
+
 class ModelSection(Section):
     name: str = "smollm2-135m-instruct"  # embedded name, local folder, .gguf file or hub id
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -109,6 +117,11 @@ class TrainSection(Section):
     scheduler: Literal["linear", "cosine", "cosine_with_restarts", "constant"] = "cosine"
     num_cycles: int = Field(2, ge=1)  # for cosine_with_restarts
     eval_every: int | None = Field(None, gt=0)  # steps; evaluation also runs at each epoch end
+    # the task metric on the validation set at every evaluation (null: validation loss only)
+    eval_task: Literal["classification", "generation", "json"] | None = None
+    eval_mode: Literal["choice", "generate"] = "choice"  # classification: score each label, or generate
+    eval_metric: str = "loss"  # picks the best checkpoint and early-stops: loss, or a metric of eval_task
+    eval_sample: int | None = Field(None, gt=0)  # task metric on this many validation examples (seeded sample)
     early_stopping: EarlyStoppingSection = EarlyStoppingSection()
     save_every: int | None = Field(None, gt=0)  # steps; a checkpoint is also written at each epoch end
     keep_checkpoints: int = Field(2, ge=1)
@@ -123,6 +136,17 @@ class TrainSection(Section):
     seed: int = 42
     resume: bool = False
     log_every: int = Field(1, gt=0)
+
+    @model_validator(mode="after")
+    def _check_eval_metric(self) -> "TrainSection":
+        if self.eval_metric == "loss":
+            return self
+        if self.eval_task is None:
+            raise ValueError(f"eval_metric '{self.eval_metric}' needs train.eval_task (classification, generation or json)")
+        if self.eval_metric not in TASK_METRICS[self.eval_task]:
+            raise ValueError(f"eval_metric '{self.eval_metric}' is not a {self.eval_task} metric; "
+                             f"use loss or one of {', '.join(TASK_METRICS[self.eval_task])}")
+        return self
 
     def resolved_lr(self, method: str) -> float:
         return self.lr if self.lr is not None else DEFAULT_LR.get(method, 1e-4)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from fewtune.config import Config, save_config
+from fewtune.config import TASK_METRICS, Config, save_config
 from fewtune.data.cache import cached_render_set
 from fewtune.data.dataset import RenderedSet, load_train_val
 from fewtune.data.render import Template
@@ -238,24 +238,58 @@ class Trainer:
         self.loss_module.train()
         return (total[0] / total[1]).item()
 
+    def _task_metrics(self) -> dict[str, float]:
+        """train.eval_task's metrics on the validation set (or a seeded sample of it); {} when not asked."""
+        cfg = self.cfg.train
+        if not cfg.eval_task or not self.val_set.examples:
+            return {}
+        import random
+
+        from fewtune.eval.evaluate import expected_label, task_metrics
+        from fewtune.generate import Loaded
+
+        examples = self.val_set.examples
+        if cfg.eval_sample and cfg.eval_sample < len(examples):
+            examples = random.Random(cfg.seed).sample(examples, cfg.eval_sample)
+        labels = None
+        if cfg.eval_task == "classification":
+            labels = sorted({expected_label(e) for e in self.train_set.examples + self.val_set.examples})
+        model = self.accelerator.unwrap_model(self.loss_module).model
+        model.eval()
+        try:
+            with self.accelerator.autocast():
+                metrics, _ = task_metrics(Loaded(model, self.tokenizer, self.template, self.cfg, str(self.run_dir)),
+                                          examples, cfg.eval_task, labels, cfg.eval_mode, cfg.batch_size,
+                                          self.cfg.generate, progress=False)
+        finally:
+            model.train()
+        return {k: float(metrics[k]) for k in TASK_METRICS[cfg.eval_task] if k in metrics}
+
     def _evaluate(self) -> bool:
-        """Validation loss, best-checkpoint bookkeeping, early stopping. True means stop."""
+        """Validation loss (and task metric), best-checkpoint bookkeeping, early stopping. True means stop."""
         val = self.validation_loss()
         if val is None:
             return False
         s, es = self.state, self.cfg.train.early_stopping
-        improved = s["best_val"] is None or val < s["best_val"] - es.min_delta
+        task, metric = self._task_metrics(), self.cfg.train.eval_metric
+        if metric == "loss":
+            improved = s["best_val"] is None or val < s["best_val"] - es.min_delta
+        else:  # task metrics are higher-is-better
+            improved = s.get("best_metric") is None or task[metric] > s["best_metric"] + es.min_delta
         if improved:
             s["best_val"], s["best_step"], s["bad_evals"] = val, s["step"], 0
+            if metric != "loss":
+                s["best_metric"] = task[metric]
             if self.main:
                 ckpt.save_weights(trainable_state(self.model), self.run_dir / "best")
         else:
             s["bad_evals"] += 1
         self._log({"step": s["step"], "epoch": round(s["epoch"] + s["batch"] / self.batches_per_epoch, 4),
-                   "val_loss": val, "best": improved})
+                   "val_loss": val, **{f"val_{k}": v for k, v in task.items()}, "best": improved})
         if es.enabled and s["bad_evals"] >= es.patience:
-            log.info("early stopping at step %d: validation loss has not improved for %d evaluations (best %.4f at step %d)",
-                     s["step"], s["bad_evals"], s["best_val"], s["best_step"])
+            best = s["best_val"] if metric == "loss" else s["best_metric"]
+            log.info("early stopping at step %d: validation %s has not improved for %d evaluations (best %.4f at step %d)",
+                     s["step"], metric, s["bad_evals"], best, s["best_step"])
             s["stopped_early"] = True
             return True
         return False
@@ -390,7 +424,8 @@ class Trainer:
             else:
                 model.save_pretrained(self.run_dir / "model")
             summary = {"steps": s["step"], "total_steps": self.total_steps, "best_val_loss": s["best_val"],
-                       "best_step": s["best_step"], "stopped_early": s["stopped_early"], "wall_s": round(wall_s, 2),
+                       "best_step": s["best_step"], "eval_metric": self.cfg.train.eval_metric,
+                       "best_metric": s.get("best_metric"), "stopped_early": s["stopped_early"], "wall_s": round(wall_s, 2),
                        "trainable_params": self.trainable, "total_params": self.total,
                        "train_examples": len(self.train_set.items), "val_examples": len(self.val_set.items),
                        "dropped_examples": len(self.train_set.dropped) + len(self.val_set.dropped),

@@ -1,0 +1,281 @@
+"""`fewtune eval`: task metrics for a model or run on a data file, with the training template.
+
+Tasks: ``classification`` (choice scoring or generation), ``generation`` (ROUGE, BLEU,
+exact match), ``json`` (validity, exact match, field-level P/R/F1) and ``perplexity``
+(plain text windows, or the assistant turns of a data file). Every prompt comes from
+``render_conversation``, the function training uses. Writes ``results.json`` (every
+metric, settings, timing) and ``predictions.jsonl`` (one line per example).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from fewtune.config import GenerateSection
+from fewtune.data.formats import DataError, Example, load_examples
+from fewtune.data.render import render_conversation
+from fewtune.eval.metrics import (classification_metrics, json_example_scores, json_task_metrics,
+                                  map_to_label, parse_json)
+from fewtune.eval.scoring import choice_scores, label_continuation, sequence_nll, text_windows
+from fewtune.eval.text_metrics import generation_metrics, rouge_scores
+from fewtune.generate import Loaded, generate, load_for_inference
+
+log = logging.getLogger(__name__)
+
+TASKS = ("classification", "generation", "json", "perplexity")
+MODES = ("choice", "generate")
+
+
+class EvalError(ValueError):
+    """A bad evaluation request (unknown task or mode, nothing to compare, ...), worded for the user."""
+
+
+@dataclass
+class EvalResult:
+    task: str
+    metrics: dict[str, Any]
+    predictions: list[dict] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+    output_dir: Path | None = None
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def expected_label(example: Example) -> str:
+    label = example.label if example.label is not None else example.reference
+    if label is None:
+        raise DataError(example.source, example.line, "classification needs a `label` or a final assistant turn", "label")
+    return str(label)
+
+
+def detect_task(path: str | Path, examples: Sequence[Example] | None) -> str:
+    if Path(path).suffix.lower() == ".txt":
+        return "perplexity"
+    assert examples is not None
+    if all(e.label is not None for e in examples):
+        return "classification"
+    if all(e.reference is not None for e in examples):
+        refs_json = [parse_json(e.reference) for e in examples]
+        if all(ok and isinstance(v, (dict, list)) for ok, v in refs_json):
+            return "json"
+        return "generation"
+    first = next(e for e in examples if e.reference is None)
+    raise DataError(first.source, first.line, "no expected output (final assistant turn) to evaluate against; "
+                    "give --task perplexity for plain text")
+
+
+def _input_text(example: Example) -> str:
+    users = [m.content for m in example.prompt_messages if m.role == "user"]
+    return users[-1] if users else example.prompt_messages[-1].content
+
+
+def _references(examples: Sequence[Example]) -> list[str]:
+    refs = []
+    for e in examples:
+        if e.reference is None:
+            raise DataError(e.source, e.line, "no expected output: the example must end with an assistant turn")
+        refs.append(e.reference)
+    return refs
+
+
+# ---------------------------------------------------------------- tasks on examples
+
+
+def classify(loaded: Loaded, examples: Sequence[Example], labels: Sequence[str], mode: str = "choice",
+             batch_size: int = 8, normalize: bool = False, max_new_tokens: int | None = None,
+             progress: bool = True) -> tuple[dict, list[dict]]:
+    """Classification metrics and per-example records, by choice scoring or by generation."""
+    if mode not in MODES:
+        raise EvalError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
+    expected = [expected_label(e) for e in examples]
+    labels = list(labels)
+    missing = sorted(set(expected) - set(labels))
+    if missing:
+        first = next(e for e, x in zip(examples, expected) if x in missing)
+        raise DataError(first.source, first.line, f"label {expected[examples.index(first)]!r} is not among the "
+                        f"candidate labels ({', '.join(labels)})", "label")
+    records: list[dict] = []
+    conversations = [e.prompt_messages for e in examples]
+    if mode == "choice":
+        scores = choice_scores(loaded.model, loaded.tokenizer, loaded.template, conversations, labels,
+                               batch_size=batch_size, progress=progress)
+        for i, (example, score) in enumerate(zip(examples, scores)):
+            predicted = labels[score.best(normalize)]
+            records.append({"index": i, "line": example.line, "input": _input_text(example), "expected": expected[i],
+                            "predicted": predicted, "correct": predicted == expected[i],
+                            "logprobs": {lab: round(lp, 4) for lab, lp in zip(labels, score.logprobs)},
+                            "n_tokens": dict(zip(labels, score.n_tokens))})
+    else:
+        if max_new_tokens is None:
+            longest = max(len(label_continuation(conversations[0], lab, loaded.tokenizer, loaded.template))
+                          for lab in labels)
+            max_new_tokens = longest + 16
+        gen = GenerateSection(max_new_tokens=max_new_tokens, batch_size=batch_size)
+        outputs = generate(loaded, conversations, gen, progress=progress)
+        for i, (example, out) in enumerate(zip(examples, outputs)):
+            predicted, how = map_to_label(out[0], labels)
+            records.append({"index": i, "line": example.line, "input": _input_text(example), "expected": expected[i],
+                            "predicted": predicted, "correct": predicted == expected[i], "output": out[0],
+                            "mapped_by": how})
+    metrics = classification_metrics(expected, [r["predicted"] for r in records], labels)
+    metrics.update({"mode": mode, "labels": labels, "length_normalized": normalize if mode == "choice" else None})
+    return metrics, records
+
+
+def _generate_outputs(loaded: Loaded, examples: Sequence[Example], gen: GenerateSection, progress: bool) -> list[str]:
+    return [o[0] for o in generate(loaded, [e.prompt_messages for e in examples], gen, progress=progress)]
+
+
+def generation_task(loaded: Loaded, examples: Sequence[Example], gen: GenerateSection,
+                    progress: bool = True) -> tuple[dict, list[dict]]:
+    refs = _references(examples)
+    preds = _generate_outputs(loaded, examples, gen, progress)
+    metrics = generation_metrics(preds, refs)
+    rouge = rouge_scores(preds, refs)
+    records = [{"index": i, "line": e.line, "input": _input_text(e), "expected": r, "predicted": p,
+                "exact": p.strip() == r.strip(), **{k: round(float(v[i]), 4) for k, v in rouge.items()}}
+               for i, (e, r, p) in enumerate(zip(examples, refs, preds))]
+    return metrics, records
+
+
+def json_task(loaded: Loaded, examples: Sequence[Example], gen: GenerateSection,
+              progress: bool = True) -> tuple[dict, list[dict]]:
+    refs = _references(examples)
+    for e, r in zip(examples, refs):
+        if not parse_json(r)[0]:
+            raise DataError(e.source, e.line, "the expected output is not valid JSON", "reference")
+    preds = _generate_outputs(loaded, examples, gen, progress)
+    metrics = json_task_metrics(preds, refs)
+    records = []
+    for i, (e, r, p) in enumerate(zip(examples, refs, preds)):
+        s = json_example_scores(p, r)
+        records.append({"index": i, "line": e.line, "input": _input_text(e), "expected": r, "predicted": p,
+                        "valid": s["valid"], "exact": s["exact"], "field_tp": s["tp"], "field_pred": s["n_pred"],
+                        "field_ref": s["n_ref"]})
+    return metrics, records
+
+
+def perplexity_task(loaded: Loaded, path: str | Path, limit: int | None, batch_size: int = 4, window: int = 256,
+                    fmt: str = "auto", progress: bool = True) -> tuple[dict, list[dict]]:
+    """Perplexity of a plain-text file (windows of ``window`` tokens) or of a data file's assistant turns."""
+    path = Path(path)
+    if path.suffix.lower() == ".txt":
+        if not path.is_file():
+            raise DataError(str(path), None, "file not found")
+        items = text_windows(path.read_text(encoding="utf-8"), loaded.tokenizer, window)
+        if not items:
+            raise DataError(str(path), None, "the text is empty")
+        unit = "window"
+    else:
+        items = []
+        for e in load_examples(path, fmt):
+            r = render_conversation(e, loaded.tokenizer, loaded.template)
+            if sum(r.loss_weights[1:]) <= 0:
+                raise DataError(e.source, e.line, "no assistant tokens to score")
+            items.append((r.input_ids, r.loss_weights))
+        unit = "example"
+    items = items[:limit] if limit else items
+    records, nll, tokens = [], 0.0, 0.0
+    for i, s in enumerate(sequence_nll(loaded.model, items, batch_size=batch_size, progress=progress)):
+        records.append({"index": i, "nll": round(s.nll, 4), "tokens": s.tokens})
+        nll, tokens = nll + s.nll, tokens + s.tokens
+    metrics = {"n": len(items), "unit": unit, "tokens": tokens, "mean_nll": nll / tokens,
+               "perplexity": math.exp(nll / tokens), "window": window if unit == "window" else None}
+    return metrics, records
+
+
+def task_metrics(loaded: Loaded, examples: Sequence[Example], task: str, labels: Sequence[str] | None = None,
+                 mode: str = "choice", batch_size: int = 8, gen: GenerateSection | None = None,
+                 normalize: bool = False, progress: bool = True,
+                 max_new_tokens: int | None = None) -> tuple[dict, list[dict]]:
+    """The task's metrics on already loaded examples (what `evaluate` and the trainer call).
+
+    ``max_new_tokens`` (None: the longest label + 16 for classification, ``gen``'s otherwise)."""
+    if task == "classification":
+        labels = labels or sorted({expected_label(e) for e in examples})
+        return classify(loaded, examples, labels, mode, batch_size, normalize, max_new_tokens, progress)
+    gen = (gen or GenerateSection()).model_copy(update={"temperature": 0.0, "num_return_sequences": 1,
+                                                         "batch_size": batch_size})
+    if max_new_tokens is not None:
+        gen.max_new_tokens = max_new_tokens
+    if task == "generation":
+        return generation_task(loaded, examples, gen, progress)
+    if task == "json":
+        return json_task(loaded, examples, gen, progress)
+    raise EvalError(f"unknown task {task!r}: use one of {', '.join(TASKS)}")
+
+
+# ---------------------------------------------------------------- the stage function
+
+
+def _as_loaded(target: str | Loaded, system_prompt: str | None) -> Loaded:
+    if isinstance(target, Loaded):
+        return target
+    return load_for_inference(str(target), system_prompt=system_prompt)
+
+
+def evaluate(target: str | Loaded, data: str | Path, task: str = "auto", labels: Sequence[str] | None = None,
+             mode: str = "choice", limit: int | None = None, batch_size: int = 8, output_dir: str | Path | None = None,
+             normalize: bool = False, system_prompt: str | None = None, max_new_tokens: int | None = None,
+             window: int = 256, fmt: str = "auto", progress: bool = True) -> EvalResult:
+    """Evaluate a run directory or model on a data file; write results.json and predictions.jsonl if asked."""
+    if task not in ("auto", *TASKS):
+        raise EvalError(f"unknown task {task!r}: use one of auto, {', '.join(TASKS)}")
+    if limit is not None and limit <= 0:
+        raise EvalError("--limit must be positive")
+    examples = None
+    if not (task == "perplexity" or (task == "auto" and Path(data).suffix.lower() == ".txt")):
+        examples = load_examples(data, fmt)
+        if not examples:
+            raise DataError(str(data), None, "no examples")
+    task = detect_task(data, examples) if task == "auto" else task
+    loaded = _as_loaded(target, system_prompt)
+    start = time.time()
+    if task == "perplexity":
+        metrics, records = perplexity_task(loaded, data, limit, batch_size, window, fmt, progress)
+    else:
+        assert examples is not None
+        if task == "classification" and not labels:
+            labels = sorted({expected_label(e) for e in examples})  # from the whole file, before --limit
+        subset = examples[:limit] if limit else examples
+        gen = loaded.config.generate if loaded.config else None  # a run's max_new_tokens and stop strings
+        metrics, records = task_metrics(loaded, subset, task, labels, mode, batch_size, gen, normalize, progress,
+                                        max_new_tokens)
+    wall = time.time() - start
+    settings = {"target": loaded.source, "data": str(data), "task": task, "mode": mode if task == "classification" else None,
+                "limit": limit, "batch_size": batch_size, "template": loaded.template.kind,
+                "system_prompt": loaded.template.system_prompt, "seconds": round(wall, 2),
+                "examples_per_s": round(len(records) / wall, 2) if wall > 0 else None}
+    result = EvalResult(task, metrics, records, settings)
+    if output_dir is not None:
+        result.output_dir = write_results(result, output_dir)
+    return result
+
+
+def write_results(result: EvalResult, output_dir: str | Path) -> Path:
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"task": result.task, "settings": result.settings,
+                                                  "metrics": result.metrics}, ensure_ascii=False, indent=2),
+                                      encoding="utf-8")
+    with open(out / "predictions.jsonl", "w", encoding="utf-8") as fh:
+        for record in result.predictions:
+            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return out
+
+
+def read_results(output_dir: str | Path) -> EvalResult:
+    out = Path(output_dir)
+    data = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    preds_path = out / "predictions.jsonl"
+    preds = [json.loads(line) for line in preds_path.read_text(encoding="utf-8").splitlines() if line.strip()] \
+        if preds_path.exists() else []
+    return EvalResult(data["task"], data["metrics"], preds, data.get("settings", {}), out)
+

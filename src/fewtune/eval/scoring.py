@@ -1,0 +1,280 @@
+"""Log-likelihood scoring: candidate labels given a prompt (choice scoring) and perplexity.
+
+Choice scoring asks, for every example and every candidate label, how likely the model
+finds the label's tokens after the prompt, exactly as training renders them: the prompt
+is ``render_conversation(..., for_generation=True)`` and the label continuation is what
+``render_conversation`` appends for an assistant turn with that label (the label and the
+end-of-turn marker: the tokens training puts loss on, up to the end-of-sequence token).
+
+Work is shared three ways, because on a CPU the cost is the number of token positions run:
+
+1. the prefix all prompts of the set share (typically the system prompt and the chat
+   markup) runs once for the whole set and its key/value cache is reused;
+2. each example's remaining prompt tokens run once, a batch of examples at a time;
+3. all label continuations of an example run as one packed row on that example's cache,
+   each label seeing the prompt and its own earlier tokens only (a block-diagonal mask),
+   so nothing is copied per label.
+
+Only the positions that predict label tokens reach the vocabulary projection, and only
+per-example sums leave a batch, so memory does not grow with the size of the set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from fewtune.data.formats import Message
+from fewtune.data.render import RenderError, Template, render_conversation
+
+
+@dataclass
+class ChoiceScore:
+    """One example's scores: per label, the summed log-probability of its continuation and its token count."""
+
+    logprobs: list[float]
+    n_tokens: list[int]
+
+    def best(self, normalize: bool = False) -> int:
+        values = [lp / n for lp, n in zip(self.logprobs, self.n_tokens)] if normalize else self.logprobs
+        return max(range(len(values)), key=values.__getitem__)
+
+
+def label_continuation(conversation: Sequence[Message], label: str, tokenizer, template: Template,
+                       prompt: list[int] | None = None) -> list[int]:
+    """The tokens training appends after the prompt for an assistant turn saying ``label``, up to and
+    including the end-of-sequence token: what the template adds after it (ChatML's newline) follows
+    whatever the answer was, so it is not scored."""
+    prompt = prompt if prompt is not None else render_conversation(
+        list(conversation), tokenizer, template, for_generation=True).input_ids
+    full = render_conversation(list(conversation) + [Message("assistant", label)], tokenizer, template).input_ids
+    if full[:len(prompt)] != prompt or len(full) <= len(prompt):
+        raise RenderError(f"the rendered conversation with label {label!r} does not extend the generation prompt; "
+                          "choice scoring needs a prefix-consistent template")
+    continuation = full[len(prompt):]
+    eos = tokenizer.eos_token_id
+    if eos is not None and eos in continuation[1:]:
+        continuation = continuation[:continuation.index(eos, 1) + 1]
+    return continuation
+
+
+class _Continuations:
+    """Label continuations, rendered once per prompt shape and checked on a spread of examples.
+
+    For the usual templates an assistant turn renders the same whatever precedes it, so the
+    continuation of a label is rendered for the first example of each role pattern and
+    verified on up to ``checks`` further examples; if any differs, every (example, label)
+    pair is rendered on its own.
+    """
+
+    def __init__(self, tokenizer, template: Template, labels: Sequence[str], n_examples: int, checks: int = 16):
+        self.tokenizer, self.template, self.labels = tokenizer, template, list(labels)
+        self.cache: dict[tuple, list[list[int]]] = {}
+        self.check_every = max(1, n_examples // checks)
+        self.exact = False  # True once a check failed: render everything
+
+    def __call__(self, index: int, conversation: Sequence[Message], prompt: list[int]) -> list[list[int]]:
+        def render() -> list[list[int]]:
+            return [label_continuation(conversation, lab, self.tokenizer, self.template, prompt) for lab in self.labels]
+
+        if self.exact:
+            return render()
+        key = tuple(m.role for m in conversation)
+        if key not in self.cache:
+            self.cache[key] = render()
+        elif index % self.check_every == 0:
+            if render() != self.cache[key]:
+                self.exact = True
+                return render()
+        return self.cache[key]
+
+
+def _common_prefix(prompts: Sequence[list[int]]) -> int:
+    """Length of the token prefix all prompts share, leaving every prompt at least one own token."""
+    n = min(len(p) for p in prompts) - 1
+    first = prompts[0]
+    for p in prompts[1:]:
+        i = 0
+        while i < n and p[i] == first[i]:
+            i += 1
+        n = i
+        if n == 0:
+            break
+    return max(n, 0)
+
+
+def _pad(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(1, max(len(r) for r in rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, :len(r)] = 1
+    return ids, mask
+
+
+def _label_rows(conts: list[list[list[int]]], seen: torch.Tensor, dtype: torch.dtype):
+    """All labels of an example packed into one row: inputs, targets, positions and a 4D additive mask.
+
+    Label j contributes its continuation minus the last token as inputs (its first token is
+    predicted by the prompt). Each label's tokens see the example's prompt (``seen``: 1 where
+    the cache holds a real token) and the earlier tokens of the same label only.
+    """
+    b, cached = seen.shape
+    widths = [sum(len(c) - 1 for c in row) for row in conts]
+    width = max(1, max(widths))
+    ids = torch.zeros((b, width), dtype=torch.long)
+    targets = torch.zeros((b, width), dtype=torch.long)
+    offset = torch.zeros((b, width), dtype=torch.long)  # position within the label
+    owner = torch.full((b, width), -1, dtype=torch.long)  # which label a column belongs to (-1: padding)
+    allowed = torch.zeros((b, width, cached + width), dtype=torch.bool)
+    allowed[:, :, :cached] = seen.bool().unsqueeze(1)
+    for r, row in enumerate(conts):
+        col = 0
+        for j, c in enumerate(row):
+            n = len(c) - 1
+            if n <= 0:
+                continue
+            ids[r, col:col + n] = torch.tensor(c[:-1])
+            targets[r, col:col + n] = torch.tensor(c[1:])
+            offset[r, col:col + n] = torch.arange(n)
+            owner[r, col:col + n] = j
+            allowed[r, col:col + n, cached + col:cached + col + n] = torch.ones((n, n), dtype=torch.bool).tril()
+            col += n
+    allowed[:, :, 0] |= owner < 0  # padding columns look at the first token, so no row is empty
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min).unsqueeze(1)
+    return ids, targets, offset, owner, mask
+
+
+@torch.no_grad()
+def choice_scores(model, tokenizer, template: Template, conversations: Sequence[Sequence[Message]],
+                  labels: Sequence[str], batch_size: int = 8, progress: bool = True) -> Iterator[ChoiceScore]:
+    """Yield, in order, each conversation's :class:`ChoiceScore` over ``labels``.
+
+    ``conversations`` are prompts (a final assistant turn, if any, is dropped by the render).
+    ``batch_size`` examples run together: one forward of their own prompt tokens on the
+    shared prefix's cache, then one forward of all their labels, packed one row per example
+    on that cache. Examples are grouped by prompt length within windows of 16 batches (less
+    padding); results still come out in the input order.
+    """
+    if not labels:
+        raise ValueError("choice scoring needs at least one candidate label")
+    if not conversations:
+        return
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    prompts = [render_conversation(list(c), tokenizer, template, for_generation=True).input_ids for c in conversations]
+    continuations = _Continuations(tokenizer, template, labels, len(conversations))
+    n_prefix = _common_prefix(prompts)
+    prefix_layers = None
+    if n_prefix:
+        out = model(input_ids=torch.tensor([prompts[0][:n_prefix]], device=device), use_cache=True, logits_to_keep=1)
+        prefix_layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+    bar = tqdm(total=len(conversations), desc="choice scoring", disable=not progress, dynamic_ncols=True)
+    window = batch_size * 16
+    for w_start in range(0, len(conversations), window):
+        in_window = range(w_start, min(w_start + window, len(conversations)))
+        order = sorted(in_window, key=lambda i: len(prompts[i]))
+        done: dict[int, ChoiceScore] = {}
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            for i, score in zip(idx, _score_batch(model, [prompts[i][n_prefix:] for i in idx],
+                                                  [continuations(i, conversations[i], prompts[i]) for i in idx],
+                                                  prefix_layers, n_prefix, pad_id, device, dtype)):
+                done[i] = score
+            bar.update(len(idx))
+        for i in in_window:
+            yield done.pop(i)
+    bar.close()
+
+
+def _score_batch(model, suffixes: list[list[int]], conts: list[list[list[int]]], prefix_layers, n_prefix: int,
+                 pad_id: int, device, dtype) -> list[ChoiceScore]:
+    from transformers import DynamicCache
+
+    ids, mask = _pad(suffixes, pad_id)
+    b, width = ids.shape
+    lengths = mask.sum(1)
+    cache = None
+    if prefix_layers is not None:
+        cache = DynamicCache(ddp_cache_data=[(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in prefix_layers])
+        mask = torch.cat([torch.ones((b, n_prefix), dtype=torch.long), mask], dim=1)
+    last = lengths - 1
+    keep = torch.unique(last)  # logits only where a prompt ends: they predict each label's first token
+    out = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                position_ids=(n_prefix + torch.arange(width)).expand(b, width).to(device),
+                past_key_values=cache, use_cache=True, logits_to_keep=keep.to(device))
+    first = torch.log_softmax(out.logits.float(), dim=-1)[torch.arange(b), torch.searchsorted(keep, last).to(device)]
+    n_labels = len(conts[0])
+    sums = torch.zeros((b, n_labels), dtype=torch.float64)
+    counts = torch.ones((b, n_labels), dtype=torch.long)
+    for r in range(b):
+        sums[r] = first[r, [c[0] for c in conts[r]]].double().cpu()
+    lab_ids, targets, offset, owner, lab_mask = _label_rows(conts, mask, dtype)
+    if (owner >= 0).any():
+        position = n_prefix + lengths.unsqueeze(1) + offset
+        logits = model(input_ids=lab_ids.to(device), attention_mask=lab_mask.to(device), position_ids=position.to(device),
+                       past_key_values=out.past_key_values, use_cache=True).logits
+        logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.to(device).unsqueeze(-1)).squeeze(-1).cpu()
+        real = owner >= 0
+        rows = torch.arange(b).unsqueeze(1).expand_as(owner)
+        sums.index_put_((rows[real], owner[real]), logp[real].double(), accumulate=True)
+        counts.index_put_((rows[real], owner[real]), torch.ones(int(real.sum()), dtype=torch.long), accumulate=True)
+    return [ChoiceScore(sums[r].tolist(), counts[r].tolist()) for r in range(b)]
+
+
+# ---------------------------------------------------------------- perplexity
+
+
+@dataclass
+class NLL:
+    """Summed negative log-likelihood (nats) of one text window or conversation, and its token count."""
+
+    nll: float
+    tokens: float
+
+
+@torch.no_grad()
+def sequence_nll(model, items: Sequence[tuple[list[int], list[float]]], batch_size: int = 4,
+                 progress: bool = True, desc: str = "perplexity") -> Iterator[NLL]:
+    """Yield weighted next-token NLL per (input_ids, loss_weights) item; weight 0 positions do not count.
+
+    The weight of token t scores the prediction of token t from the tokens before it (the
+    first token of an item is never scored), as in training.
+    """
+    device = next(model.parameters()).device
+    bar = tqdm(total=len(items), desc=desc, disable=not progress, dynamic_ncols=True)
+    for start in range(0, len(items), batch_size):
+        chunk = items[start:start + batch_size]
+        ids, mask = _pad([ids for ids, _ in chunk], 0)
+        weights = torch.zeros(ids.shape, dtype=torch.float32)
+        for i, (_, w) in enumerate(chunk):
+            weights[i, :len(w)] = torch.tensor(w, dtype=torch.float32)
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1].float()
+        ce = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:].to(device), reduction="none").cpu()
+        del logits
+        w = weights[:, 1:] * mask[:, 1:]
+        for i in range(len(chunk)):
+            yield NLL(float((ce[i] * w[i]).sum()), float(w[i].sum()))
+        bar.update(len(chunk))
+    bar.close()
+
+
+def text_windows(text: str, tokenizer, window: int) -> list[tuple[list[int], list[float]]]:
+    """Plain text cut into consecutive windows of ``window`` tokens (each window's first token is context)."""
+    if window < 2:
+        raise ValueError("the perplexity window must be at least 2 tokens")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    out = []
+    step = window - len(bos)
+    for start in range(0, len(ids), step):
+        piece = bos + ids[start:start + step]
+        if len(piece) >= 2:
+            out.append((piece, [0.0] * len(bos) + [1.0] * (len(piece) - len(bos))))
+    return out
