@@ -306,16 +306,18 @@ class Trainer:
         for i, batch in enumerate(micro_batches):
             batch = {k: v.to(acc.device) for k, v in batch.items()}
             sync = i == len(micro_batches) - 1
-            with (acc.no_sync(self.loss_module) if not sync else nullcontext()), acc.autocast():
-                loss_sum, _ = self.loss_module(**batch)
-                # DDP averages gradients over processes, hence the factor num_processes
-                loss = loss_sum / global_weight * acc.num_processes
-            if not torch.isfinite(loss):
-                raise TrainingError(
-                    f"the loss became {loss.item()} at step {self.state['step'] + 1}: training diverged. "
-                    f"Lower train.lr (now {self.cfg.train.resolved_lr(self.cfg.method.name)}), keep "
-                    "train.max_grad_norm set, raise train.warmup_ratio, or check model.dtype.")
-            self.extras.backward(loss, batch, global_weight)
+            # the backward pass must run inside no_sync too: DDP all-reduces during backward
+            with acc.no_sync(self.loss_module) if not sync else nullcontext():
+                with acc.autocast():
+                    loss_sum, _ = self.loss_module(**batch)
+                    # DDP averages gradients over processes, hence the factor num_processes
+                    loss = loss_sum / global_weight * acc.num_processes
+                if not torch.isfinite(loss):
+                    raise TrainingError(
+                        f"the loss became {loss.item()} at step {self.state['step'] + 1}: training diverged. "
+                        f"Lower train.lr (now {self.cfg.train.resolved_lr(self.cfg.method.name)}), keep "
+                        "train.max_grad_norm set, raise train.warmup_ratio, or check model.dtype.")
+                self.extras.backward(loss, batch, global_weight)
             loss_total += loss_sum.detach()
         grad_norm = float("nan")
         if self.cfg.train.max_grad_norm:

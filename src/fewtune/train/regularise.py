@@ -182,7 +182,11 @@ class StepExtras:
         self.hook.captured = None
         if captured is None or captured.grad is None:
             raise RuntimeError("adversarial training found no gradient at the embedding output")
-        mask = batch["attention_mask"].unsqueeze(-1).to(captured.dtype)
+        if "attention_mask" in batch:
+            mask = batch["attention_mask"].unsqueeze(-1).to(captured.dtype)
+        else:  # a packed row has no padding: every position is a real token
+            # (the epsilon ball is then per packed row rather than per example)
+            mask = torch.ones(captured.shape[:-1] + (1,), dtype=captured.dtype, device=captured.device)
         grad = captured.grad.detach() * mask
         if adv.kind == "fgm":
             delta = adv.epsilon * _per_example_unit(grad)
