@@ -77,7 +77,7 @@ def main() -> None:
     loaded = load_for_inference("smollm2-135m-instruct")
     load_before = os.getloadavg()
     lines = [f"# Choice scoring on CPU: {len(conversations)} SNIPS utterances x {len(labels)} intents "
-             f"(smollm2-135m-instruct, torch {torch.__version__}, {torch.get_num_threads()} threads)", "",
+             f"(smollm2-135m-instruct, torch {torch.__version__}, {torch.get_num_threads()} thread(s))", "",
              "| method | batch | seconds | per 700 examples (extrapolated) | agrees with flat |", "|---|---:|---:|---:|---|"]
     t = time.time()
     flat, positions = flat_scores(loaded, conversations, labels)

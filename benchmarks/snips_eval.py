@@ -103,7 +103,7 @@ def table(reports: dict[str, dict], summary: dict, train_s: float | None, loads:
               f"{step_s:.0f} s summed over the steps' own times in metrics.jsonl"
               + (f", {train_s:.0f} s wall in this invocation" if train_s else "") + ".",
               f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
-              f"torch {torch.__version__} with {threads} threads.",
+              f"torch {torch.__version__} with {threads} thread(s).",
               "Load average (1/5/15 min) while measuring: " + "; ".join(f"{what} {l[0]:.1f}/{l[1]:.1f}/{l[2]:.1f}"
                                                                      for what, l in loads) + ".",
               "Other jobs shared the 2 cores during this run whenever the load average is above 2: "
