@@ -112,6 +112,12 @@ def test_fast_f1_matches_sklearn():
     p = np.where(rng.random(400) < 0.6, y, rng.integers(0, 6, 400))  # 5 = unparseable
     for average in ("macro", "weighted"):
         assert f1_codes(y, p, 5, average) == pytest.approx(f1_score(y, p, labels=range(5), average=average, zero_division=0))
+    # class 4 neither expected nor predicted: left out of the average, as in classification_metrics
+    y2, p2 = np.where(y == 4, 0, y), np.where(p == 4, 0, p)
+    assert f1_codes(y2, p2, 5) == pytest.approx(f1_score(y2, p2, labels=range(4), average="macro", zero_division=0))
+    names = ["a", "b", "c", "d", "e"]
+    m = classification_metrics([names[i] for i in y2], [names[i] if i < 5 else UNPARSEABLE for i in p2], names)
+    assert m["macro_f1"] == pytest.approx(f1_codes(y2, p2, 5))
 
 
 def test_paired_bootstrap_interval_covers_the_true_difference():

@@ -112,3 +112,19 @@ def test_choice_scoring_memory_does_not_grow_with_the_set(tiny_model):
     one_logits_row = len(loaded.tokenizer) * 4  # what keeping a single example's logits would cost
     # after ~300 examples the live tensors are no larger than after the first batch, give or take one row
     assert max(samples) <= samples[0] + one_logits_row, samples
+
+
+@pytest.mark.slow
+def test_choice_scoring_on_the_real_model_matches_a_plain_forward():
+    """The default model (GGUF-converted SmolLM2): shared-prefix, packed-label scores equal a plain forward."""
+    from fewtune.models import DEFAULT_MODEL
+
+    loaded = load_for_inference(DEFAULT_MODEL, system_prompt="Classify the request: PlayMusic, GetWeather or RateBook.")
+    labels = ["PlayMusic", "GetWeather", "RateBook"]
+    conversations = [[Message("user", "play some jazz by miles davis")], [Message("user", "will it rain in Oslo")],
+                     [Message("user", "give this novel four stars")]]
+    scores = list(choice_scores(loaded.model, loaded.tokenizer, loaded.template, conversations, labels,
+                                batch_size=2, progress=False))
+    for conv, score in zip(conversations, scores):
+        hand = [_by_hand(loaded.model, loaded.tokenizer, loaded.template, conv, lab)[0] for lab in labels]
+        assert score.logprobs == pytest.approx(hand, abs=1e-2)

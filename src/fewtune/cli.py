@@ -271,6 +271,7 @@ def compare(
     targets: Annotated[list[str], typer.Argument(help="two or more runs/models; the first is the baseline")],
     data: Annotated[Path, typer.Option("--data", "-d", help="evaluation set")],
     general: Annotated[Optional[Path], typer.Option(help="general-ability set (.txt or data file): perplexity, forgetting")] = None,
+    general_limit: Annotated[int, typer.Option(help="windows/examples of --general to use (0: all)")] = 200,
     task: str = "auto",
     labels: Annotated[Optional[list[str]], typer.Option(help="candidate labels, comma-separated")] = None,
     mode: Annotated[str, typer.Option(help="classification: choice | generate")] = "choice",
@@ -289,7 +290,7 @@ def compare(
 
     out = output or _default_output(targets[-1], "compare")
     result = _run(run_compare, targets, data, task, _labels(labels), mode, limit, batch_size, general, 256, out,
-                  resamples, system, max_new_tokens)
+                  resamples, system, max_new_tokens, general_limit=general_limit or None)
     print_compare(result)
     typer.echo(f"written: {out / 'compare.json'}, {out / 'compare.md'}")
     if report:

@@ -101,7 +101,7 @@ def compare(targets: Sequence[str], data: str | Path, task: str = "auto", labels
             mode: str = "choice", limit: int | None = None, batch_size: int = 8, general: str | Path | None = None,
             window: int = 256, output_dir: str | Path | None = None, n_resamples: int = 1000,
             system_prompt: str | None = None, max_new_tokens: int | None = None, show: int = 20,
-            progress: bool = True) -> dict:
+            general_limit: int | None = 200, progress: bool = True) -> dict:
     """Evaluate every target on the same examples and compare each with the first. Returns (and writes) a dict."""
     if len(targets) < 2:
         raise EvalError("compare needs at least two models or runs")
@@ -124,7 +124,8 @@ def compare(targets: Sequence[str], data: str | Path, task: str = "auto", labels
                        out / "models" / name if out else None, max_new_tokens=max_new_tokens, progress=progress)
         results.append(res)
         if general:
-            general_results.append(evaluate(loaded, general, "perplexity", limit=None, batch_size=max(1, batch_size // 2),
+            general_results.append(evaluate(loaded, general, "perplexity", limit=general_limit,
+                                            batch_size=max(1, batch_size // 2),
                                             output_dir=out / "models" / name / "general" if out else None,
                                             window=window, progress=progress))
         del loaded

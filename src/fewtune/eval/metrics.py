@@ -76,8 +76,12 @@ def classification_metrics(expected: Sequence[str], predicted: Sequence[str], la
     if unknown:
         raise ValueError(f"expected labels not among the candidate labels: {unknown[:5]}")
     out: dict[str, Any] = {"n": len(expected), "accuracy": float(accuracy_score(expected, predicted))}
+    # averages run over the labels that occur (expected or predicted), as scikit-learn does by default:
+    # a label absent from a subset must not pull macro-F1 down with a 0
+    occurring = [label for label in labels if label in set(expected) | set(predicted)]
     for average in ("macro", "weighted"):
-        p, r, f, _ = precision_recall_fscore_support(expected, predicted, labels=labels, average=average, zero_division=0)
+        p, r, f, _ = precision_recall_fscore_support(expected, predicted, labels=occurring, average=average,
+                                                     zero_division=0)
         out.update({f"{average}_precision": float(p), f"{average}_recall": float(r), f"{average}_f1": float(f)})
     p, r, f, s = precision_recall_fscore_support(expected, predicted, labels=labels, average=None, zero_division=0)
     out["per_class"] = {label: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}

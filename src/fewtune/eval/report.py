@@ -95,6 +95,14 @@ class Doc:
                 f"<style>{style}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
 
 
+def _short(path) -> str:
+    """A path relative to the working directory when it is inside it (reports get moved and shared)."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except (ValueError, OSError, TypeError):
+        return str(path)
+
+
 def _f(v) -> str:
     if isinstance(v, bool) or v is None:
         return str(v)
@@ -194,7 +202,7 @@ def build_report(path: str | Path, output: str | Path | None = None) -> Path:
 def _result_section(doc: Doc, result: EvalResult, out: Path) -> None:
     m, s = result.metrics, result.settings
     doc.heading(f"Evaluation: {result.task}")
-    doc.para(f"Model {s.get('target')} on {s.get('data')}: {m.get('n')} examples"
+    doc.para(f"Model {_short(s.get('target'))} on {_short(s.get('data'))}: {m.get('n')} examples"
              + (f", {m['mode']} mode" if m.get("mode") else "") + f", {s.get('seconds')} s.")
     doc.table(["metric", "value"], [[k, _f(m[k])] for k in HEADLINE[result.task] if m.get(k) is not None], {1})
     if result.task == "classification":
@@ -228,7 +236,7 @@ def _result_section(doc: Doc, result: EvalResult, out: Path) -> None:
 
 def _compare_section(doc: Doc, compare: dict, out: Path) -> None:
     doc.heading("Before / after")
-    doc.para(f"{', '.join(compare['names'])} on {compare['data']} ({compare['n']} examples, task {compare['task']}). "
+    doc.para(f"{', '.join(compare['names'])} on {_short(compare['data'])} ({compare['n']} examples, task {compare['task']}). "
              f"Intervals: 95% bootstrap over examples ({compare['n_resamples']} resamples); differences are paired.")
     ints = compare.get("intervals", {})
     rows = []

@@ -12,7 +12,7 @@ BLUE, ORANGE, GREEN, GREY = "#3182bd", "#e6550d", "#31a354", "#969696"
 
 def _save(fig, plt, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")  # long label names must not be cut at the edges
     plt.close(fig)
     return path
 

@@ -77,17 +77,17 @@ def mcnemar(correct_a: Sequence[bool], correct_b: Sequence[bool]) -> dict:
 
 
 def f1_codes(expected: np.ndarray, predicted: np.ndarray, n_classes: int, average: str = "macro") -> float:
-    """Macro- or support-weighted F1 over classes 0..n_classes-1 from integer codes (a prediction may be
-    code n_classes, "unparseable"). The same numbers as scikit-learn's ``f1_score(..., labels=range(n_classes),
-    zero_division=0)``, cheap enough for a thousand bootstrap resamples."""
+    """Macro- or support-weighted F1 over the classes 0..n_classes-1 that occur (expected or predicted) from
+    integer codes (a prediction may be code n_classes, "unparseable"). The same numbers as scikit-learn's
+    ``f1_score(..., labels=<occurring classes>, zero_division=0)``, cheap enough for a thousand resamples."""
     k = n_classes + 1
     tp = np.bincount(expected[expected == predicted], minlength=k)[:n_classes].astype(float)
     support = np.bincount(expected, minlength=k)[:n_classes]
     predicted_count = np.bincount(predicted, minlength=k)[:n_classes]
     denom = support + predicted_count
     f1 = np.divide(2 * tp, denom, out=np.zeros(n_classes), where=denom > 0)
-    if average == "macro":
-        return float(f1.mean())
+    if average == "macro":  # over the classes that occur, as classification_metrics does
+        return float(f1[denom > 0].mean()) if (denom > 0).any() else 0.0
     if average == "weighted":
         return float((f1 * support).sum() / support.sum()) if support.sum() else 0.0
     raise ValueError(f"unknown average {average!r}")

@@ -24,8 +24,10 @@ def _value(v) -> str:
 def print_eval(result: EvalResult, console: Console | None = None) -> None:
     console = console or Console()
     m, s = result.metrics, result.settings
-    title = f"{result.task} on {s.get('data')} ({m.get('n')} {'windows/examples' if result.task == 'perplexity' else 'examples'})"
-    table = Table(title=title)
+    unit = m.get("unit", "example") if result.task == "perplexity" else "example"
+    console.print(f"{s.get('target')} on {s.get('data')}: {result.task}, {m.get('n')} {unit}s"
+                  + (f", {m['mode']} mode" if m.get("mode") else ""))
+    table = Table()
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key in HEADLINE[result.task]:
@@ -47,7 +49,8 @@ def print_eval(result: EvalResult, console: Console | None = None) -> None:
 def print_compare(report: dict, console: Console | None = None) -> None:
     console = console or Console()
     for row in report["comparisons"]:
-        table = Table(title=f"{report['task']} on {report['data']} ({report['n']} examples): {row['b']} vs {row['a']}")
+        table = Table(title=f"{report['task']}: {row['b']} vs {row['a']}, {report['n']} examples",
+                      caption=f"{report['data']}; 95% paired bootstrap intervals ({report['n_resamples']} resamples)")
         for col in ("metric", row["a"], row["b"], "difference", "95% CI", ""):
             table.add_column(col, justify="left" if col in ("metric", "") else "right")
         items = list(row["metrics"].items())

@@ -1,0 +1,62 @@
+"""SNIPS intent detection as fewtune data: 40 training examples per intent, 700 validation.
+
+Reads ../shared/data/snips (the snipsco/nlu-benchmark 2017-06 custom-intent-engines files);
+the utterance is the concatenation of the `text` pieces, the label the intent. Every
+example carries the same system message listing the intents, so the base model and the
+fine-tuned run see identical prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+SNIPS_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "snips"
+INTENTS = ("AddToPlaylist", "BookRestaurant", "GetWeather", "PlayMusic", "RateBook", "SearchCreativeWork",
+           "SearchScreeningEvent")
+SYSTEM_PROMPT = ("Classify the user's request into exactly one of these intents: " + ", ".join(INTENTS) +
+                 ". Answer with the intent name only.")
+
+
+def find_snips(explicit: str | None = None) -> Path:
+    candidates = [Path(explicit)] if explicit else [SNIPS_DIR, Path("/work/shared/data/snips")]
+    for path in candidates:
+        if (path / "validate_PlayMusic.json").is_file():
+            return path
+    raise SystemExit(f"SNIPS data not found (looked in {', '.join(map(str, candidates))}); "
+                     "pass --snips DIR pointing at the nlu-benchmark 2017-06-custom-intent-engines files")
+
+
+def read_split(snips: Path, split: str, intent: str) -> list[str]:
+    path = snips / f"{split}_{intent}.json"
+    records = json.loads(path.read_text(encoding="utf-8"))[intent]
+    texts = []
+    for i, record in enumerate(records):
+        text = "".join(piece["text"] for piece in record["data"]).strip()
+        if not text:
+            raise ValueError(f"{path}: record {i} has no text")
+        texts.append(text)
+    return texts
+
+
+def example(text: str, intent: str) -> dict:
+    return {"messages": [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": text},
+                         {"role": "assistant", "content": intent}], "label": intent}
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def convert(snips: Path, out_dir: Path, per_intent: int = 40, seed: int = 0) -> tuple[Path, Path]:
+    """Write train.jsonl (per_intent sampled per intent, seeded) and validation.jsonl (all 700)."""
+    rng = random.Random(seed)
+    train, val = [], []
+    for intent in INTENTS:
+        train += [example(t, intent) for t in rng.sample(read_split(snips, "train", intent), per_intent)]
+        val += [example(t, intent) for t in read_split(snips, "validate", intent)]
+    rng.shuffle(train)
+    return write_jsonl(out_dir / "train.jsonl", train), write_jsonl(out_dir / "validation.jsonl", val)
