@@ -95,6 +95,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
     try:
         model.config.save_pretrained(tmp)
+        _drop_gguf_quantization(tmp)
         if model.generation_config is not None:
             model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -112,12 +113,26 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     return out_dir
 
 
+def _drop_gguf_quantization(folder: Path) -> None:
+    """The converted weights are plain floats; a config still saying 'gguf' makes transformers
+    refuse to save the model (so a merged export would fail). Caches written before this fix
+    are repaired the same way when they are used."""
+    path = folder / "config.json"
+    config = json.loads(path.read_text())
+    if config.get("quantization_config", {}).get("quant_method") == "gguf":
+        del config["quantization_config"]
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(config, indent=2))
+        os.replace(tmp, path)
+
+
 def resolve_model_path(name_or_path: str) -> str:
     """Turn a model name, folder, .gguf file or hub id into something ``from_pretrained`` loads."""
     if name_or_path in EMBEDDED:
         entry = EMBEDDED[name_or_path]
         cached = cache_dir() / "models" / entry.name
         if (cached / "model.safetensors").exists():
+            _drop_gguf_quantization(cached)
             return str(cached)
         package_dir = _package_dir(entry.package)
         if package_dir is None:
@@ -133,6 +148,7 @@ def resolve_model_path(name_or_path: str) -> str:
         key = f"{path.stem}-{path.stat().st_size}"
         cached = cache_dir() / "models" / key
         if (cached / "model.safetensors").exists():
+            _drop_gguf_quantization(cached)
             return str(cached)
         return str(convert_gguf(path.resolve(), cached))
     if path.exists():
