@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 PIP := $(BIN)/python -m pip -q --disable-pip-version-check
 STAMP := $(VENV)/.fewtune-installed
 
-.PHONY: setup setup-gemma demo test test-fast clean
+.PHONY: setup setup-gemma demo test test-fast bench-speed clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,11 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# Training throughput against a plain transformers.Trainer (needs ../shared/data/snips); writes
+# benchmarks/results/train_speed.md. About 10 minutes on 2 CPU cores.
+bench-speed: setup
+	$(BIN)/python benchmarks/train_speed.py --profile
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

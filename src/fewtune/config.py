@@ -130,7 +130,7 @@ class TrainSection(Section):
     packing: bool = True  # a micro-batch is one row without padding; attention stays inside each example
     share_prefix: bool = True  # with packing: a token prefix common to a micro-batch is computed once
     loss_chunk_size: int | None = Field(None, gt=0)  # positions per output-layer chunk; None: ~128 MB of logits
-    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more time
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, one more forward
     num_threads: int | None = Field(None, gt=0)  # CPU threads per process; None: available cores / processes
     cache_tokenized: bool = True  # keep rendered token ids on disk (resumes, sweeps)
     seed: int = 42

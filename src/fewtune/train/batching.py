@@ -7,7 +7,10 @@ examples of the micro-batch have in common (a system prompt, a fixed instruction
 down once; every example continues from it with position ids that continue the prefix,
 and attends to it. That is the same computation as running each example in full: the
 prefix's hidden states do not depend on what follows it (causal attention), so computing
-them once per micro-batch gives the same loss and gradients with less work.
+them once per micro-batch gives the same loss and gradients with less work. (With LoRA
+dropout on, the examples then share one dropout mask on the prefix tokens: each example's
+mask has the same distribution as before, but the masks are not independent across the
+micro-batch. With dropout 0 the two computations are the same.)
 
 The loss is taken from an explicit list of (row position, target token, weight): the
 hidden state at a row position predicts the next token of its example. The last prefix
