@@ -280,12 +280,6 @@ def run_baseline(args, spec: dict) -> dict:
     rows = [{"input_ids": r.input_ids, "attention_mask": [1] * len(r),
              "labels": [t if w > 0 else -100 for t, w in zip(r.input_ids, r.loss_weights)]} for r in rendered]
     model = load_model(cfg.model.name, cfg.model.dtype)
-    if getattr(model, "hf_quantizer", None) is not None and all(p.is_floating_point() for p in model.parameters()):
-        # a model converted from GGUF keeps the GGUF quantization note in its config although its
-        # weights are plain floats; transformers.Trainer would refuse to train it
-        model.hf_quantizer, model.is_quantized = None, False
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
     model = apply_method(model, cfg.method)
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
     batch_tokens: list[int] = []
