@@ -46,6 +46,28 @@ def test_choice_scores_equal_plain_forward_and_argmax_wins(tiny_models, arch, ki
         assert score.best(normalize=True) == norm_best
 
 
+@pytest.mark.parametrize("normalize", [False, True])
+def test_pruned_scoring_keeps_the_winner_and_bounds_the_rest(tiny_models, normalize):
+    """prune=True: exact scores where computed, an upper bound below the winner elsewhere, the same argmax."""
+    loaded = load_for_inference(tiny_models["llama"], system_prompt="Answer yes, no, maybe so or 正面.")
+    model, tok, template = loaded.model, loaded.tokenizer, loaded.template
+    conversations = [[Message("user", f"question {i} " + "word " * (i % 5))] for i in range(7)]
+    full = list(choice_scores(model, tok, template, conversations, LABELS, batch_size=3, progress=False))
+    pruned = list(choice_scores(model, tok, template, conversations, LABELS, batch_size=3, progress=False,
+                                prune=True, normalize=normalize))
+    for conv, f, p in zip(conversations, full, pruned):
+        assert p.best(normalize) == f.best(normalize)
+        assert p.n_tokens == f.n_tokens and p.exact[p.best(normalize)]
+        win = f.logprobs[f.best(normalize)] / (f.n_tokens[f.best(normalize)] if normalize else 1)
+        for j, label in enumerate(LABELS):
+            if p.exact[j]:
+                assert p.logprobs[j] == pytest.approx(f.logprobs[j], abs=1e-4)
+            else:  # the first token's log-probability: at least the full score, and (scaled) below the winner
+                first = _by_hand(model, tok, template, conv, label)  # full score; the bound must not be below it
+                assert p.logprobs[j] >= first[0] - 1e-4
+                assert p.logprobs[j] / (p.n_tokens[j] if normalize else 1) < win
+
+
 def test_label_continuation_is_what_training_renders(tokenizer):
     template = Template.for_tokenizer(tokenizer)
     conv = [Message("user", "play some jazz")]
@@ -128,3 +150,8 @@ def test_choice_scoring_on_the_real_model_matches_a_plain_forward():
     for conv, score in zip(conversations, scores):
         hand = [_by_hand(loaded.model, loaded.tokenizer, loaded.template, conv, lab)[0] for lab in labels]
         assert score.logprobs == pytest.approx(hand, abs=1e-2)
+    # pruning: the trained-looking confident answers leave the other labels at their first-token bound
+    pruned = list(choice_scores(loaded.model, loaded.tokenizer, loaded.template, conversations, labels,
+                                batch_size=2, progress=False, prune=True))
+    assert [p.best() for p in pruned] == [s.best() for s in scores]
+    assert sum(not e for p in pruned for e in p.exact) >= 1, [p.exact for p in pruned]

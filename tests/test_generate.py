@@ -63,6 +63,10 @@ def test_lora_merge_equals_adapter_outputs(make_config, tmp_path):
         base = AutoModelForCausalLM.from_pretrained(make_config().model.name)(input_ids=ids).logits
     assert (a - base).abs().max() > 1e-3  # the adapter changed something
     assert (a - b).abs().max() < 1e-4
+    in_memory = load_for_inference(str(result.run_dir), merge=True).model  # what eval/generate use
+    assert not hasattr(in_memory, "peft_config")
+    with torch.no_grad():
+        assert (in_memory(input_ids=ids).logits - a).abs().max() < 1e-4
 
 
 def test_cli_train_generate_resume(make_config, tmp_path):

@@ -52,6 +52,9 @@ def test_method_trains_saves_reloads_and_merges(name, make_config, tmp_path):
     batched = generate(loaded, PROMPTS, gen, progress=False)
     single = [generate(loaded, [p], gen.model_copy(update={"batch_size": 1}), progress=False)[0] for p in PROMPTS]
     assert batched == single and all(len(o) == 1 for o in batched)
+    in_memory = load_for_inference(str(run), merge=True)  # how eval and generate load a run
+    assert hasattr(in_memory.model, "peft_config") == (name not in MERGEABLE)
+    assert generate(in_memory, PROMPTS, gen, progress=False) == batched
 
     if name in MERGEABLE:
         out = export_merged(run, tmp_path / f"{name}-merged")

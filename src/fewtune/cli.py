@@ -144,7 +144,7 @@ def generate(
         for line, record in _run(lambda: list(read_records(input))):
             records.append(record)
             conversations.append(_run(_prompt_conversation, record, str(input), line))
-    loaded = _run(load_for_inference, target, system_prompt=system)
+    loaded = _run(load_for_inference, target, system_prompt=system, merge=True)
     outputs = _run(run_generate, loaded, conversations, gen)
     sink = open(output, "w", encoding="utf-8") if output else None
     try:
@@ -183,7 +183,7 @@ def chat(
 
     gen = _run(_generate_section, config, dict(max_new_tokens=max_new_tokens, temperature=temperature,
                                                top_k=top_k, top_p=top_p))
-    loaded = _run(load_for_inference, target, system_prompt=system)
+    loaded = _run(load_for_inference, target, system_prompt=system, merge=True)
     typer.echo(f"chatting with {loaded.source} ({loaded.template.kind} template). /reset clears, /exit quits.")
     history: list[Message] = []
     while True:

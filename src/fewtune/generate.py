@@ -38,8 +38,13 @@ def is_run_dir(path: str | Path) -> bool:
 
 
 def load_for_inference(path_or_model: str, template_kind: str = "auto", system_prompt: str | None = None,
-                       dtype: str = "auto") -> Loaded:
-    """A run directory (base + adapter, or full model) or any model name/folder/.gguf."""
+                       dtype: str = "auto", merge: bool = False) -> Loaded:
+    """A run directory (base + adapter, or full model) or any model name/folder/.gguf.
+
+    ``merge=True`` folds a weight adapter (LoRA, DoRA, IA3) into the base weights in memory:
+    the same outputs (within float rounding) without the adapter's extra matrix products,
+    which matters on a CPU. Prompt-learning adapters (virtual tokens) stay as they are.
+    """
     if is_run_dir(path_or_model):
         run = Path(path_or_model)
         cfg = load_config(run / "config.yaml")
@@ -50,6 +55,11 @@ def load_for_inference(path_or_model: str, template_kind: str = "auto", system_p
 
             base = load_model(cfg.model.name, dtype if dtype != "auto" else cfg.model.dtype)
             model = PeftModel.from_pretrained(base, str(run / "adapter"))
+            if merge:
+                from fewtune.train.adapters import is_prompt_learning
+
+                if not is_prompt_learning(model):
+                    model = model.merge_and_unload()
         elif (run / "model").is_dir():
             model = load_model(str(run / "model"), dtype)
         else:

@@ -45,7 +45,7 @@ def demo_config(output_dir: str, overrides: list[str] | None = None) -> Config:
 
 
 def _evaluate(target: str, test_examples, cfg: Config, system_prompt: str | None) -> tuple[dict, list[str]]:
-    loaded = load_for_inference(target, system_prompt=system_prompt)
+    loaded = load_for_inference(target, system_prompt=system_prompt, merge=True)
     outputs = generate(loaded, [e.prompt_messages for e in test_examples], cfg.generate)
     predictions = [o[0] for o in outputs]
     return json_metrics(predictions, [e.reference for e in test_examples]), predictions

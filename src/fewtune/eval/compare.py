@@ -118,7 +118,8 @@ def compare(targets: Sequence[str], data: str | Path, task: str = "auto", labels
     results: list[EvalResult] = []
     general_results: list[EvalResult] = []
     for target, name in zip(targets, names):
-        loaded = load_for_inference(str(target), system_prompt=None if is_run_dir(target) else system_prompt)
+        loaded = load_for_inference(str(target), system_prompt=None if is_run_dir(target) else system_prompt,
+                                    merge=True)
         log.info("evaluating %s", target)
         res = evaluate(loaded, data, task, labels, mode, limit, batch_size,
                        out / "models" / name if out else None, max_new_tokens=max_new_tokens, progress=progress)

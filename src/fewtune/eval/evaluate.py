@@ -104,14 +104,17 @@ def classify(loaded: Loaded, examples: Sequence[Example], labels: Sequence[str],
     records: list[dict] = []
     conversations = [e.prompt_messages for e in examples]
     if mode == "choice":
+        # only the winner counts here, so labels that provably cannot win are not scored in full
         scores = choice_scores(loaded.model, loaded.tokenizer, loaded.template, conversations, labels,
-                               batch_size=batch_size, progress=progress)
+                               batch_size=batch_size, progress=progress, prune=True, normalize=normalize)
         for i, (example, score) in enumerate(zip(examples, scores)):
             predicted = labels[score.best(normalize)]
             records.append({"index": i, "line": example.line, "input": _input_text(example), "expected": expected[i],
                             "predicted": predicted, "correct": predicted == expected[i],
                             "logprobs": {lab: round(lp, 4) for lab, lp in zip(labels, score.logprobs)},
-                            "n_tokens": dict(zip(labels, score.n_tokens))})
+                            "n_tokens": dict(zip(labels, score.n_tokens)),
+                            # labels left at their upper bound (first token only): they could not win
+                            "bounded": [lab for lab, ok in zip(labels, score.exact or []) if not ok]})
     else:
         if max_new_tokens is None:
             longest = max(len(label_continuation(conversations[0], lab, loaded.tokenizer, loaded.template))
@@ -218,7 +221,7 @@ def task_metrics(loaded: Loaded, examples: Sequence[Example], task: str, labels:
 def _as_loaded(target: str | Loaded, system_prompt: str | None) -> Loaded:
     if isinstance(target, Loaded):
         return target
-    return load_for_inference(str(target), system_prompt=system_prompt)
+    return load_for_inference(str(target), system_prompt=system_prompt, merge=True)
 
 
 def evaluate(target: str | Loaded, data: str | Path, task: str = "auto", labels: Sequence[str] | None = None,

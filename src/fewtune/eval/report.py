@@ -143,8 +143,11 @@ def _worst(result: EvalResult, k: int = 10) -> tuple[list[str], list[list[str]]]
             for r in wrong:
                 r["_margin"] = r["logprobs"][r["predicted"]] - r["logprobs"][r["expected"]]
             wrong.sort(key=lambda r: -r["_margin"])
+            # a pruned expected label carries an upper bound, so its margin is a lower bound
+            at_least = lambda r: "≥ " if r["expected"] in r.get("bounded", []) else ""  # noqa: E731
             return (["line", "input", "expected", "predicted", "log-prob margin"],
-                    [[r.get("line", ""), cut(r["input"]), r["expected"], r["predicted"], f"{r['_margin']:.2f}"] for r in wrong[:k]])
+                    [[r.get("line", ""), cut(r["input"]), r["expected"], r["predicted"], f"{at_least(r)}{r['_margin']:.2f}"]
+                     for r in wrong[:k]])
         wrong.sort(key=lambda r: r["predicted"] != "<unparseable>")
         return (["line", "input", "expected", "predicted", "output"],
                 [[r.get("line", ""), cut(r["input"]), r["expected"], r["predicted"], cut(r.get("output", ""))] for r in wrong[:k]])

@@ -17,10 +17,19 @@ Work is shared three ways, because on a CPU the cost is the number of token posi
 
 Only the positions that predict label tokens reach the vocabulary projection, and only
 per-example sums leave a batch, so memory does not grow with the size of the set.
+
+When only the winner matters (accuracy, F1), ``prune=True`` skips labels that provably
+cannot win: every token's log-probability is at most 0, so a label's score is at most the
+log-probability of its first token (divided by its length when normalising), which the
+prompt's last position gives for free. The most promising label of each example is scored
+in full first; any label whose bound is below the best full score is then left out. The
+argmax is the same as without pruning; the skipped labels report their bound and are
+marked in :attr:`ChoiceScore.exact`.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -38,6 +47,7 @@ class ChoiceScore:
 
     logprobs: list[float]
     n_tokens: list[int]
+    exact: list[bool] | None = None  # False where pruning left a label at its upper bound (None: all exact)
 
     def best(self, normalize: bool = False) -> int:
         values = [lp / n for lp, n in zip(self.logprobs, self.n_tokens)] if normalize else self.logprobs
@@ -152,14 +162,17 @@ def _label_rows(conts: list[list[list[int]]], seen: torch.Tensor, dtype: torch.d
 
 @torch.no_grad()
 def choice_scores(model, tokenizer, template: Template, conversations: Sequence[Sequence[Message]],
-                  labels: Sequence[str], batch_size: int = 8, progress: bool = True) -> Iterator[ChoiceScore]:
+                  labels: Sequence[str], batch_size: int = 8, progress: bool = True, prune: bool = False,
+                  normalize: bool = False) -> Iterator[ChoiceScore]:
     """Yield, in order, each conversation's :class:`ChoiceScore` over ``labels``.
 
     ``conversations`` are prompts (a final assistant turn, if any, is dropped by the render).
     ``batch_size`` examples run together: one forward of their own prompt tokens on the
     shared prefix's cache, then one forward of all their labels, packed one row per example
     on that cache. Examples are grouped by prompt length within windows of 16 batches (less
-    padding); results still come out in the input order.
+    padding); results still come out in the input order. ``prune`` skips labels that cannot
+    beat the best one under ``best(normalize)`` (see the module notes): same winners, fewer
+    positions run; without it every label is scored exactly.
     """
     if not labels:
         raise ValueError("choice scoring needs at least one candidate label")
@@ -185,7 +198,8 @@ def choice_scores(model, tokenizer, template: Template, conversations: Sequence[
             idx = order[start:start + batch_size]
             for i, score in zip(idx, _score_batch(model, [prompts[i][n_prefix:] for i in idx],
                                                   [continuations(i, conversations[i], prompts[i]) for i in idx],
-                                                  prefix_layers, n_prefix, pad_id, device, dtype)):
+                                                  prefix_layers, n_prefix, pad_id, device, dtype, prune,
+                                                  normalize)):
                 done[i] = score
             bar.update(len(idx))
         for i in in_window:
@@ -194,7 +208,7 @@ def choice_scores(model, tokenizer, template: Template, conversations: Sequence[
 
 
 def _score_batch(model, suffixes: list[list[int]], conts: list[list[list[int]]], prefix_layers, n_prefix: int,
-                 pad_id: int, device, dtype) -> list[ChoiceScore]:
+                 pad_id: int, device, dtype, prune: bool = False, normalize: bool = False) -> list[ChoiceScore]:
     from transformers import DynamicCache
 
     ids, mask = _pad(suffixes, pad_id)
@@ -210,22 +224,55 @@ def _score_batch(model, suffixes: list[list[int]], conts: list[list[list[int]]],
                 position_ids=(n_prefix + torch.arange(width)).expand(b, width).to(device),
                 past_key_values=cache, use_cache=True, logits_to_keep=keep.to(device))
     first = torch.log_softmax(out.logits.float(), dim=-1)[torch.arange(b), torch.searchsorted(keep, last).to(device)]
+    cache, cached = out.past_key_values, mask.shape[1]
     n_labels = len(conts[0])
     sums = torch.zeros((b, n_labels), dtype=torch.float64)
     counts = torch.ones((b, n_labels), dtype=torch.long)
     for r in range(b):
         sums[r] = first[r, [c[0] for c in conts[r]]].double().cpu()
-    lab_ids, targets, offset, owner, lab_mask = _label_rows(conts, mask, dtype)
-    if (owner >= 0).any():
+    sizes = torch.tensor([[len(c) for c in row] for row in conts], dtype=torch.float64)
+    done = sizes <= 1  # a one-token continuation is scored by its first token alone
+
+    def run(chosen: list[list[int]]) -> None:
+        """Score the rest of the chosen labels' tokens, packed one row per example, on the prompt cache."""
+        sub = [[conts[r][j] for j in chosen[r]] for r in range(b)]
+        lab_ids, targets, offset, owner, lab_mask = _label_rows(sub, mask, dtype)
+        if not (owner >= 0).any():
+            return
         position = n_prefix + lengths.unsqueeze(1) + offset
         logits = model(input_ids=lab_ids.to(device), attention_mask=lab_mask.to(device), position_ids=position.to(device),
-                       past_key_values=out.past_key_values, use_cache=True).logits
+                       past_key_values=cache, use_cache=True).logits
+        extra = cache.get_seq_length() - cached
+        if extra > 0:
+            cache.crop(-extra)  # the next pass sees the prompt only
         logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.to(device).unsqueeze(-1)).squeeze(-1).cpu()
         real = owner >= 0
         rows = torch.arange(b).unsqueeze(1).expand_as(owner)
-        sums.index_put_((rows[real], owner[real]), logp[real].double(), accumulate=True)
-        counts.index_put_((rows[real], owner[real]), torch.ones(int(real.sum()), dtype=torch.long), accumulate=True)
-    return [ChoiceScore(sums[r].tolist(), counts[r].tolist()) for r in range(b)]
+        lookup = torch.full((b, max(1, max(len(c) for c in chosen))), -1, dtype=torch.long)
+        for r, js in enumerate(chosen):
+            lookup[r, :len(js)] = torch.tensor(js, dtype=torch.long)
+        label = lookup[rows[real], owner[real]]
+        sums.index_put_((rows[real], label), logp[real].double(), accumulate=True)
+        counts.index_put_((rows[real], label), torch.ones(int(real.sum()), dtype=torch.long), accumulate=True)
+        done[rows[real], label] = True
+
+    if not prune:
+        run([[j for j in range(n_labels) if not done[r, j]] for r in range(b)])
+        return [ChoiceScore(sums[r].tolist(), counts[r].tolist()) for r in range(b)]
+
+    # bound on each label's final score: every further token adds a log-probability <= 0
+    bound = sums / sizes if normalize else sums.clone()
+    for first_round in (True, False):
+        final = torch.where(done, sums / counts if normalize else sums, torch.tensor(-math.inf, dtype=torch.float64))
+        best = final.max(dim=1, keepdim=True).values
+        open_ = ~done & (bound >= best)
+        if first_round:  # the most promising open label of each example first: its full score prunes the rest
+            top = torch.where(open_, bound, torch.tensor(-math.inf, dtype=torch.float64)).argmax(dim=1)
+            chosen = [[int(top[r])] if open_[r].any() else [] for r in range(b)]
+        else:
+            chosen = [torch.nonzero(open_[r]).flatten().tolist() for r in range(b)]
+        run(chosen)
+    return [ChoiceScore(sums[r].tolist(), [len(c) for c in conts[r]], done[r].tolist()) for r in range(b)]
 
 
 # ---------------------------------------------------------------- perplexity
