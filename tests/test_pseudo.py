@@ -191,29 +191,36 @@ def test_errors_are_clear(labeled_run, unlabeled, tmp_path):
 
 
 def test_one_round_labels_selects_and_retrains(labeled_run, unlabeled, tmp_path):
+    # scored independently: the run's template (with its system prompt) and plain user turns
+    loaded = load_for_inference(str(labeled_run))
+    assert loaded.template.system_prompt == "判断评论的情感。"
+    scores = list(choice_scores(loaded.model, loaded.tokenizer, loaded.template, [[Message("user", t)] for t in UNLABELED],
+                                ["Negative", "Positive"], progress=False))
+    confidence = [max(label_probabilities(s)) for s in scores]
+    ranked = sorted(confidence, reverse=True)
+    assert ranked[4] - ranked[5] > 1e-7  # a threshold between them keeps exactly the 5 most confident
+    threshold = (ranked[4] + ranked[5]) / 2
+    wanted = [i for i, c in enumerate(confidence) if c >= threshold]
     out = tmp_path / "pl"
-    result = pseudo_label(labeled_run, unlabeled, out, rename={"text": "sentence"}, threshold=0.5, balance=False,
+    result = pseudo_label(labeled_run, unlabeled, out, rename={"text": "sentence"}, threshold=threshold, balance=False,
                           progress=False)
     r1 = out / "round_1"
     summary = json.loads((r1 / "summary.json").read_text())
     assert summary == result.rounds[0] and summary["pool"] == len(UNLABELED)
     assert summary["skipped"] == {"empty prompt": 1, "duplicate within the unlabeled file": 1,
                                   "already a labeled example": 1}
-    # the labels are the argmax of choice scoring by the run, on the prompts as training renders them
-    loaded = load_for_inference(str(labeled_run))
-    assert loaded.template.system_prompt == "判断评论的情感。"
-    scores = list(choice_scores(loaded.model, loaded.tokenizer, loaded.template, [[Message("user", t)] for t in UNLABELED],
-                                ["Negative", "Positive"], progress=False))
-    expected = [["Negative", "Positive"][s.best()] for s in scores]
+    # pseudo.jsonl: the examples above the threshold, labeled with the argmax of the scores
+    expected = [["Negative", "Positive"][scores[i].best()] for i in wanted]
     pseudo = [json.loads(line) for line in (r1 / "pseudo.jsonl").read_text().splitlines()]
-    assert len(pseudo) == summary["kept"] == len(UNLABELED)  # two labels: every argmax has p >= 0.5
+    assert len(pseudo) == summary["kept"] == 5
+    assert [p["provenance"]["id"] for p in pseudo] == wanted  # FewCLUE ids, in file order
+    assert [p["messages"][0]["content"] for p in pseudo] == [UNLABELED[i] for i in wanted]
     assert [p["label"] for p in pseudo] == expected
     assert [p["messages"][-1]["content"] for p in pseudo] == expected
-    assert [p["messages"][0]["content"] for p in pseudo] == UNLABELED
     assert all(p["pseudo"] is True and p["provenance"]["set"] == "pseudo" for p in pseudo)
-    assert [p["provenance"]["id"] for p in pseudo] == list(range(len(UNLABELED)))
-    for p, s in zip(pseudo, scores):
-        assert p["confidence"] == pytest.approx(max(label_probabilities(s)), abs=1e-6)
+    assert [p["confidence"] for p in pseudo] == pytest.approx([confidence[i] for i in wanted], abs=1e-6)
+    assert sum(c["above_threshold"] for c in summary["classes"].values()) == 5
+    assert sum(c["scored"] for c in summary["classes"].values()) == len(UNLABELED)
     counts = {lab: expected.count(lab) for lab in ("Negative", "Positive")}
     assert {lab: c["kept"] for lab, c in summary["classes"].items()} == counts
     # labeled training part + kept; validation is the run's own labeled validation split
@@ -244,6 +251,21 @@ def test_no_train_only_labels_with_balance(labeled_run, unlabeled, tmp_path):
     # the labeled training part is balanced (6/6): with both classes predicted, one each; otherwise none
     assert kept == ({"Negative": 1, "Positive": 1} if all(scored.values()) else {"Negative": 0, "Positive": 0})
     assert len((out / "round_1" / "pseudo.jsonl").read_text().splitlines()) == sum(kept.values())
+
+
+def test_excluded_prompts_and_nothing_kept(labeled_run, unlabeled, tmp_path):
+    test_set = write_jsonl(tmp_path / "test_public.json", [{"sentence": UNLABELED[1], "label": "Negative", "id": 5}])
+    out = tmp_path / "pl"
+    result = pseudo_label(labeled_run, unlabeled, out, rename={"text": "sentence"}, threshold=1.0, rounds=2,
+                          exclude=[test_set], progress=False)
+    assert len(result.rounds) == 1  # nothing reached p = 1.0: no retraining, and round 2 would change nothing
+    s = result.rounds[0]
+    assert s["pool"] == len(UNLABELED) - 1 and s["skipped"][f"in {test_set}"] == 1 and s["kept"] == 0
+    assert s["stopped"].startswith("nothing kept") and s["training"] is None
+    assert not (out / "round_1" / "run").exists() and not (out / "round_2").exists()
+    texts = [json.loads(line)["text"] for line in (out / "round_1" / "scores.jsonl").read_text().splitlines()]
+    assert UNLABELED[1] not in texts and len(texts) == len(UNLABELED) - 1
+    assert "Stopped: nothing kept" in (out / "round_1" / "summary.md").read_text()
 
 
 def test_two_rounds_from_the_command_line(labeled_run, unlabeled, tmp_path):

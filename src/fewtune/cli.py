@@ -381,6 +381,7 @@ def pseudo_label(
     system: Annotated[Optional[str], typer.Option(help="system message for the prompts (default: the labeled examples' own)")] = None,
     normalize: Annotated[bool, typer.Option("--normalize", help="confidence from per-token mean log-probs")] = False,
     batch_size: int = 8,
+    exclude: Annotated[Optional[list[Path]], typer.Option(help="leave out prompts found in this file, e.g. the test set (repeatable)")] = None,
 ):
     """Label unlabeled data with a run, keep confident class-balanced examples, retrain on labeled + pseudo-labeled."""
     _setup_logging()
@@ -389,7 +390,7 @@ def pseudo_label(
 
     try:
         result = _run(run_pseudo, run_dir, unlabeled, out, config, _labels(labels), threshold, balance, max_per_class,
-                      limit, rounds, train, _rename(rename), prompt_format, system, normalize, batch_size)
+                      limit, rounds, train, _rename(rename), prompt_format, system, normalize, batch_size, exclude)
     except PseudoError as err:
         _fail(err)
     for s in result.rounds:

@@ -43,6 +43,7 @@ from fewtune.data.dataset import load_train_val
 from fewtune.data.formats import DataError, Example, Message, read_records
 from fewtune.data.tools import write_jsonl
 from fewtune.eval.scoring import ChoiceScore
+from fewtune.recipe.pseudo_report import fmt, mean, overview_markdown, round_markdown, write_summary
 
 log = logging.getLogger(__name__)
 
@@ -219,9 +220,8 @@ def read_unlabeled(path: str | Path, rename: dict[str, str] | None = None, promp
     return pool, skipped
 
 
-def drop_known(pool: list[Unlabeled], labeled: Sequence[Example]) -> tuple[list[Unlabeled], list[int]]:
-    """Leave out unlabeled prompts that are labeled examples already (training or validation)."""
-    known = {m.content.strip() for e in labeled for m in e.prompt_messages[-1:]}
+def drop_known(pool: list[Unlabeled], known: set[str]) -> tuple[list[Unlabeled], list[int]]:
+    """Leave out unlabeled prompts whose text is in ``known`` (labeled examples, or an --exclude file's)."""
     kept = [u for u in pool if u.messages[-1].content.strip() not in known]
     return kept, [u.line for u in pool if u.messages[-1].content.strip() in known]
 
@@ -290,39 +290,6 @@ def training_result(run_dir: str | Path) -> dict | None:
             "steps": s.get("steps"), "train_examples": s.get("train_examples"), "val_examples": s.get("val_examples")}
 
 
-def _mean(values: Sequence[float]) -> float | None:
-    return round(sum(values) / len(values), 6) if values else None
-
-
-def _fmt(value) -> str:
-    return "n/a" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
-
-
-def round_markdown(summary: dict, baseline: dict | None) -> str:
-    lines = [f"# Pseudo-labeling round {summary['round']}", "",
-             f"Labeled by `{summary['labeled_by']}` on `{summary['unlabeled']}`: {summary['pool']} prompts scored "
-             f"(skipped: {', '.join(f'{n} {why}' for why, n in summary['skipped'].items()) or 'none'}).",
-             f"Threshold {summary['threshold']} on the {'length-normalised ' if summary['normalize'] else ''}"
-             f"label probability; balance: {summary['balance']}; max per class: {summary['max_per_class'] or 'none'}.",
-             "", "| class | scored | above threshold | kept |", "|---|---:|---:|---:|"]
-    for lab, c in summary["classes"].items():
-        lines.append(f"| {lab} | {c['scored']} | {c['above_threshold']} | {c['kept']} |")
-    lines += ["", f"Kept {summary['kept']} examples; mean confidence of the kept {_fmt(summary['mean_confidence_kept'])}, "
-              f"of all scored {_fmt(summary['mean_confidence_all'])}."]
-    t = summary.get("training")
-    if t:
-        lines += ["", f"Training: {summary['train_labeled']} labeled + {summary['kept']} pseudo-labeled examples -> "
-                  f"`{t['run']}` ({t['steps']} steps); best validation {t['eval_metric']} {_fmt(t['best'])}"
-                  + (f" (labeling run: {_fmt(baseline['best'])})" if baseline and baseline["eval_metric"] == t["eval_metric"]
-                     else "") + "."]
-    return "\n".join(lines) + "\n"
-
-
-def _write_summary(path_stem: Path, summary: dict, markdown: str) -> None:
-    path_stem.with_suffix(".json").write_text(json.dumps(summary, ensure_ascii=False, indent=2), encoding="utf-8")
-    path_stem.with_suffix(".md").write_text(markdown, encoding="utf-8")
-
-
 # ---------------------------------------------------------------- the stage function
 
 
@@ -339,7 +306,7 @@ def pseudo_label(run_dir: str | Path, unlabeled: str | Path, out_dir: str | Path
                  balance: bool = True, max_per_class: int | None = None, limit: int | None = None, rounds: int = 1,
                  train: bool = True, rename: dict[str, str] | None = None, prompt_format: str = "{text}",
                  system: str | None = None, normalize: bool = False, batch_size: int = 8,
-                 progress: bool = True) -> PseudoResult:
+                 exclude: Sequence[str | Path] | None = None, progress: bool = True) -> PseudoResult:
     """Label ``unlabeled`` with a finished run, keep the confident examples class-balanced, retrain; ``rounds`` times."""
     if not 0 < threshold <= 1:
         raise PseudoError(f"--threshold must be in (0, 1], got {threshold}")
@@ -361,10 +328,14 @@ def pseudo_label(run_dir: str | Path, unlabeled: str | Path, out_dir: str | Path
         log.warning("labeled examples have labels outside --labels (kept in training as they are): %s", ", ".join(outside))
     system_text = shared_system(labeled, system)
     pool, skipped = read_unlabeled(unlabeled, rename, prompt_format, system_text, limit)
-    pool, known = drop_known(pool, labeled)
-    skipped["already a labeled example"] = known
+    pool, skipped["already a labeled example"] = drop_known(
+        pool, {m.content.strip() for e in labeled for m in e.prompt_messages[-1:]})
+    for path in exclude or []:  # e.g. the test set: its inputs must not become training data
+        held, _ = read_unlabeled(path, rename, prompt_format)
+        pool, lines = drop_known(pool, {u.messages[-1].content.strip() for u in held})
+        skipped[f"in {path}"] = lines
     if not pool:
-        raise DataError(str(unlabeled), None, "every unlabeled prompt is also a labeled example: nothing to label")
+        raise DataError(str(unlabeled), None, "nothing to label: every prompt is a labeled example or in an --exclude file")
     check_prompt_shape(train_ex, pool, prompt_format)
     for why, lines in skipped.items():
         if lines:
@@ -392,16 +363,17 @@ def pseudo_label(run_dir: str | Path, unlabeled: str | Path, out_dir: str | Path
                    "balance": ("labeled class proportions" if all(counts_labeled.get(lab) for lab in labels)
                                else "equal per class") if balance else "off",
                    "max_per_class": max_per_class, "classes": classes, "kept": len(kept),
-                   "mean_confidence_kept": _mean([s.confidence for s in kept]),
-                   "mean_confidence_all": _mean([s.confidence for s in scored]),
+                   "mean_confidence_kept": mean([s.confidence for s in kept]),
+                   "mean_confidence_all": mean([s.confidence for s in scored]),
                    "train_labeled": len(train_ex), "training": None}
         log.info("round %d: kept %d of %d (%s)", r, len(kept), len(pool),
                  ", ".join(f"{lab}: {c['kept']} kept / {c['above_threshold']} above / {c['scored']} scored"
                            for lab, c in classes.items()))
-        if not kept:
-            log.warning("round %d: no example passed the threshold%s; lower --threshold", r,
-                        " with class balance (a class had none)" if balance else "")
-        if train:
+        if not kept and train:  # retraining on the labeled data alone would repeat the run; so would later rounds
+            summary["stopped"] = "nothing kept: not retrained, no further rounds"
+            log.warning("round %d: no example kept%s; lower --threshold. Stopping: %s", r,
+                        " (class balance: a class had none above the threshold)" if balance else "", summary["stopped"])
+        elif train:
             from fewtune.train.loop import train as run_training
 
             rc = round_config(cfg, round_dir, _labeled_rows(train_ex) + pseudo_rows, val_ex)
@@ -411,24 +383,12 @@ def pseudo_label(run_dir: str | Path, unlabeled: str | Path, out_dir: str | Path
             summary["training"] = training_result(rc.train.output_dir)
             model_dir = Path(rc.train.output_dir)
             t = summary["training"]
-            log.info("round %d: best validation %s %s (labeling run: %s)", r, t["eval_metric"], _fmt(t["best"]),
-                     _fmt(baseline["best"]) if baseline else "n/a")
-        _write_summary(round_dir / "summary", summary, round_markdown(summary, baseline))
+            log.info("round %d: best validation %s %s (labeling run: %s)", r, t["eval_metric"], fmt(t["best"]),
+                     fmt(baseline["best"]) if baseline else "n/a")
+        write_summary(round_dir / "summary", summary, round_markdown(summary, baseline))
         summaries.append(summary)
-    result = PseudoResult(out, labels, summaries, baseline)
-    _write_summary(out / "summary", {"run": str(run), "labels": labels, "baseline": baseline, "rounds": summaries},
-                   overview_markdown(result))
-    return result
-
-
-def overview_markdown(result: PseudoResult) -> str:
-    b = result.baseline
-    lines = ["# Pseudo-labeling", "", f"Labels: {', '.join(result.labels)}. Each round's details: `round_K/summary.md`.",
-             "", "| round | labeled by | kept | mean confidence (kept) | best validation |", "|---|---|---:|---:|---|"]
-    if b:
-        lines.append(f"| 0 | (the given run) | - | - | {b['eval_metric']} {_fmt(b['best'])} |")
-    for s in result.rounds:
-        t = s["training"]
-        trained = f"{t['eval_metric']} {_fmt(t['best'])}" if t else "not trained"
-        lines.append(f"| {s['round']} | `{s['labeled_by']}` | {s['kept']} | {_fmt(s['mean_confidence_kept'])} | {trained} |")
-    return "\n".join(lines) + "\n"
+        if summary.get("stopped"):
+            break
+    write_summary(out / "summary", {"run": str(run), "labels": labels, "baseline": baseline, "rounds": summaries},
+                  overview_markdown(labels, summaries, baseline))
+    return PseudoResult(out, labels, summaries, baseline)
