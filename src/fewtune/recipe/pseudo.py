@@ -22,7 +22,9 @@ Prompts are built as the labeled examples' prompts are: the user turn is ``promp
 filled with the record's fields (default ``{text}``; ``rename`` maps fields first, e.g.
 ``{"text": "sentence"}`` for FewCLUE), preceded by the system message every labeled
 example carries (if they share one) or ``system``; the run's template (and its
-``data.system_prompt``) renders them through the one render function.
+``data.system_prompt``) renders them through the one render function. Prompts that are
+empty, repeated, a labeled example's, or in an ``exclude`` file (a test set) are left out
+and counted in the summary. A round that keeps nothing is not retrained and ends the rounds.
 """
 
 from __future__ import annotations
