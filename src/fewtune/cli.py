@@ -363,6 +363,44 @@ def doctor(
     typer.echo(json.dumps([f.to_dict() for f in findings], indent=2) if as_json else format_findings(findings))
 
 
+@app.command("pseudo-label")
+def pseudo_label(
+    run_dir: Annotated[Path, typer.Argument(help="a finished classification run (its config names the labeled data)")],
+    unlabeled: Annotated[Path, typer.Option("--unlabeled", "-u", help="unlabeled records (JSONL, JSON array, CSV)")],
+    config: Annotated[Optional[Path], typer.Option(help="config for the labeled data and retraining (default: the run's)")] = None,
+    labels: Annotated[Optional[list[str]], typer.Option(help="candidate labels, comma-separated (default: the labeled data's)")] = None,
+    threshold: Annotated[float, typer.Option(help="keep examples whose label probability is at least this, in (0, 1]")] = 0.9,
+    balance: Annotated[bool, typer.Option(help="keep the labeled set's class proportions")] = True,
+    max_per_class: Annotated[Optional[int], typer.Option(help="keep at most this many per class")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="only the first N unlabeled prompts")] = None,
+    rounds: Annotated[int, typer.Option(help="label-select-retrain rounds, each labeled by the newest run")] = 1,
+    train: Annotated[bool, typer.Option(help="retrain on labeled + pseudo-labeled data (--no-train: only label)")] = True,
+    out: Annotated[Optional[Path], typer.Option(help="output folder (default: RUN_DIR/pseudo)")] = None,
+    rename: Annotated[Optional[list[str]], typer.Option("--map", help="rename a field: OURS=THEIRS, e.g. --map text=sentence")] = None,
+    prompt_format: Annotated[str, typer.Option(help="the user turn from the record's fields, e.g. '评论：{text}'")] = "{text}",
+    system: Annotated[Optional[str], typer.Option(help="system message for the prompts (default: the labeled examples' own)")] = None,
+    normalize: Annotated[bool, typer.Option("--normalize", help="confidence from per-token mean log-probs")] = False,
+    batch_size: int = 8,
+    exclude: Annotated[Optional[list[Path]], typer.Option(help="leave out prompts found in this file, e.g. the test set (repeatable)")] = None,
+):
+    """Label unlabeled data with a run, keep confident class-balanced examples, retrain on labeled + pseudo-labeled."""
+    _setup_logging()
+    from fewtune.data.cli import _rename
+    from fewtune.recipe.pseudo import PseudoError, pseudo_label as run_pseudo
+
+    try:
+        result = _run(run_pseudo, run_dir, unlabeled, out, config, _labels(labels), threshold, balance, max_per_class,
+                      limit, rounds, train, _rename(rename), prompt_format, system, normalize, batch_size, exclude)
+    except PseudoError as err:
+        _fail(err)
+    for s in result.rounds:
+        t = s["training"]
+        per_class = ", ".join(f"{lab} {c['kept']}" for lab, c in s["classes"].items())
+        typer.echo(f"round {s['round']}: kept {s['kept']} of {s['pool']} ({per_class})"
+                   + (f"; best validation {t['eval_metric']} {t['best']}, run: {t['run']}" if t else ""))
+    typer.echo(f"summary: {result.out_dir / 'summary.md'}")
+
+
 from fewtune.data.cli import app as data_app  # noqa: E402
 
 app.add_typer(data_app, name="data")
