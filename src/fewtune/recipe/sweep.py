@@ -333,6 +333,7 @@ def _execute(cfg: Config, run_dir: Path, eval_file: str, plan: Plan) -> dict:
         raise SweepInterrupted(f"sweep interrupted at step {err.step} of {run_dir} (checkpoint saved). Run the same "
                                "command again to continue: recorded runs are skipped, this one resumes") from None
     train_s = time.time() - start
+    _free_memory()  # the trainer's model goes before the evaluation loads the run
     evaluated = evaluate(str(run_dir), eval_file, plan.task, plan.labels, cfg.train.eval_mode,
                          batch_size=cfg.train.batch_size, output_dir=run_dir / "eval", progress=False)
     metrics = {k: v for k, v in evaluated.metrics.items()
@@ -383,7 +384,7 @@ def sweep(cfg: Config, grid: list[str] | None = None, random_n: int | None = Non
         run_dir = _run_dir(out, params, seed, fold)
         what = ", ".join(f"{k}={v}" for k, v in params.items()) or "the config as is"
         log.info("run %d/%d: %s, seed %d%s -> %s", i, len(todo), what, seed,
-                 f", fold {fold + 1}/{kfold}" if fold is not None else "", run_dir)
+                 f", fold-{fold} of {kfold}" if fold is not None else "", run_dir)
         if records.get(_run_key(params, seed, fold)):  # a failed run tried again starts afresh
             shutil.rmtree(run_dir, ignore_errors=True)
         record = {"sweep": fingerprint, "params": params, "seed": seed, "fold": fold, "run_dir": str(run_dir)}

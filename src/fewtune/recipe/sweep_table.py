@@ -38,7 +38,7 @@ def rank(combos: list[dict], records: list[dict], metric: str, task: str) -> lis
             values = [r["metrics"][name] for r in ok if r["metrics"].get(name) is not None]
             stats[name] = dict(zip(("mean", "std"), mean_std(values)), n=len(values))
         rows.append({"params": params, "runs": len(mine), "ok": len(ok), "failed": len(mine) - len(ok),
-                     "stats": stats, "wall_s": mean_std([r["wall_s"] for r in mine])[0],
+                     "stats": stats, "wall_s": mean_std([r["wall_s"] for r in ok or mine])[0],
                      "errors": [r["error"] for r in mine if r["status"] == "failed"]})
     sign = 1 if metric in LOWER_IS_BETTER else -1
     rows.sort(key=lambda row: (row["stats"][metric]["mean"] is None, sign * (row["stats"][metric]["mean"] or 0.0)))
@@ -73,17 +73,18 @@ def write_table(result: "SweepResult", plan: "Plan", seeds: list[int], kfold: in
     scored_on = {"kfold": f"the held-out fold of {kfold}", "holdout": "each seed's held-out validation split",
                  "validation": "the config's validation file", "external": "--eval-data"}[plan.mode]
     samples = f"seeds {', '.join(map(str, seeds))}" + (f" x {kfold} folds" if kfold else "")
-    lines = [f"# Sweep: {len(result.rows)} combination(s), {samples}, {len(result.records)} runs", "",
+    lines = [f"# Sweep: {len(result.rows)} combination(s) x {samples}: {len(result.records)} runs", "",
              f"Task: {result.task}; ranked by **{result.metric}** ({direction} is better), scored on "
              f"{plan.eval_data or scored_on}.",
-             "Each cell is the mean ± sample standard deviation (n - 1) over the combination's runs.", ""]
+             "Each cell is the mean ± sample standard deviation (n - 1) over the combination's finished runs; "
+             "wall s is the mean time per run (training and scoring).", ""]
     lines += [f"Note: {n}." for n in result.notes] + ([""] if result.notes else [])
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in body]
     failed = [r for r in result.records if r["status"] == "failed"]
     if failed:
         lines += ["", f"## Failed runs ({len(failed)})", ""]
-        lines += [f"- {r['run_dir']} (seed {r['seed']}" + (f", fold {r['fold']}" if r["fold"] is not None else "")
+        lines += [f"- {r['run_dir']} (seed {r['seed']}" + (f", fold-{r['fold']}" if r["fold"] is not None else "")
                   + f"): {r['error'].splitlines()[0] if r['error'] else ''}" for r in failed]
     result.table = "\n".join(lines) + "\n"
     (result.out_dir / "sweep.md").write_text(result.table, encoding="utf-8")
