@@ -233,3 +233,25 @@ def test_cli_kfold_sweep(base, tmp_path):
 
     bad = CliRunner().invoke(app, ["sweep", str(config), "--grid", "method.lora.rr=4,8", "--out", str(out)])
     assert bad.exit_code == 2 and "did you mean 'method.lora.r'" in bad.output
+
+
+def test_interrupted_run_continues_from_its_checkpoint(base, tmp_path, monkeypatch):
+    import fewtune.train.loop as loop
+    from fewtune.recipe.sweep import SweepInterrupted
+
+    out, real, calls = tmp_path / "sw", loop.train, []
+
+    def stopping(cfg, run_dir=None, resume=None, stop_after=None):
+        calls.append(resume)
+        return real(cfg, run_dir, resume=resume, stop_after=1 if len(calls) == 1 else None)  # Ctrl-C after step 1
+
+    monkeypatch.setattr(loop, "train", stopping)
+    with pytest.raises(SweepInterrupted, match="Run the same command again"):
+        sweep(base, seeds=1, out=out)
+    assert not (out / "sweep.jsonl").exists()  # an interrupted run is not recorded as finished or failed
+    result = sweep(base, seeds=1, out=out)
+    assert calls == [False, True] and result.trained == 1
+    record = lines(out / "sweep.jsonl")[0]
+    assert record["status"] == "ok" and record["steps"] == 2
+    steps = [m["step"] for m in lines(Path(record["run_dir"]) / "metrics.jsonl") if "train_loss" in m]
+    assert steps == [1, 2]  # step 1 from the first attempt, step 2 after resuming

@@ -376,9 +376,10 @@ def sweep(cfg: Config, grid: list[str] | None = None, random_n: int | None = Non
         return done is None or (retry_failed and done["status"] == "failed")
 
     todo = [run for run in runs if pending(run)]
+    failed = sum(records.get(_run_key(*run), {}).get("status") == "failed" for run in runs)
     if len(todo) < len(runs):
         log.info("skipping %d of %d runs already recorded in %s%s", len(runs) - len(todo), len(runs), path,
-                 "" if retry_failed else " (failed ones too; --retry-failed runs them again)")
+                 f" ({failed} of them failed; --retry-failed runs those again)" if failed and not retry_failed else "")
     base = cfg.model_dump(mode="json")
     for i, (params, seed, fold) in enumerate(todo, 1):
         run_dir = _run_dir(out, params, seed, fold)

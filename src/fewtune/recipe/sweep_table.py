@@ -94,7 +94,10 @@ def print_sweep(result: "SweepResult", console=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
+    if console is None:
+        console = Console()
+        if not console.is_terminal:  # piped or captured: no width to fit, keep each row on one line
+            console = Console(width=200)
     header, body = cells(result)
     direction = "lower" if result.metric in LOWER_IS_BETTER else "higher"
     table = Table(title=f"sweep: {result.task}, ranked by {result.metric} ({direction} is better)",
