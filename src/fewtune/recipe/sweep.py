@@ -243,7 +243,7 @@ def plan_data(cfg: Config, out: Path, seeds: list[int], kfold: int | None, eval_
     if eval_data:
         if not Path(eval_data).is_file():
             raise DataError(str(eval_data), None, "file not found (--eval-data)")
-        scored = None if Path(eval_data).suffix.lower() == ".txt" else load_examples(eval_data, data.format)
+        scored = None if Path(eval_data).suffix.lower() == ".txt" else load_examples(eval_data)  # any format, as `fewtune eval` reads it
     elif mode == "validation":
         scored = load_examples(data.validation, data.format, data.dataset)
     task = cfg.train.eval_task or detect_task(eval_data or data.train, scored)

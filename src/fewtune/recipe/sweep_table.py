@@ -49,9 +49,9 @@ def _value(v) -> str:
     return json.dumps(v, ensure_ascii=False) if isinstance(v, (list, dict)) else str(v)
 
 
-def _stat(s: dict) -> str:
+def _stat(s: dict, ok: int) -> str:
     if s["mean"] is None:
-        return "failed" if s["n"] == 0 else "n/a"
+        return "failed" if ok == 0 else "n/a"  # finished runs without this metric (val_loss with no validation)
     return f"{s['mean']:.4f}" + (f" ± {s['std']:.4f}" if s["std"] is not None else " (1 run)")
 
 
@@ -63,7 +63,7 @@ def cells(result: "SweepResult") -> tuple[list[str], list[list[str]]]:
         runs = str(row["ok"]) + (f" ({row['failed']} failed)" if row["failed"] else "")
         wall = f"{row['wall_s']:.1f}" if row["wall_s"] is not None else "n/a"
         body.append([str(i) if row["ok"] else "-", *(_value(row["params"][k]) for k in result.keys), runs,
-                     *(_stat(row["stats"][c]) for c in columns), wall])
+                     *(_stat(row["stats"][c], row["ok"]) for c in columns), wall])
     return header, body
 
 
