@@ -348,6 +348,37 @@ def suggest(
 
 
 @app.command()
+def sweep(
+    config: Annotated[Path, typer.Argument(help="YAML config: the base every combination starts from")],
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="dotted overrides for every run, e.g. train.max_steps=50")] = None,
+    grid: Annotated[Optional[list[str]], typer.Option("--grid", help="KEY=V1,V2,... (repeatable): the cartesian product is run")] = None,
+    random_n: Annotated[Optional[int], typer.Option("--random", help="run N combinations sampled from the grid instead of all")] = None,
+    seeds: Annotated[Optional[str], typer.Option(help="a count from train.seed (3) or a list (1,2,3); default 3, or 1 with --kfold")] = None,
+    kfold: Annotated[Optional[int], typer.Option(help="K folds of the training file; each run holds one out")] = None,
+    eval_data: Annotated[Optional[Path], typer.Option("--eval-data", help="score every run on this set (default: its validation split or fold)")] = None,
+    metric: Annotated[Optional[str], typer.Option(help="ranking metric (default: accuracy, rougeL, field_f1 by task)")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="sweep folder (default: TRAIN.OUTPUT_DIR/sweep)")] = None,
+    random_seed: Annotated[int, typer.Option(help="seed of the --random sample")] = 0,
+    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="run again the runs recorded as failed")] = False,
+):
+    """Train each grid combination over several seeds (or K folds) and rank them by mean ± std of the task metric."""
+    _setup_logging()
+    from fewtune.config import load_config
+    from fewtune.recipe.sweep import SweepInterrupted, parse_seeds, sweep as run_sweep
+    from fewtune.recipe.sweep_table import print_sweep
+
+    cfg = _run(load_config, config, list(overrides or []))
+    try:
+        result = _run(run_sweep, cfg, grid, random_n, _run(parse_seeds, seeds) if seeds else None, kfold, eval_data,
+                      metric, out, random_seed, retry_failed)
+    except SweepInterrupted as err:
+        typer.secho(str(err), fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(130)
+    print_sweep(result)
+    typer.echo(f"written: {result.out_dir / 'sweep.jsonl'}, {result.out_dir / 'sweep.md'}")
+
+
+@app.command()
 def doctor(
     run_dir: Annotated[Path, typer.Argument(help="a run directory (or its metrics.jsonl)")],
     predictions: Annotated[Optional[Path], typer.Option(help="JSONL with prediction and reference per example")] = None,
