@@ -1,15 +1,20 @@
 """How choice scoring should run on a CPU: flat (prompt + label) rows vs shared prompt caches.
 
-    PYTHONPATH=src nice -n 10 python benchmarks/choice_speed.py [--n 140]
+    PYTHONPATH=src python benchmarks/choice_speed.py [--n 70] [--run RUN_DIR]
 
-Scores the first N SNIPS validation utterances against the 7 intents with the default
-model in two ways and checks they agree:
+Scores N SNIPS validation utterances (spread over the intents) against the 7 intents with
+the default model in two ways and checks they agree:
 
 - flat: one row per (example, label), prompt + label continuation, batched; the output
   layer only at the label positions. Simple, and every row repeats the whole prompt.
 - shared (fewtune.eval.scoring.choice_scores): the prefix common to all prompts once,
   each example's own prompt tokens once, then only the label tokens per label, on the
   example's key/value cache; at several batch sizes.
+
+Then the whole evaluation, all 700 validation utterances as `fewtune eval` runs them, for
+the base model and (with --run) a fine-tuned run loaded as eval loads it (adapter merged):
+every label scored exactly, and with pruning (labels that cannot beat the best one left at
+their first-token bound; the argmax must not change). Time it on a quiet machine.
 
 Writes benchmarks/results/choice_speed.md.
 """
@@ -64,10 +69,28 @@ def flat_scores(loaded, conversations, labels, rows_per_batch: int = 28) -> tupl
     return scores, positions
 
 
+class _count_positions:
+    """Counts the token positions the decoder runs (batch x width of every forward), via a hook."""
+
+    def __init__(self, model):
+        self.n = 0
+        self.handle = model.get_decoder().register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None:
+            self.n += ids.numel()
+
+    def remove(self) -> int:
+        self.handle.remove()
+        return self.n
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--n", type=int, default=140)
-    parser.add_argument("--batch-sizes", default="4,8,16")
+    parser.add_argument("--n", type=int, default=70)
+    parser.add_argument("--batch-sizes", default="8,16")
+    parser.add_argument("--run", default=None, help="also time a fine-tuned run directory on all 700")
     args = parser.parse_args()
     _, val_file = convert(find_snips(), ROOT / "runs" / "snips" / "data")
     examples = load_examples(val_file)
@@ -96,6 +119,27 @@ def main() -> None:
         lines.append(f"| shared prefix + per-example cache | {bs} examples | {s:.1f} | {s * 700 / len(conversations):.0f} s | "
                      f"{'yes' if agree and same_pred else 'NO'} (scores within 0.01, same argmax) |")
         print(lines[-1], flush=True)
+    lines += ["", f"All {len(examples)} validation utterances, batch 16, as `fewtune eval` scores them:", "",
+              "| model | labels scored | seconds | positions run | same predictions as exact | accuracy |",
+              "|---|---|---:|---:|---|---:|"]
+    every = [e.prompt_messages for e in examples]
+    gold = [e.label for e in examples]
+    targets = [("base", "smollm2-135m-instruct")] + ([("fine-tuned", args.run)] if args.run else [])
+    for name, target in targets:
+        loaded = load_for_inference(target, merge=True)
+        runs = {}
+        for prune in (False, True):
+            count = _count_positions(loaded.model)
+            t = time.time()
+            scores = list(choice_scores(loaded.model, loaded.tokenizer, loaded.template, every, labels,
+                                        batch_size=16, progress=False, prune=prune))
+            s = time.time() - t
+            runs[prune] = [sc.best() for sc in scores]
+            acc = sum(labels[p] == g for p, g in zip(runs[prune], gold)) / len(gold)
+            same = "-" if not prune else ("yes" if runs[True] == runs[False] else "NO")
+            lines.append(f"| {name} | {'pruned (exact argmax)' if prune else 'all, exactly'} | {s:.1f} | "
+                         f"{count.remove():,} | {same} | {acc:.3f} |")
+            print(lines[-1], flush=True)
     load_after = os.getloadavg()
     lines += ["", f"Load average before/after: {load_before[0]:.1f} / {load_after[0]:.1f} on {os.cpu_count()} cores "
               "(above 2: other jobs shared the CPU and every number is inflated)."]
