@@ -154,4 +154,7 @@ def test_choice_scoring_on_the_real_model_matches_a_plain_forward():
     pruned = list(choice_scores(loaded.model, loaded.tokenizer, loaded.template, conversations, labels,
                                 batch_size=2, progress=False, prune=True))
     assert [p.best() for p in pruned] == [s.best() for s in scores]
+    for p, s in zip(pruned, scores):  # what was scored (on a subset of the batch's cache rows) is exact
+        assert [a for a, e in zip(p.logprobs, p.exact) if e] == pytest.approx(
+            [b for b, e in zip(s.logprobs, p.exact) if e], abs=1e-3)
     assert sum(not e for p in pruned for e in p.exact) >= 1, [p.exact for p in pruned]

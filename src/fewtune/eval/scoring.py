@@ -234,27 +234,36 @@ def _score_batch(model, suffixes: list[list[int]], conts: list[list[list[int]]],
     done = sizes <= 1  # a one-token continuation is scored by its first token alone
 
     def run(chosen: list[list[int]]) -> None:
-        """Score the rest of the chosen labels' tokens, packed one row per example, on the prompt cache."""
-        sub = [[conts[r][j] for j in chosen[r]] for r in range(b)]
-        lab_ids, targets, offset, owner, lab_mask = _label_rows(sub, mask, dtype)
-        if not (owner >= 0).any():
+        """Score the rest of the chosen labels' tokens, packed one row per example, on the prompt cache.
+
+        Only examples with something to score take part, so one uncertain example does not
+        widen every row of the batch."""
+        active = [r for r in range(b) if any(len(conts[r][j]) > 1 for j in chosen[r])]
+        if not active:
             return
-        position = n_prefix + lengths.unsqueeze(1) + offset
+        idx = torch.tensor(active, dtype=torch.long)
+        sub = [[conts[r][j] for j in chosen[r]] for r in active]
+        lab_ids, targets, offset, owner, lab_mask = _label_rows(sub, mask[idx], dtype)
+        past = cache
+        if len(active) < b:  # the active examples' rows of the prompt cache (a copy: the cache stays whole)
+            on = idx.to(device)
+            past = DynamicCache(ddp_cache_data=[(layer.keys[on], layer.values[on]) for layer in cache.layers])
+        position = n_prefix + lengths[idx].unsqueeze(1) + offset
         logits = model(input_ids=lab_ids.to(device), attention_mask=lab_mask.to(device), position_ids=position.to(device),
-                       past_key_values=cache, use_cache=True).logits
+                       past_key_values=past, use_cache=True).logits
         extra = cache.get_seq_length() - cached
         if extra > 0:
             cache.crop(-extra)  # the next pass sees the prompt only
         logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.to(device).unsqueeze(-1)).squeeze(-1).cpu()
         real = owner >= 0
-        rows = torch.arange(b).unsqueeze(1).expand_as(owner)
-        lookup = torch.full((b, max(1, max(len(c) for c in chosen))), -1, dtype=torch.long)
-        for r, js in enumerate(chosen):
-            lookup[r, :len(js)] = torch.tensor(js, dtype=torch.long)
-        label = lookup[rows[real], owner[real]]
-        sums.index_put_((rows[real], label), logp[real].double(), accumulate=True)
-        counts.index_put_((rows[real], label), torch.ones(int(real.sum()), dtype=torch.long), accumulate=True)
-        done[rows[real], label] = True
+        local = torch.arange(len(active)).unsqueeze(1).expand_as(owner)[real]
+        lookup = torch.full((len(active), max(1, max(len(c) for c in chosen))), -1, dtype=torch.long)
+        for i, r in enumerate(active):
+            lookup[i, :len(chosen[r])] = torch.tensor(chosen[r], dtype=torch.long)
+        rows, label = idx[local], lookup[local, owner[real]]
+        sums.index_put_((rows, label), logp[real].double(), accumulate=True)
+        counts.index_put_((rows, label), torch.ones(int(real.sum()), dtype=torch.long), accumulate=True)
+        done[rows, label] = True
 
     if not prune:
         run([[j for j in range(n_labels) if not done[r, j]] for r in range(b)])
