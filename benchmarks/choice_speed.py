@@ -69,7 +69,7 @@ def flat_scores(loaded, conversations, labels, rows_per_batch: int = 28) -> tupl
     return scores, positions
 
 
-class _count_positions:
+class PositionCounter:
     """Counts the token positions the decoder runs (batch x width of every forward), via a hook."""
 
     def __init__(self, model):
@@ -91,6 +91,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=70)
     parser.add_argument("--batch-sizes", default="8,16")
     parser.add_argument("--run", default=None, help="also time a fine-tuned run directory on all 700")
+    parser.add_argument("--eval-batch", type=int, default=32, help="batch size for the whole-set timings")
     args = parser.parse_args()
     _, val_file = convert(find_snips(), ROOT / "runs" / "snips" / "data")
     examples = load_examples(val_file)
@@ -119,7 +120,7 @@ def main() -> None:
         lines.append(f"| shared prefix + per-example cache | {bs} examples | {s:.1f} | {s * 700 / len(conversations):.0f} s | "
                      f"{'yes' if agree and same_pred else 'NO'} (scores within 0.01, same argmax) |")
         print(lines[-1], flush=True)
-    lines += ["", f"All {len(examples)} validation utterances, batch 16, as `fewtune eval` scores them:", "",
+    lines += ["", f"All {len(examples)} validation utterances, batch {args.eval_batch}, as `fewtune eval` scores them:", "",
               "| model | labels scored | seconds | positions run | same predictions as exact | accuracy |",
               "|---|---|---:|---:|---|---:|"]
     every = [e.prompt_messages for e in examples]
@@ -129,10 +130,10 @@ def main() -> None:
         loaded = load_for_inference(target, merge=True)
         runs = {}
         for prune in (False, True):
-            count = _count_positions(loaded.model)
+            count = PositionCounter(loaded.model)
             t = time.time()
             scores = list(choice_scores(loaded.model, loaded.tokenizer, loaded.template, every, labels,
-                                        batch_size=16, progress=False, prune=prune))
+                                        batch_size=args.eval_batch, progress=False, prune=prune))
             s = time.time() - t
             runs[prune] = [sc.best() for sc in scores]
             acc = sum(labels[p] == g for p, g in zip(runs[prune], gold)) / len(gold)
