@@ -264,11 +264,13 @@ def run_fewtune(args, spec: dict) -> dict:
 
 def run_baseline(args, spec: dict) -> dict:
     import torch
+    from peft import get_peft_model
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
     from fewtune.data.dataset import load_train_val, render_set
     from fewtune.data.render import Template
     from fewtune.models import load_model, load_tokenizer
+    from fewtune.train.adapters import lora_config
     from fewtune.train.methods import apply_method
 
     cfg = make_config(args, spec["data"], "baseline", spec["run_dir"])
@@ -280,7 +282,11 @@ def run_baseline(args, spec: dict) -> dict:
     rows = [{"input_ids": r.input_ids, "attention_mask": [1] * len(r),
              "labels": [t if w > 0 else -100 for t, w in zip(r.input_ids, r.loss_weights)]} for r in rendered]
     model = load_model(cfg.model.name, cfg.model.dtype)
-    model = apply_method(model, cfg.method)
+    if cfg.method.name == "lora":
+        # plain peft, as a user of transformers.Trainer has it (its own nn.Dropout, not fewtune's)
+        model = get_peft_model(model, lora_config(cfg.method))
+    else:
+        model = apply_method(model, cfg.method)
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
     batch_tokens: list[int] = []
 
