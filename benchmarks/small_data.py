@@ -65,7 +65,7 @@ def prepare(dataset: str) -> tuple[Path, Path]:
     """Write the dataset as fewtune conversations (system prompt naming the labels): (train, test)."""
     out = WORK / dataset / "data"
     if dataset == "snips":
-        return convert_snips(find_snips(), out)
+        return convert_snips(find_snips(), out, dev_per_intent=20)  # dev.jsonl: for choosing BEST
     src = FEWCLUE / dataset
     if not src.is_dir():
         raise SystemExit(f"{src} not found: the FewCLUE data is expected in ../shared/data/fewclue")

@@ -51,12 +51,27 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def convert(snips: Path, out_dir: Path, per_intent: int = 40, seed: int = 0) -> tuple[Path, Path]:
-    """Write train.jsonl (per_intent sampled per intent, seeded) and validation.jsonl (all 700)."""
+def convert(snips: Path, out_dir: Path, per_intent: int = 40, seed: int = 0,
+            dev_per_intent: int = 0) -> tuple[Path, Path]:
+    """Write train.jsonl (per_intent sampled per intent, seeded) and validation.jsonl (all 700).
+
+    With dev_per_intent, also dev.jsonl: that many further utterances per intent from the SNIPS
+    train files, none of them in train.jsonl, for choosing settings without touching the 700
+    validation utterances that serve as the test set. The training sample is the same with or
+    without it (the dev sample uses its own random stream).
+    """
     rng = random.Random(seed)
-    train, val = [], []
+    train, val, rest = [], [], {}
     for intent in INTENTS:
-        train += [example(t, intent) for t in rng.sample(read_split(snips, "train", intent), per_intent)]
+        pool = read_split(snips, "train", intent)
+        chosen = rng.sample(pool, per_intent)
+        train += [example(t, intent) for t in chosen]
         val += [example(t, intent) for t in read_split(snips, "validate", intent)]
+        taken = set(chosen)
+        rest[intent] = [t for t in pool if t not in taken]
     rng.shuffle(train)
+    if dev_per_intent:
+        dev_rng = random.Random(seed + 1)
+        dev = [example(t, intent) for intent in INTENTS for t in dev_rng.sample(rest[intent], dev_per_intent)]
+        write_jsonl(out_dir / "dev.jsonl", dev)
     return write_jsonl(out_dir / "train.jsonl", train), write_jsonl(out_dir / "validation.jsonl", val)
