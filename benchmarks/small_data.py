@@ -1,7 +1,7 @@
 """Small-data results: zero-shot vs the usual LoRA recipe vs `fewtune suggest` vs the best found.
 
     PYTHONPATH=src python benchmarks/small_data.py [--datasets snips,eprstmt,tnews]
-        [--setups zero,usual,suggest,best] [--seeds 0,1,2] [--test-limit N]
+        [--setups zero,usual,suggest,best] [--seeds 0,1,2] [--test-limit N | --test-per-class N]
 
 Data (read from ../shared/data, never copied): SNIPS with 40 training utterances per intent
 (evaluated on the 700 validation utterances), FewCLUE eprstmt (train 160, test_public 610)
@@ -85,6 +85,20 @@ def prepare(dataset: str) -> tuple[Path, Path]:
                               {"role": "assistant", "content": label(r)}], "label": label(r)} for r in read(name)]
 
     return _jsonl(rows("train_few_all.json"), out / "train.jsonl"), _jsonl(rows("test_public.json"), out / "test.jsonl")
+
+
+def per_class_subset(test_file: Path, per_class: int) -> Path:
+    """The first per_class test examples of each label, in file order, as test-per-class-N.jsonl."""
+    seen: dict[str, int] = {}
+    keep = []
+    for line in test_file.read_text(encoding="utf-8").splitlines():
+        label = json.loads(line)["label"]
+        if seen.get(label, 0) < per_class:
+            seen[label] = seen.get(label, 0) + 1
+            keep.append(line)
+    out = test_file.with_name(f"test-per-class-{per_class}.jsonl")
+    out.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+    return out
 
 
 def _merge(base: dict, changes: dict) -> dict:
@@ -184,6 +198,9 @@ def main() -> None:
     parser.add_argument("--setups", default="zero,usual,suggest,best")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--test-limit", type=int, default=None, help="evaluate on the first N test examples only")
+    parser.add_argument("--test-per-class", type=int, default=None,
+                        help="evaluate on the first N test examples of each label (a balanced subset; "
+                             "tnews's test file is sorted by label, so --test-limit would keep 4 of 15 classes)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--table-only", action="store_true", help="rewrite the table from results.jsonl")
     args = parser.parse_args()
@@ -193,6 +210,8 @@ def main() -> None:
     if not args.table_only:
         for dataset in args.datasets.split(","):
             train_file, test_file = prepare(dataset)
+            if args.test_per_class:
+                test_file = per_class_subset(test_file, args.test_per_class)
             seeds = [int(s) for s in args.seeds.split(",")]
             # seeds outermost, so partial results cover every setup
             for seed, setup in [(seed, setup) for seed in seeds for setup in args.setups.split(",")]:
