@@ -61,10 +61,6 @@ BEST: dict[str, dict] = {"snips": {"train.batch_size": 8, "train.lr": 5e-4, "tra
                          "eprstmt": {"train.batch_size": 8, "train.lr": 5e-4, "train.epochs": 6}, "tnews": {}}
 
 
-def _jsonl(rows, path: Path) -> Path:
-    return write_jsonl(path, rows)
-
-
 def prepare(dataset: str) -> tuple[Path, Path]:
     """Write the dataset as fewtune conversations (system prompt naming the labels): (train, test)."""
     out = WORK / dataset / "data"
@@ -86,7 +82,7 @@ def prepare(dataset: str) -> tuple[Path, Path]:
         return [{"messages": [{"role": "system", "content": system}, {"role": "user", "content": r["sentence"]},
                               {"role": "assistant", "content": label(r)}], "label": label(r)} for r in read(name)]
 
-    return _jsonl(rows("train_few_all.json"), out / "train.jsonl"), _jsonl(rows("test_public.json"), out / "test.jsonl")
+    return write_jsonl(out / "train.jsonl", rows("train_few_all.json")), write_jsonl(out / "test.jsonl", rows("test_public.json"))
 
 
 def per_class_subset(test_file: Path, per_class: int) -> Path:
@@ -110,28 +106,16 @@ def _merge(base: dict, changes: dict) -> dict:
     return out
 
 
-def _dotted(changes: dict) -> dict:
-    nested: dict = {}
-    for key, value in changes.items():
-        node = nested
-        *parents, last = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[last] = value
-    return nested
-
-
 def config_for(dataset: str, setup: str, train_file: Path, seed: int, run_dir: Path):
     model = MODELS[dataset]
     if setup == "usual":
         values = _merge(USUAL, {"model": {"name": model}, "data": {"train": str(train_file)}})
     else:
         values = suggest(train_file, model=model).config.model_dump()
-        if setup == "best":
-            values = _merge(values, _dotted(BEST[dataset]))
     values = _merge(values, {"data": {"seed": seed},
                              "train": {"seed": seed, "output_dir": str(run_dir), "num_threads": torch.get_num_threads()}})
-    return build_config(values, source=f"small_data {dataset}/{setup}")
+    changes = [f"{key}={value}" for key, value in BEST[dataset].items()] if setup == "best" else []
+    return build_config(values, changes, source=f"small_data {dataset}/{setup}")
 
 
 def run_one(dataset: str, setup: str, seed: int, train_file: Path, test_file: Path, limit: int | None) -> dict:

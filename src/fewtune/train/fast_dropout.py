@@ -16,6 +16,8 @@ own dropout is a fused kernel, it is used unchanged.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -26,9 +28,7 @@ def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device=None,
               generator: torch.Generator | None = None) -> tuple[torch.Tensor, float]:
     """A boolean mask (True = keep) where each element is dropped with probability ~p, and the keep probability."""
     dropped_levels = round(p * LEVELS)
-    n = 1
-    for size in shape:
-        n *= size
+    n = math.prod(shape)
     words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device)
     words.random_(-(1 << 63), None, generator=generator)  # the full 64-bit range: all four lanes uniform
     lanes = words.view(torch.int16)[:n].view(shape)
