@@ -14,10 +14,16 @@ Setups:
   cosine, warmup 0.1, loss on completions, no held-out split, evaluated by greedy generation;
 - suggest: the config `fewtune suggest TRAIN --model M` writes, evaluated by choice scoring
   as it advises;
-- best: suggest's config plus the changes in BEST below, evaluated by choice scoring.
+- best: suggest's config plus the changes in BEST below, evaluated by choice scoring;
+- suggest-acc (not in the default --setups): suggest's config, but the best checkpoint and early
+  stopping follow choice-scoring accuracy on the held-out split instead of its loss. A check of
+  what `fewtune doctor` said about eprstmt (an early loss minimum, then a label collapse).
 
-Every (dataset, setup, seed) appends one JSON line to runs/small_data/results.jsonl (a rerun
-skips what is there), and the table goes to benchmarks/results/small_data.md.
+Every (dataset, setup, seed) appends one JSON line to benchmarks/results/small_data.jsonl (a
+rerun skips what is there; the file is committed, so the table survives a fresh clone), and the
+table goes to benchmarks/results/small_data.md. Text under the NOTES marker in that file is
+written by hand and kept when the table is rewritten. Lines marked "restored" were recovered
+from an earlier table; a "summary" line carries a group's numbers whose per-run values were lost.
 """
 
 from __future__ import annotations
@@ -45,7 +51,9 @@ from fewtune.train.loop import train  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 FEWCLUE = ROOT.parent / "shared" / "data" / "fewclue"
 WORK = ROOT / "runs" / "small_data"
-RESULTS = WORK / "results.jsonl"
+RESULTS = ROOT / "benchmarks" / "results" / "small_data.jsonl"
+TABLE = ROOT / "benchmarks" / "results" / "small_data.md"
+NOTES = "<!-- written by hand below this line; small_data.py keeps it when it rewrites the table -->"
 MODELS = {"snips": "smollm2-135m-instruct", "eprstmt": "gemma3-270m", "tnews": "gemma3-270m"}
 
 # LLaMA-Factory's defaults for LoRA SFT, the recipe most users start from
@@ -59,6 +67,9 @@ USUAL = {"method": {"name": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0
 # eprstmt: no search of its own (no CPU time left for one); SNIPS's winner carried over unchanged
 BEST: dict[str, dict] = {"snips": {"train.batch_size": 8, "train.lr": 5e-4, "train.epochs": 6},
                          "eprstmt": {"train.batch_size": 8, "train.lr": 5e-4, "train.epochs": 6}, "tnews": {}}
+
+# the "suggest-acc" setup: select checkpoints by the task metric rather than by validation loss
+SUGGEST_ACC = {"train.eval_task": "classification", "train.eval_metric": "accuracy"}
 
 
 def prepare(dataset: str) -> tuple[Path, Path]:
@@ -114,7 +125,8 @@ def config_for(dataset: str, setup: str, train_file: Path, seed: int, run_dir: P
         values = suggest(train_file, model=model).config.model_dump()
     values = _merge(values, {"data": {"seed": seed},
                              "train": {"seed": seed, "output_dir": str(run_dir), "num_threads": torch.get_num_threads()}})
-    changes = [f"{key}={value}" for key, value in BEST[dataset].items()] if setup == "best" else []
+    extra = {"best": BEST[dataset], "suggest-acc": SUGGEST_ACC}.get(setup, {})
+    changes = [f"{key}={value}" for key, value in extra.items()]
     return build_config(values, changes, source=f"small_data {dataset}/{setup}")
 
 
@@ -127,7 +139,7 @@ def run_one(dataset: str, setup: str, seed: int, train_file: Path, test_file: Pa
         system = json.loads(test_file.read_text(encoding="utf-8").splitlines()[0])["messages"][0]["content"]
     else:
         if run_dir.exists():
-            shutil.rmtree(run_dir)  # a run that did not reach results.jsonl starts over
+            shutil.rmtree(run_dir)  # a run that did not reach RESULTS starts over
         cfg = config_for(dataset, setup, train_file, seed, run_dir)
         train(cfg, run_dir)
         train_s = time.time() - start
@@ -154,28 +166,51 @@ def table(rows: list[dict]) -> str:
              f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, no GPU. "
              "Command: `PYTHONPATH=src python benchmarks/small_data.py` (see its docstring for the setups). "
              "Mean ± standard deviation over seeds (seeds vary the data order, the validation split and the "
-             "adapter initialisation); wall time is training plus evaluation of one run.", "",
+             "adapter initialisation); wall time is training plus evaluation of one run. Raw results, one line "
+             "per run: `small_data.jsonl` beside this file.", "",
              "| data set | model | setup | evaluated by | seeds | accuracy | macro-F1 | test examples | wall time / run |",
              "|---|---|---|---|---:|---|---|---:|---:|"]
-    order = {"zero": 0, "usual": 1, "suggest": 2, "best": 3}
+    order = {"zero": 0, "usual": 1, "suggest": 2, "suggest-acc": 3, "best": 4}
     notes: list[str] = []
     groups: dict[tuple, list[dict]] = {}
+    summaries = {(r["dataset"], r["setup"]): r for r in rows if r.get("summary")}
     for r in rows:
-        groups.setdefault((r["dataset"], r["setup"]), []).append(r)
-    for (ds, setup), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], 9))):
+        if not r.get("summary"):
+            groups.setdefault((r["dataset"], r["setup"]), []).append(r)
+    for key, rs in sorted(groups.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], 9))):
+        ds, setup = key
+        summary = summaries.get(key, {})
+        f1s = [r["macro_f1"] for r in rs]
+        # a restored group whose per-run values were lost keeps its old numbers from the summary line
+        f1 = _ms(f1s) if None not in f1s else summary.get("macro_f1", "-")
         walls = [r["wall_s"] for r in rs if r.get("wall_s") is not None]
+        wall = f"{statistics.mean(walls):.0f} s" if walls else (f"{summary['wall_s']} s" if summary.get("wall_s") else "-")
         lines.append(f"| {ds} | {rs[0]['model']} | {setup} | {'generation' if rs[0]['mode'] == 'generate' else 'choice scoring'} "
                      f"| {', '.join(str(r['seed']) for r in rs)} | {_ms([r['accuracy'] for r in rs])} "
-                     f"| {_ms([r['macro_f1'] for r in rs])} | {rs[0]['n_test']} "
-                     f"| {f'{statistics.mean(walls):.0f} s' if walls else '-'} |")
+                     f"| {f1} | {rs[0]['n_test']} | {wall} |")
         notes += [f"- {ds} / {setup} / seed {r['seed']}: {r['note']}" for r in rs if r.get("note")]
     if notes:
         lines += ["", "Notes:", *notes]
-    high = [r for r in rows if (r.get("load") or 0) > os.cpu_count()]
+    runs = [r for r in rows if not r.get("summary")]
+    restored = [r for r in runs if r.get("restored")]
+    if restored:
+        lines += ["", f"{len(restored)} of {len(runs)} runs are restored from the table of 2026-11-21 (commit 3e97b6d): "
+                  "their accuracy per seed was kept there, their macro-F1 and wall time only per group; means and spreads "
+                  "recomputed from 3-decimal values can differ from that table in the last digit."]
+    high = [r for r in runs if (r.get("load") or 0) > os.cpu_count()]
     if high:
-        lines += ["", f"{len(high)} of {len(rows)} runs finished with the load average above the core count "
-                  "(other jobs shared the CPU): their wall times are inflated."]
+        lines += ["", f"{len(high)} of {len(runs) - len(restored)} new runs finished with the load average above the "
+                  "core count (other jobs shared the CPU): their wall times are inflated."]
     return "\n".join(lines) + "\n"
+
+
+def write_table(rows: list[dict]) -> str:
+    """The generated table, followed by the hand-written notes already in the file (if any)."""
+    text = table(rows)
+    old = TABLE.read_text(encoding="utf-8") if TABLE.is_file() else ""
+    text += "\n" + NOTES + old.split(NOTES, 1)[1] if NOTES in old else ""
+    TABLE.write_text(text, encoding="utf-8")
+    return text
 
 
 def main() -> None:
@@ -188,7 +223,7 @@ def main() -> None:
                         help="evaluate on the first N test examples of each label (a balanced subset; "
                              "tnews's test file is sorted by label, so --test-limit would keep 4 of 15 classes)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    parser.add_argument("--table-only", action="store_true", help="rewrite the table from results.jsonl")
+    parser.add_argument("--table-only", action="store_true", help="rewrite the table from the results file")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -203,7 +238,7 @@ def main() -> None:
             for seed, setup in [(seed, setup) for seed in seeds for setup in args.setups.split(",")]:
                 if setup == "zero" and seed != seeds[0]:
                     continue  # the base model is deterministic: one run
-                if any(r["dataset"] == dataset and r["setup"] == setup and r["seed"] == seed for r in done):
+                if any(r["dataset"] == dataset and r["setup"] == setup and r.get("seed") == seed for r in done):
                     continue
                 print(f"== {dataset} / {setup} / seed {seed}", flush=True)
                 row = run_one(dataset, setup, seed, train_file, test_file, args.test_limit)
@@ -212,10 +247,7 @@ def main() -> None:
                 with RESULTS.open("a", encoding="utf-8") as f:
                     f.write(json.dumps(row) + "\n")
         done = [json.loads(line) for line in RESULTS.read_text(encoding="utf-8").splitlines()]  # other processes' too
-    text = table(done)
-    out = ROOT / "benchmarks" / "results" / "small_data.md"
-    out.write_text(text, encoding="utf-8")
-    print(text)
+    print(write_table(done))
 
 
 if __name__ == "__main__":
