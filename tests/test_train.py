@@ -94,6 +94,17 @@ def test_early_stopping_on_rising_validation_loss(make_config, tmp_path):
     assert len(vals) - 1 - vals.index(min(vals)) == 2  # stopped after `patience` evaluations without improvement
 
 
+def test_eval_every_counts_from_the_last_evaluation(make_config, tmp_path):
+    # 7 steps per epoch, eval_every 4: the old schedule (step % 4) evaluated at 4, 7 (epoch end) and again at 8,
+    # one step later, which cost a unit of early-stopping patience for nearly the same weights
+    rows = [{"prompt": f"问题 {i}", "completion": "是"} for i in range(7)]
+    cfg = make_config(data__train=str(write_jsonl(tmp_path / "t.jsonl", rows)),
+                      data__validation=str(write_jsonl(tmp_path / "v.jsonl", rows[:2])),
+                      train__epochs=2, train__batch_size=1, train__eval_every=4)
+    result = train(cfg)
+    assert [m["step"] for m in metrics(result.run_dir) if "val_loss" in m] == [4, 7, 11, 14]
+
+
 def test_length_grouped_batches_cover_the_epoch_once():
     from fewtune.train.loop import epoch_batches
 

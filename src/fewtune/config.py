@@ -116,7 +116,7 @@ class TrainSection(Section):
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
     scheduler: Literal["linear", "cosine", "cosine_with_restarts", "constant"] = "cosine"
     num_cycles: int = Field(2, ge=1)  # for cosine_with_restarts
-    eval_every: int | None = Field(None, gt=0)  # steps; evaluation also runs at each epoch end
+    eval_every: int | None = Field(None, gt=0)  # steps since the last evaluation; one also runs at each epoch end
     # the task metric on the validation set at every evaluation (null: validation loss only)
     eval_task: Literal["classification", "generation", "json"] | None = None
     eval_mode: Literal["choice", "generate"] = "choice"  # classification: score each label, or generate

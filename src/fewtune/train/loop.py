@@ -162,7 +162,7 @@ class Trainer:
         self.scheduler = _scheduler(self.optimizer, cfg, self.total_steps)
         self.extras = StepExtras(self)
         self.state = {"step": 0, "epoch": 0, "batch": 0, "best_val": None, "best_step": None, "bad_evals": 0,
-                      "stopped_early": False, "tokens": 0}
+                      "stopped_early": False, "tokens": 0, "last_eval_step": 0}
 
     def make_batch(self, items) -> dict[str, torch.Tensor]:
         """A micro-batch as the loss module takes it: one packed row, or a padded batch."""
@@ -389,10 +389,13 @@ class Trainer:
                                    "step_s": round(time.time() - step_start, 4), "tokens_per_s": round(tok_s, 1),
                                    "elapsed_s": round(elapsed, 4)})
                     end_of_epoch = s["batch"] >= len(batches)
-                    if (cfg.train.eval_every and s["step"] % cfg.train.eval_every == 0) or end_of_epoch \
-                            or s["step"] == self.total_steps:
+                    # eval_every counts from the last evaluation, so an epoch-end one is not followed a step or two
+                    # later by a periodic one that sees nearly the same weights and costs early-stopping patience
+                    periodic = cfg.train.eval_every and s["step"] - s["last_eval_step"] >= cfg.train.eval_every
+                    if periodic or end_of_epoch or s["step"] == self.total_steps:
                         if end_of_epoch:
                             s["epoch"], s["batch"] = s["epoch"] + 1, 0
+                        s["last_eval_step"] = s["step"]
                         if self._evaluate():
                             break
                     if (cfg.train.save_every and s["step"] % cfg.train.save_every == 0) or s["batch"] == 0:
