@@ -152,7 +152,16 @@ def run_one(dataset: str, setup: str, seed: int, train_file: Path, test_file: Pa
     return {"dataset": dataset, "setup": setup, "seed": seed, "model": MODELS[dataset], "mode": mode,
             "accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "n_test": len(result.predictions),
             "train_s": round(train_s, 1), "eval_s": round(result.settings["seconds"], 1),
-            "wall_s": round(time.time() - start, 1), "load": os.getloadavg()[0]}
+            "wall_s": round(time.time() - start, 1), "load": os.getloadavg()[0], "code": code_version()}
+
+
+def code_version() -> str:
+    """The commit the run's code came from (+dirty when the tree had uncommitted changes): results outlive code."""
+    import subprocess
+
+    git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()  # noqa: E731
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no", "--", "src", "benchmarks/*.py") else "")
 
 
 def _ms(values: list[float]) -> str:
