@@ -100,6 +100,26 @@ def test_loss_metric_gap(tmp_path):
     assert gap[0].numbers["metric_at_best_loss"] == 0.6
 
 
+def test_loss_metric_gap_is_one_finding_led_by_the_selecting_metric(tmp_path):
+    # every logged metric peaks away from the loss minimum: one finding, led by the metric that chose checkpoints
+    train = [2.0 - 0.02 * i for i in range(50)]
+    val = [1.5, 1.2, 1.25, 1.3, 1.32]
+    extra = {k: {"val_accuracy": a, "val_macro_f1": a - 0.1, "val_weighted_f1": a - 0.05}
+             for k, a in enumerate([0.5, 0.6, 0.7, 0.78, 0.8])}
+    folder = run_dir(tmp_path, train, val, extra=extra)
+    gap = [f for f in diagnose(folder) if f.kind == "loss_metric_gap"]
+    assert len(gap) == 1 and gap[0].numbers["metric"] == "val_accuracy"
+    assert gap[0].numbers["others"] == {"val_macro_f1": 50, "val_weighted_f1": 50}
+    assert gap[0].suggestions[0].startswith("choose the checkpoint by the task metric")
+    with (folder / "metrics.jsonl").open("a") as f:  # the run chose its checkpoints by macro-F1
+        f.write(json.dumps({"step": 50, "event": "end", "eval_metric": "macro_f1"}) + "\n")
+    found = diagnose(folder)
+    gap = [f for f in found if f.kind == "loss_metric_gap"]
+    assert gap[0].numbers["metric"] == "val_macro_f1" and "already kept" in gap[0].suggestions[0]
+    overfit = [f for f in found if f.kind == "overfitting"]
+    assert overfit and "best macro_f1 instead" in overfit[0].suggestions[0]
+
+
 def test_label_collapse_needs_predictions(tmp_path):
     folder = run_dir(tmp_path, [1.0 - 0.01 * i for i in range(30)], [0.9, 0.8, 0.7])
     found = diagnose(folder)

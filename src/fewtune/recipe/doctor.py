@@ -47,6 +47,7 @@ class Curves:
     grad_norm: list[tuple[int, float]]
     val: list[tuple[int, float]]  # (step, val_loss)
     metrics: dict[str, list[tuple[int, float]]]  # task metrics from evaluation records
+    selected_by: str | None = None  # the metric that chose the best checkpoint (train.eval_metric), when logged
 
 
 def read_curves(path: str | Path) -> Curves:
@@ -55,7 +56,7 @@ def read_curves(path: str | Path) -> Curves:
         path = path / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: doctor reads the metrics.jsonl a training run writes")
-    train, grad, val, metrics = [], [], [], {}
+    train, grad, val, metrics, selected_by = [], [], [], {}, None
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
@@ -64,6 +65,7 @@ def read_curves(path: str | Path) -> Curves:
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}:{number}: not a JSON line ({err.msg})") from None
         if "event" in rec:
+            selected_by = rec.get("eval_metric", selected_by)
             continue
         step = rec.get("step")
         if "train_loss" in rec:
@@ -77,7 +79,7 @@ def read_curves(path: str | Path) -> Curves:
                     metrics.setdefault(key, []).append((step, float(value)))
     if not train:
         raise ValueError(f"{path}: no record with train_loss: is this a fewtune run's metrics.jsonl?")
-    return Curves(train, grad, val, metrics)
+    return Curves(train, grad, val, metrics, selected_by)
 
 
 def lower_is_better(name: str) -> bool:
@@ -162,7 +164,9 @@ def check_overfitting(c: Curves) -> list[Finding]:
     return [Finding("overfitting", f"validation loss turned up at step {best_step} ({best:.4f}) and ended at "
                     f"{last:.4f} at step {last_step} (+{100 * (last / best - 1):.1f}%) while the train loss kept "
                     f"falling ({_mean(at_best):.4f} -> {_mean(after):.4f})",
-                    [f"train for fewer steps (the best was at step {best_step}; early stopping keeps it)",
+                    [f"train for fewer steps (the loss was best at step {best_step}; "
+                     + (f"this run kept the checkpoint with the best {c.selected_by} instead, so compare the two)"
+                        if c.selected_by and c.selected_by != "loss" else "early stopping keeps it)"),
                      "lower train.lr", "use a smaller method.lora.r", "add data or augmentation",
                      "regularise: regularise.label_smoothing=0.1, regularise.neftune_alpha=5, method.lora.dropout=0.1"],
                     {"best_step": best_step, "best_val_loss": best, "last_val_loss": last,
@@ -188,26 +192,39 @@ def check_underfitting(c: Curves) -> list[Finding]:
 
 
 def check_loss_metric_gap(c: Curves) -> list[Finding]:
-    found = []
+    """One finding when the task metrics peak away from the validation-loss minimum, led by the metric that
+    matters most (the one that selected checkpoints, else accuracy, else macro-F1)."""
     if not c.val:
-        return found
+        return []
     best_loss_step = min(c.val, key=lambda sv: sv[1])[0]
+    gaps = {}  # metric -> (best step, best value, value at the loss's best step)
     for name, curve in c.metrics.items():
         if len(curve) < 2:
             continue
-        low = lower_is_better(name)
-        best_step, best = (min if low else max)(curve, key=lambda sv: sv[1])
+        best_step, best = (min if lower_is_better(name) else max)(curve, key=lambda sv: sv[1])
         at_loss_best = dict(curve).get(best_loss_step)
         if best_step != best_loss_step and at_loss_best is not None and abs(best - at_loss_best) > 1e-9:
-            found.append(Finding("loss_metric_gap", f"validation loss was best at step {best_loss_step} but {name} was "
-                                 f"best at step {best_step} ({best:.4f} against {at_loss_best:.4f} at step "
-                                 f"{best_loss_step}): the loss does not track the task metric",
-                                 ["choose the checkpoint by the task metric, not the validation loss",
-                                  "for classification, evaluate by choice scoring",
-                                  "a rising loss with a rising metric is overconfidence: label smoothing helps"],
-                                 {"metric": name, "best_loss_step": best_loss_step, "best_metric_step": best_step,
-                                  "best_metric": best, "metric_at_best_loss": at_loss_best}))
-    return found
+            gaps[name] = (best_step, best, at_loss_best)
+    if not gaps:
+        return []
+    selected = f"val_{c.selected_by}" if c.selected_by and c.selected_by != "loss" else None
+    name = next((m for m in (selected, "val_accuracy", "accuracy", "val_macro_f1", "macro_f1") if m in gaps), next(iter(gaps)))
+    best_step, best, at_loss_best = gaps[name]
+    others = [f"{m} at step {g[0]}" for m, g in gaps.items() if m != name]
+    message = (f"validation loss was best at step {best_loss_step} but {name} was best at step {best_step} "
+               f"({best:.4f} against {at_loss_best:.4f} at step {best_loss_step}): the loss does not track the task "
+               "metric" + (f" (also best away from the loss minimum: {', '.join(others)})" if others else ""))
+    if selected:
+        first = (f"this run already kept the checkpoint with the best {c.selected_by} (train.eval_metric), not the "
+                 "one with the lowest loss")
+    else:
+        first = "choose the checkpoint by the task metric, not the validation loss (train.eval_task, train.eval_metric)"
+    return [Finding("loss_metric_gap", message,
+                    [first, "for classification, evaluate by choice scoring",
+                     "a rising loss with a rising metric is overconfidence: label smoothing helps"],
+                    {"metric": name, "best_loss_step": best_loss_step, "best_metric_step": best_step,
+                     "best_metric": best, "metric_at_best_loss": at_loss_best, "selected_by": c.selected_by,
+                     "others": {m: g[0] for m, g in gaps.items() if m != name}})]
 
 
 def check_label_collapse(predictions: str | Path | None) -> list[Finding]:
