@@ -95,7 +95,7 @@ def test_task_metric_during_training_picks_the_best_checkpoint(make_config, inte
     evals = [r for r in records if "val_loss" in r]
     assert evals and all({"val_accuracy", "val_macro_f1"} <= set(r) for r in evals)
     summary = json.loads((result.run_dir / "summary.json").read_text())
-    best = max(evals, key=lambda r: (r["val_macro_f1"], -r["step"]))  # the first evaluation reaching the maximum
+    best = max(evals, key=lambda r: (r["val_macro_f1"], -r["val_loss"]))  # ties in the metric: the lower loss
     assert summary["eval_metric"] == "macro_f1" and summary["best_metric"] == pytest.approx(best["val_macro_f1"])
     assert summary["best_step"] == best["step"]
 

@@ -105,6 +105,19 @@ def test_eval_every_counts_from_the_last_evaluation(make_config, tmp_path):
     assert [m["step"] for m in metrics(result.run_dir) if "val_loss" in m] == [4, 7, 11, 14]
 
 
+def test_metric_ties_are_broken_by_the_validation_loss(make_config, monkeypatch):
+    # accuracy on a small validation set ties often: the tie with the lower loss is the better checkpoint
+    accuracy, losses = iter([0.5, 0.8, 0.8, 0.8, 0.6]), iter([1.0, 0.9, 0.7, 0.8, 0.5])
+    monkeypatch.setattr(Trainer, "_task_metrics", lambda self: {"accuracy": next(accuracy)})
+    monkeypatch.setattr(Trainer, "validation_loss", lambda self: next(losses))
+    cfg = make_config(train__max_steps=5, train__batch_size=1, train__eval_every=1, train__eval_task="classification",
+                      train__eval_metric="accuracy", train__early_stopping__patience=5)
+    result = train(cfg)
+    best = [m["step"] for m in metrics(result.run_dir) if m.get("best")]
+    assert best == [1, 2, 3]  # step 4 ties with a higher loss; step 5 has the lowest loss but a lower accuracy
+    assert json.loads((Path(result.run_dir) / "summary.json").read_text())["best_step"] == 3
+
+
 def test_length_grouped_batches_cover_the_epoch_once():
     from fewtune.train.loop import epoch_batches
 

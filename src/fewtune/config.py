@@ -120,7 +120,7 @@ class TrainSection(Section):
     # the task metric on the validation set at every evaluation (null: validation loss only)
     eval_task: Literal["classification", "generation", "json"] | None = None
     eval_mode: Literal["choice", "generate"] = "choice"  # classification: score each label, or generate
-    eval_metric: str = "loss"  # picks the best checkpoint and early-stops: loss, or a metric of eval_task
+    eval_metric: str = "loss"  # picks the best checkpoint and early-stops: loss, or a metric of eval_task (ties: lower loss)
     eval_sample: int | None = Field(None, gt=0)  # task metric on this many validation examples (seeded sample)
     early_stopping: EarlyStoppingSection = EarlyStoppingSection()
     save_every: int | None = Field(None, gt=0)  # steps; a checkpoint is also written at each epoch end

@@ -275,7 +275,11 @@ class Trainer:
         if metric == "loss":
             improved = s["best_val"] is None or val < s["best_val"] - es.min_delta
         else:  # task metrics are higher-is-better
-            improved = s.get("best_metric") is None or task[metric] > s["best_metric"] + es.min_delta
+            best = s.get("best_metric")
+            # on a small validation set accuracy ties often (25/28 three times); on a tie the lower loss wins, where
+            # keeping the first would keep the least trained of equally accurate checkpoints
+            improved = best is None or task[metric] > best + es.min_delta or (
+                best <= task[metric] and val < s["best_val"])
         if improved:
             s["best_val"], s["best_step"], s["bad_evals"] = val, s["step"], 0
             if metric != "loss":
