@@ -17,7 +17,9 @@ Setups:
 - best: suggest's config plus the changes in BEST below, evaluated by choice scoring;
 - suggest-acc (not in the default --setups): suggest's config, but the best checkpoint and early
   stopping follow choice-scoring accuracy on the held-out split instead of its loss. A check of
-  what `fewtune doctor` said about eprstmt (an early loss minimum, then a label collapse).
+  what `fewtune doctor` said about eprstmt (an early loss minimum, then a label collapse). Ties in
+  accuracy go to the lower validation loss (since commit 154a2d4); the rows named
+  "suggest-acc (ties: first)" ran before it, when the first of the tied checkpoints was kept.
 
 Every (dataset, setup, seed) appends one JSON line to benchmarks/results/small_data.jsonl (a
 rerun skips what is there; the file is committed, so the table survives a fresh clone), and the
