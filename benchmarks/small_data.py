@@ -181,7 +181,7 @@ def table(rows: list[dict]) -> str:
              "per run: `small_data.jsonl` beside this file.", "",
              "| data set | model | setup | evaluated by | seeds | accuracy | macro-F1 | test examples | wall time / run |",
              "|---|---|---|---|---:|---|---|---:|---:|"]
-    order = {"zero": 0, "usual": 1, "suggest": 2, "suggest-acc": 3, "best": 4}
+    order = {"zero": 0, "usual": 1, "suggest": 2, "suggest-acc": 3, "suggest-acc (ties: first)": 4, "best": 5}
     notes: list[str] = []
     groups: dict[tuple, list[dict]] = {}
     summaries = {(r["dataset"], r["setup"]): r for r in rows if r.get("summary")}
