@@ -45,6 +45,7 @@ def test_rules_by_data_size(tmp_path, tiny_model, n, epochs, rank, batch):
     assert cfg.train.early_stopping.enabled
     assert result.profile.task == "classification" and len(result.profile.labels) == 4
     assert any("choice scoring" in r.reason for r in result.rules)
+    assert cfg.train.eval_task == "classification" and cfg.train.eval_metric == "accuracy"
 
 
 def test_epochs_rule_follows_the_legacy_formula():
@@ -70,6 +71,7 @@ def test_max_length_covers_99_percent_and_generation_task(tmp_path, tiny_model):
     assert result.profile.task == "generation"
     assert result.config.data.max_length % 32 == 0 and result.config.data.max_length >= lengths[math.ceil(0.99 * 200) - 1]
     assert not any("choice scoring" in r.reason for r in result.rules)
+    assert result.config.train.eval_task is None and result.config.train.eval_metric == "loss"
     assert result.config.data.on_bad_example == "error"  # nothing longer than max_length
 
 

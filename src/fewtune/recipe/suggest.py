@@ -14,7 +14,8 @@ triggered it, so the printed report and the YAML comments say why, not just what
 - warmup 10%, weight decay 0.01, gradient clipping 1.0, cosine schedule, early stopping on
   the held-out split (evaluated twice an epoch);
 - a classification set (labels, or few distinct short completions) gets choice-scoring
-  evaluation, and a warning when the classes are unbalanced.
+  evaluation, the best checkpoint by validation accuracy (ties: lower loss) rather than loss,
+  and a warning when the classes are unbalanced.
 """
 
 from __future__ import annotations
@@ -199,16 +200,22 @@ def suggest(data: str | Path, model: str = DEFAULT_MODEL, task: str = "auto", lr
     eval_every = max(1, steps_per_epoch // 2)
     add("train.eval_every", eval_every, f"{steps_per_epoch} steps per epoch ({train_n} examples / batch {batch}): "
         "evaluate twice an epoch so early stopping can act within an epoch")
-    add("train.early_stopping.patience", 3, "stop after 3 evaluations without a better validation loss; the best "
-        "weights are kept")
+    classify = p.task == "classification" and bool(p.labels)
+    add("train.early_stopping.patience", 3, f"stop after 3 evaluations without a better validation "
+        f"{'accuracy' if classify else 'loss'}; the best weights are kept")
 
     # task
-    if p.task == "classification" and p.labels:
+    if classify:
         counts = p.labels.most_common()
         ratio = counts[0][1] / counts[-1][1]
         add("", None, f"classification: {len(counts)} classes ({', '.join(f'{k}: {v}' for k, v in counts[:8])}"
             f"{', ...' if len(counts) > 8 else ''}); evaluate by choice scoring (the log-probability of each label), "
             "not by free generation")
+        add("train.eval_task", "classification", "every evaluation also choice-scores the held-out examples")
+        add("train.eval_metric", "accuracy", f"the best checkpoint and early stopping follow validation accuracy "
+            f"(ties: the lower loss), not the loss, which on ~{round(val_ratio * n)} held-out examples can bottom out "
+            "long before the accuracy does (FewCLUE eprstmt, 20 held out: loss-chosen checkpoints at half an epoch "
+            "predicted one class for 79-89% of the test reviews on 2 of 3 seeds)")
         if ratio > 3:
             add("", None, f"the classes are unbalanced (largest/smallest = {ratio:.1f} > 3): add examples of the rare "
                 "classes or check that the metric is macro-F1")
