@@ -13,13 +13,13 @@ Setups:
 - usual: LoRA r=8 (alpha 16, no dropout) on all linear layers, lr 1e-4, 3 epochs, batch 8,
   cosine, warmup 0.1, loss on completions, no held-out split, evaluated by greedy generation;
 - suggest: the config `fewtune suggest TRAIN --model M` writes, evaluated by choice scoring
-  as it advises;
-- best: suggest's config plus the changes in BEST below, evaluated by choice scoring;
-- suggest-acc (not in the default --setups): suggest's config, but the best checkpoint and early
-  stopping follow choice-scoring accuracy on the held-out split instead of its loss. A check of
-  what `fewtune doctor` said about eprstmt (an early loss minimum, then a label collapse). Ties in
-  accuracy go to the lower validation loss (since commit 154a2d4); the rows named
-  "suggest-acc (ties: first)" ran before it, when the first of the tied checkpoints was kept.
+  as it advises. Since commit a972749 that config chooses checkpoints by validation accuracy
+  for classification sets; rows "suggest (loss-selected)" ran with the suggest before it. The
+  newer suggest rows were run as "suggest-acc" (the older suggest plus train.eval_task and
+  train.eval_metric, the same config, checked key for key) and renamed; rows "suggest-acc
+  (ties: first)" ran before ties in accuracy went to the lower loss (commit 154a2d4);
+- best: suggest's config plus the changes in BEST below, evaluated by choice scoring (the rows
+  so far were run on the loss-selecting suggest of before a972749).
 
 Every (dataset, setup, seed) appends one JSON line to benchmarks/results/small_data.jsonl (a
 rerun skips what is there; the file is committed, so the table survives a fresh clone), and the
@@ -55,6 +55,7 @@ FEWCLUE = ROOT.parent / "shared" / "data" / "fewclue"
 WORK = ROOT / "runs" / "small_data"
 RESULTS = ROOT / "benchmarks" / "results" / "small_data.jsonl"
 TABLE = ROOT / "benchmarks" / "results" / "small_data.md"
+CODE = "unknown"  # set by main()
 NOTES = "<!-- written by hand below this line; small_data.py keeps it when it rewrites the table -->"
 MODELS = {"snips": "smollm2-135m-instruct", "eprstmt": "gemma3-270m", "tnews": "gemma3-270m"}
 
@@ -70,8 +71,6 @@ USUAL = {"method": {"name": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0
 BEST: dict[str, dict] = {"snips": {"train.batch_size": 8, "train.lr": 5e-4, "train.epochs": 6},
                          "eprstmt": {"train.batch_size": 8, "train.lr": 5e-4, "train.epochs": 6}, "tnews": {}}
 
-# the "suggest-acc" setup: select checkpoints by the task metric rather than by validation loss
-SUGGEST_ACC = {"train.eval_task": "classification", "train.eval_metric": "accuracy"}
 
 
 def prepare(dataset: str) -> tuple[Path, Path]:
@@ -127,8 +126,7 @@ def config_for(dataset: str, setup: str, train_file: Path, seed: int, run_dir: P
         values = suggest(train_file, model=model).config.model_dump()
     values = _merge(values, {"data": {"seed": seed},
                              "train": {"seed": seed, "output_dir": str(run_dir), "num_threads": torch.get_num_threads()}})
-    extra = {"best": BEST[dataset], "suggest-acc": SUGGEST_ACC}.get(setup, {})
-    changes = [f"{key}={value}" for key, value in extra.items()]
+    changes = [f"{key}={value}" for key, value in BEST[dataset].items()] if setup == "best" else []
     return build_config(values, changes, source=f"small_data {dataset}/{setup}")
 
 
@@ -154,11 +152,12 @@ def run_one(dataset: str, setup: str, seed: int, train_file: Path, test_file: Pa
     return {"dataset": dataset, "setup": setup, "seed": seed, "model": MODELS[dataset], "mode": mode,
             "accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "n_test": len(result.predictions),
             "train_s": round(train_s, 1), "eval_s": round(result.settings["seconds"], 1),
-            "wall_s": round(time.time() - start, 1), "load": os.getloadavg()[0], "code": code_version()}
+            "wall_s": round(time.time() - start, 1), "load": os.getloadavg()[0], "code": CODE}
 
 
 def code_version() -> str:
-    """The commit the run's code came from (+dirty when the tree had uncommitted changes): results outlive code."""
+    """The commit the code came from (+dirty when the tree had uncommitted changes): results outlive code. Read
+    once at start: the modules are imported then, and HEAD may move while a long benchmark runs."""
     import subprocess
 
     git = lambda *a: subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()  # noqa: E731
@@ -181,7 +180,7 @@ def table(rows: list[dict]) -> str:
              "per run: `small_data.jsonl` beside this file.", "",
              "| data set | model | setup | evaluated by | seeds | accuracy | macro-F1 | test examples | wall time / run |",
              "|---|---|---|---|---:|---|---|---:|---:|"]
-    order = {"zero": 0, "usual": 1, "suggest": 2, "suggest-acc": 3, "suggest-acc (ties: first)": 4, "best": 5}
+    order = {"zero": 0, "usual": 1, "suggest (loss-selected)": 2, "suggest-acc (ties: first)": 3, "suggest": 4, "best": 5}
     notes: list[str] = []
     groups: dict[tuple, list[dict]] = {}
     summaries = {(r["dataset"], r["setup"]): r for r in rows if r.get("summary")}
@@ -236,6 +235,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--table-only", action="store_true", help="rewrite the table from the results file")
     args = parser.parse_args()
+    global CODE
+    CODE = code_version()
     if args.threads:
         torch.set_num_threads(args.threads)
     done = [json.loads(line) for line in RESULTS.read_text(encoding="utf-8").splitlines()] if RESULTS.is_file() else []
