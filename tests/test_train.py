@@ -118,6 +118,22 @@ def test_metric_ties_are_broken_by_the_validation_loss(make_config, monkeypatch)
     assert json.loads((Path(result.run_dir) / "summary.json").read_text())["best_step"] == 3
 
 
+def test_resume_from_a_checkpoint_without_last_eval_step(make_config, tmp_path):
+    # checkpoints written before the loop kept last_eval_step: the resumed run evaluates on the usual schedule
+    settings = dict(train__max_steps=9, train__batch_size=2, train__eval_every=3)
+    straight = train(make_config(train__output_dir=str(tmp_path / "straight"), **settings))
+    cfg = make_config(train__output_dir=str(tmp_path / "resumed"), **settings)
+    with pytest.raises(Interrupted):
+        train(cfg, stop_after=4)
+    folder = tmp_path / "resumed" / "checkpoints" / "step-0000004"
+    loop = json.loads((folder / "loop.json").read_text())
+    del loop["last_eval_step"]
+    (folder / "loop.json").write_text(json.dumps(loop))
+    train(cfg, resume=True)
+    steps = lambda run: [m["step"] for m in metrics(run) if "val_loss" in m]  # noqa: E731
+    assert steps(tmp_path / "resumed") == steps(straight.run_dir) == [3, 6, 9]
+
+
 def test_length_grouped_batches_cover_the_epoch_once():
     from fewtune.train.loop import epoch_batches
 

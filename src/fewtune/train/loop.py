@@ -209,6 +209,9 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         ckpt.set_rng_state(state["rng"])
         self.state.update(loop_state)  # in place: fit() holds a reference to this dict
+        # checkpoints from before last_eval_step was kept: take the evaluation then due as the last one
+        if "last_eval_step" not in loop_state and self.cfg.train.eval_every:
+            self.state["last_eval_step"] = self.state["step"] - self.state["step"] % self.cfg.train.eval_every
         # metrics written after that checkpoint belong to the lost tail of the interrupted run
         path = self.run_dir / "metrics.jsonl"
         if self.main and path.exists():
