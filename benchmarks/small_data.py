@@ -55,7 +55,6 @@ FEWCLUE = ROOT.parent / "shared" / "data" / "fewclue"
 WORK = ROOT / "runs" / "small_data"
 RESULTS = ROOT / "benchmarks" / "results" / "small_data.jsonl"
 TABLE = ROOT / "benchmarks" / "results" / "small_data.md"
-CODE = "unknown"  # set by main()
 NOTES = "<!-- written by hand below this line; small_data.py keeps it when it rewrites the table -->"
 MODELS = {"snips": "smollm2-135m-instruct", "eprstmt": "gemma3-270m", "tnews": "gemma3-270m"}
 
@@ -70,7 +69,6 @@ USUAL = {"method": {"name": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0
 # eprstmt: no search of its own (no CPU time left for one); SNIPS's winner carried over unchanged
 BEST: dict[str, dict] = {"snips": {"train.batch_size": 8, "train.lr": 5e-4, "train.epochs": 6},
                          "eprstmt": {"train.batch_size": 8, "train.lr": 5e-4, "train.epochs": 6}, "tnews": {}}
-
 
 
 def prepare(dataset: str) -> tuple[Path, Path]:
@@ -130,7 +128,8 @@ def config_for(dataset: str, setup: str, train_file: Path, seed: int, run_dir: P
     return build_config(values, changes, source=f"small_data {dataset}/{setup}")
 
 
-def run_one(dataset: str, setup: str, seed: int, train_file: Path, test_file: Path, limit: int | None) -> dict:
+def run_one(dataset: str, setup: str, seed: int, train_file: Path, test_file: Path, limit: int | None,
+            code: str) -> dict:
     run_dir = WORK / dataset / f"{setup}-seed{seed}"
     start = time.time()
     train_s = 0.0
@@ -152,7 +151,7 @@ def run_one(dataset: str, setup: str, seed: int, train_file: Path, test_file: Pa
     return {"dataset": dataset, "setup": setup, "seed": seed, "model": MODELS[dataset], "mode": mode,
             "accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "n_test": len(result.predictions),
             "train_s": round(train_s, 1), "eval_s": round(result.settings["seconds"], 1),
-            "wall_s": round(time.time() - start, 1), "load": os.getloadavg()[0], "code": CODE}
+            "wall_s": round(time.time() - start, 1), "load": os.getloadavg()[0], "code": code}
 
 
 def code_version() -> str:
@@ -235,8 +234,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--table-only", action="store_true", help="rewrite the table from the results file")
     args = parser.parse_args()
-    global CODE
-    CODE = code_version()
+    code = code_version()  # once, at start: HEAD may move while a long benchmark runs
     if args.threads:
         torch.set_num_threads(args.threads)
     done = [json.loads(line) for line in RESULTS.read_text(encoding="utf-8").splitlines()] if RESULTS.is_file() else []
@@ -253,7 +251,7 @@ def main() -> None:
                 if any(r["dataset"] == dataset and r["setup"] == setup and r.get("seed") == seed for r in done):
                     continue
                 print(f"== {dataset} / {setup} / seed {seed}", flush=True)
-                row = run_one(dataset, setup, seed, train_file, test_file, args.test_limit)
+                row = run_one(dataset, setup, seed, train_file, test_file, args.test_limit, code)
                 print(json.dumps(row), flush=True)
                 done.append(row)
                 with RESULTS.open("a", encoding="utf-8") as f:
