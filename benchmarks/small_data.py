@@ -2,6 +2,7 @@
 
     PYTHONPATH=src python benchmarks/small_data.py [--datasets snips,eprstmt,tnews]
         [--setups zero,usual,suggest,best] [--seeds 0,1,2] [--test-limit N | --test-per-class N]
+        [--dev | --dev-only] [--threads N] [--table-only]
 
 Data (read from ../shared/data, never copied): SNIPS with 40 training utterances per intent
 (evaluated on the 700 validation utterances), FewCLUE eprstmt (train 160, test_public 610)
@@ -19,7 +20,14 @@ Setups:
   train.eval_metric, the same config, checked key for key) and renamed; rows "suggest-acc
   (ties: first)" ran before ties in accuracy went to the lower loss (commit 154a2d4);
 - best: suggest's config plus the changes in BEST below, evaluated by choice scoring (the rows
-  so far were run on the loss-selecting suggest of before a972749).
+  so far were run on the loss-selecting suggest of before a972749);
+- suggest+KEY=VALUE[+KEY=VALUE...]: a candidate for BEST, suggest's config with dotted changes,
+  e.g. suggest+regularise.label_smoothing=0.1.
+
+BEST is chosen on a dev set, never on the test set: SNIPS's dev.jsonl (140 further train
+utterances, none in the 280) or FewCLUE's dev_few_all.json (disjoint from train and test).
+`--dev` scores each new run on it as well, `--dev-only` scores finished runs; those scores go to
+benchmarks/results/small_data_dev.jsonl and into the table's dev column.
 
 Every (dataset, setup, seed) appends one JSON line to benchmarks/results/small_data.jsonl (a
 rerun skips what is there; the file is committed, so the table survives a fresh clone), and the
@@ -34,6 +42,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import sys
@@ -54,6 +63,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FEWCLUE = ROOT.parent / "shared" / "data" / "fewclue"
 WORK = ROOT / "runs" / "small_data"
 RESULTS = ROOT / "benchmarks" / "results" / "small_data.jsonl"
+DEV_RESULTS = ROOT / "benchmarks" / "results" / "small_data_dev.jsonl"  # dev-set scores: what BEST is chosen by
 TABLE = ROOT / "benchmarks" / "results" / "small_data.md"
 NOTES = "<!-- written by hand below this line; small_data.py keeps it when it rewrites the table -->"
 MODELS = {"snips": "smollm2-135m-instruct", "eprstmt": "gemma3-270m", "tnews": "gemma3-270m"}
@@ -92,6 +102,7 @@ def prepare(dataset: str) -> tuple[Path, Path]:
         return [{"messages": [{"role": "system", "content": system}, {"role": "user", "content": r["sentence"]},
                               {"role": "assistant", "content": label(r)}], "label": label(r)} for r in read(name)]
 
+    write_jsonl(out / "dev.jsonl", rows("dev_few_all.json"))  # FewCLUE's dev set: for choosing BEST, never the test set
     return write_jsonl(out / "train.jsonl", rows("train_few_all.json")), write_jsonl(out / "test.jsonl", rows("test_public.json"))
 
 
@@ -116,8 +127,24 @@ def _merge(base: dict, changes: dict) -> dict:
     return out
 
 
+def split_setup(setup: str) -> tuple[str, list[str]]:
+    """'suggest+regularise.label_smoothing=0.1' -> ('suggest', ['regularise.label_smoothing=0.1']): a named setup
+    with dotted changes on top (the candidates tried for BEST)."""
+    base, *extra = setup.split("+")
+    if base not in ("zero", "usual", "suggest", "best") or (extra and base == "zero"):
+        raise SystemExit(f"unknown setup {setup!r}: zero, usual, suggest, best, or suggest+KEY=VALUE+...")
+    return base, extra
+
+
+def run_dir_for(dataset: str, setup: str, seed: int, run_as: str | None = None) -> Path:
+    # rows renamed after the fact (run_as) keep the folder they ran in
+    name = (run_as or setup).split(" ")[0]
+    return WORK / dataset / (re.sub(r"[^A-Za-z0-9._-]+", "_", name) + f"-seed{seed}")
+
+
 def config_for(dataset: str, setup: str, train_file: Path, seed: int, run_dir: Path):
     model = MODELS[dataset]
+    setup, extra = split_setup(setup)
     if setup == "usual":
         values = _merge(USUAL, {"model": {"name": model}, "data": {"train": str(train_file)}})
     else:
@@ -125,15 +152,16 @@ def config_for(dataset: str, setup: str, train_file: Path, seed: int, run_dir: P
     values = _merge(values, {"data": {"seed": seed},
                              "train": {"seed": seed, "output_dir": str(run_dir), "num_threads": torch.get_num_threads()}})
     changes = [f"{key}={value}" for key, value in BEST[dataset].items()] if setup == "best" else []
+    changes += extra
     return build_config(values, changes, source=f"small_data {dataset}/{setup}")
 
 
 def run_one(dataset: str, setup: str, seed: int, train_file: Path, test_file: Path, limit: int | None,
             code: str) -> dict:
-    run_dir = WORK / dataset / f"{setup}-seed{seed}"
+    run_dir = run_dir_for(dataset, setup, seed)
     start = time.time()
     train_s = 0.0
-    if setup == "zero":
+    if split_setup(setup)[0] == "zero":
         target = MODELS[dataset]
         system = json.loads(test_file.read_text(encoding="utf-8").splitlines()[0])["messages"][0]["content"]
     else:
@@ -144,14 +172,37 @@ def run_one(dataset: str, setup: str, seed: int, train_file: Path, test_file: Pa
         train_s = time.time() - start
         target, system = str(run_dir), None
     mode = "generate" if setup == "usual" else "choice"
-    labels = sorted({json.loads(line)["label"] for line in train_file.read_text(encoding="utf-8").splitlines()})
-    result = evaluate(target, test_file, task="classification", labels=labels, mode=mode, limit=limit, batch_size=16,
-                      system_prompt=system, output_dir=run_dir / "eval_test")
+    result = evaluate(target, test_file, task="classification", labels=labels_of(train_file), mode=mode, limit=limit,
+                      batch_size=16, system_prompt=system, output_dir=run_dir / "eval_test")
     m = result.metrics
     return {"dataset": dataset, "setup": setup, "seed": seed, "model": MODELS[dataset], "mode": mode,
             "accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "n_test": len(result.predictions),
             "train_s": round(train_s, 1), "eval_s": round(result.settings["seconds"], 1),
             "wall_s": round(time.time() - start, 1), "load": os.getloadavg()[0], "code": code}
+
+
+def labels_of(train_file: Path) -> list[str]:
+    return sorted({json.loads(line)["label"] for line in train_file.read_text(encoding="utf-8").splitlines()})
+
+
+def score_dev(dataset: str, setup: str, seed: int, train_file: Path, code: str, run_as: str | None = None) -> dict:
+    """Accuracy of a finished run on the data set's dev file (choice scoring): the number BEST is chosen by."""
+    dev_file = WORK / dataset / "data" / "dev.jsonl"
+    if split_setup(setup)[0] == "zero":
+        target = MODELS[dataset]
+        system = json.loads(dev_file.read_text(encoding="utf-8").splitlines()[0])["messages"][0]["content"]
+        out = run_dir_for(dataset, setup, seed) / "eval_dev"
+    else:
+        run_dir = run_dir_for(dataset, setup, seed, run_as)
+        if not (run_dir / "config.yaml").is_file():
+            raise SystemExit(f"{run_dir}: no finished run to score on the dev set")
+        target, system, out = str(run_dir), None, run_dir / "eval_dev"
+    result = evaluate(target, dev_file, task="classification", labels=labels_of(train_file), mode="choice",
+                      batch_size=16, system_prompt=system, output_dir=out)
+    m = result.metrics
+    return {"dataset": dataset, "setup": setup, "seed": seed, "dev_accuracy": m["accuracy"],
+            "dev_macro_f1": m["macro_f1"], "n_dev": len(result.predictions), "eval_s": round(result.settings["seconds"], 1),
+            "code": code}
 
 
 def code_version() -> str:
@@ -170,24 +221,33 @@ def _ms(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
-def table(rows: list[dict]) -> str:
+def table(rows: list[dict], dev_rows: list[dict] = ()) -> str:
     lines = ["# Small-data results: zero-shot, the usual recipe, `fewtune suggest`, the best found", "",
              f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, no GPU. "
              "Command: `PYTHONPATH=src python benchmarks/small_data.py` (see its docstring for the setups). "
              "Mean ± standard deviation over seeds (seeds vary the data order, the validation split and the "
              "adapter initialisation); wall time is training plus evaluation of one run. Raw results, one line "
              "per run: `small_data.jsonl` beside this file.", "",
-             "| data set | model | setup | evaluated by | seeds | accuracy | macro-F1 | test examples | wall time / run |",
-             "|---|---|---|---|---:|---|---|---:|---:|"]
-    order = {"zero": 0, "usual": 1, "suggest (loss-selected)": 2, "suggest-acc (ties: first)": 3, "suggest": 4, "best": 5}
+             "The dev column is accuracy on a dev set outside both training and test data (SNIPS: 140 further "
+             "train utterances; FewCLUE: its `dev_few_all.json`), by choice scoring: `best` is chosen by it, "
+             "never by the test column.", "",
+             "| data set | model | setup | evaluated by | seeds | accuracy | macro-F1 | test examples | dev accuracy "
+             "| wall time / run |",
+             "|---|---|---|---|---:|---|---|---:|---|---:|"]
+    order = {"zero": 0, "usual": 1, "suggest (loss-selected)": 2, "suggest-acc (ties: first)": 3, "suggest": 4,
+             "best": 6}  # candidates (suggest+KEY=VALUE) sort between suggest and best
     notes: list[str] = []
     groups: dict[tuple, list[dict]] = {}
     summaries = {(r["dataset"], r["setup"]): r for r in rows if r.get("summary")}
     for r in rows:
         if not r.get("summary"):
             groups.setdefault((r["dataset"], r["setup"]), []).append(r)
-    for key, rs in sorted(groups.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], 9))):
+    for key, rs in sorted(groups.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], 5 if "+" in kv[0][1] else 9),
+                                                          kv[0][1])):
         ds, setup = key
+        devs = [d for d in dev_rows if (d["dataset"], d["setup"]) == key]
+        dev = (f"{_ms([d['dev_accuracy'] for d in devs])} ({', '.join(str(d['seed']) for d in devs)}; n={devs[0]['n_dev']})"
+               if devs else "-")
         summary = summaries.get(key, {})
         f1s = [r["macro_f1"] for r in rs]
         # a restored group whose per-run values were lost keeps its old numbers from the summary line
@@ -196,7 +256,7 @@ def table(rows: list[dict]) -> str:
         wall = f"{statistics.mean(walls):.0f} s" if walls else (f"{summary['wall_s']} s" if summary.get("wall_s") else "-")
         lines.append(f"| {ds} | {rs[0]['model']} | {setup} | {'generation' if rs[0]['mode'] == 'generate' else 'choice scoring'} "
                      f"| {', '.join(str(r['seed']) for r in rs)} | {_ms([r['accuracy'] for r in rs])} "
-                     f"| {f1} | {rs[0]['n_test']} | {wall} |")
+                     f"| {f1} | {rs[0]['n_test']} | {dev} | {wall} |")
         notes += [f"- {ds} / {setup} / seed {r['seed']}: {r['note']}" for r in rs if r.get("note")]
     if notes:
         lines += ["", "Notes:", *notes]
@@ -213,9 +273,9 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_table(rows: list[dict]) -> str:
+def write_table(rows: list[dict], dev_rows: list[dict] = ()) -> str:
     """The generated table, followed by the hand-written notes already in the file (if any)."""
-    text = table(rows)
+    text = table(rows, dev_rows)
     old = TABLE.read_text(encoding="utf-8") if TABLE.is_file() else ""
     text += "\n" + NOTES + old.split(NOTES, 1)[1] if NOTES in old else ""
     TABLE.write_text(text, encoding="utf-8")
@@ -232,13 +292,39 @@ def main() -> None:
                         help="evaluate on the first N test examples of each label (a balanced subset; "
                              "tnews's test file is sorted by label, so --test-limit would keep 4 of 15 classes)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--dev", action="store_true",
+                        help="also score each new run on the data set's dev file (choosing BEST looks only at these)")
+    parser.add_argument("--dev-only", action="store_true",
+                        help="score finished runs (--datasets/--setups/--seeds) on the dev file; train nothing")
     parser.add_argument("--table-only", action="store_true", help="rewrite the table from the results file")
     args = parser.parse_args()
     code = code_version()  # once, at start: HEAD may move while a long benchmark runs
     if args.threads:
         torch.set_num_threads(args.threads)
-    done = [json.loads(line) for line in RESULTS.read_text(encoding="utf-8").splitlines()] if RESULTS.is_file() else []
-    if not args.table_only:
+    done = read_lines(RESULTS)
+    scored = read_lines(DEV_RESULTS)
+
+    def record(path: Path, row: dict) -> None:
+        print(json.dumps(row), flush=True)
+        with path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def dev(dataset: str, setup: str, seed: int, train_file: Path, run_as: str | None = None) -> None:
+        if not any(r["dataset"] == dataset and r["setup"] == setup and r["seed"] == seed for r in scored):
+            print(f"== dev: {dataset} / {setup} / seed {seed}", flush=True)
+            scored.append(score_dev(dataset, setup, seed, train_file, code, run_as))
+            record(DEV_RESULTS, scored[-1])
+
+    if args.dev_only:
+        for dataset in args.datasets.split(","):
+            train_file, _ = prepare(dataset)
+            for setup in args.setups.split(","):
+                for seed in [int(s) for s in args.seeds.split(",")]:
+                    row = next((r for r in done if (r["dataset"], r["setup"], r.get("seed")) == (dataset, setup, seed)
+                                and not r.get("restored")), None)
+                    if row is not None or split_setup(setup)[0] == "zero":
+                        dev(dataset, setup, seed, train_file, (row or {}).get("run_as"))
+    elif not args.table_only:
         for dataset in args.datasets.split(","):
             train_file, test_file = prepare(dataset)
             if args.test_per_class:
@@ -252,12 +338,16 @@ def main() -> None:
                     continue
                 print(f"== {dataset} / {setup} / seed {seed}", flush=True)
                 row = run_one(dataset, setup, seed, train_file, test_file, args.test_limit, code)
-                print(json.dumps(row), flush=True)
                 done.append(row)
-                with RESULTS.open("a", encoding="utf-8") as f:
-                    f.write(json.dumps(row) + "\n")
-        done = [json.loads(line) for line in RESULTS.read_text(encoding="utf-8").splitlines()]  # other processes' too
-    print(write_table(done))
+                record(RESULTS, row)
+                if args.dev:
+                    dev(dataset, setup, seed, train_file)
+    # other processes' lines too
+    print(write_table(read_lines(RESULTS), read_lines(DEV_RESULTS)))
+
+
+def read_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.is_file() else []
 
 
 if __name__ == "__main__":
