@@ -76,9 +76,18 @@ USUAL = {"method": {"name": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0
 # changes on top of suggest's config for the "best" setup (dotted keys), per dataset
 # snips: chosen by `fewtune sweep` on dev.jsonl (140 SNIPS train utterances outside the 280), never
 # on the 700 test utterances; see benchmarks/results/small_data.md for the grid and its scores
-# eprstmt: no search of its own (no CPU time left for one); SNIPS's winner carried over unchanged
+# eprstmt: label smoothing 0.1 won on FewCLUE's dev set (seed 0, 160 reviews) over suggest alone, NEFTune 5 and
+# FGM; its rows ran as the candidate setup suggest+regularise.label_smoothing=0.1, the same config. The rows of
+# the first eprstmt "best" (SNIPS's changes, on the loss-selected suggest, chosen by no search of its own) are kept
+# under another name.
 BEST: dict[str, dict] = {"snips": {"train.batch_size": 8, "train.lr": 5e-4, "train.epochs": 6},
-                         "eprstmt": {"train.batch_size": 8, "train.lr": 5e-4, "train.epochs": 6}, "tnews": {}}
+                         "eprstmt": {"regularise.label_smoothing": 0.1}, "tnews": {}}
+
+
+def best_candidate(dataset: str) -> str | None:
+    """The candidate setup whose config is suggest + BEST[dataset]: its rows are the data set's best."""
+    changes = BEST.get(dataset) or {}
+    return "suggest+" + "+".join(f"{key}={value}" for key, value in changes.items()) if changes else None
 
 
 def prepare(dataset: str) -> tuple[Path, Path]:
@@ -242,8 +251,12 @@ def table(rows: list[dict], dev_rows: list[dict] = ()) -> str:
     for r in rows:
         if not r.get("summary"):
             groups.setdefault((r["dataset"], r["setup"]), []).append(r)
-    for key, rs in sorted(groups.items(), key=lambda kv: (kv[0][0], order.get(kv[0][1], 5 if "+" in kv[0][1] else 9),
-                                                          kv[0][1])):
+    def rank(key: tuple) -> int:
+        if key[1] == best_candidate(key[0]):
+            return order["best"]
+        return order.get(key[1], 5 if "+" in key[1] else 9)
+
+    for key, rs in sorted(groups.items(), key=lambda kv: (kv[0][0], rank(kv[0]), kv[0][1])):
         ds, setup = key
         devs = [d for d in dev_rows if (d["dataset"], d["setup"]) == key]
         dev = (f"{_ms([d['dev_accuracy'] for d in devs])} ({', '.join(str(d['seed']) for d in devs)}; n={devs[0]['n_dev']})"
@@ -254,7 +267,8 @@ def table(rows: list[dict], dev_rows: list[dict] = ()) -> str:
         f1 = _ms(f1s) if None not in f1s else summary.get("macro_f1", "-")
         walls = [r["wall_s"] for r in rs if r.get("wall_s") is not None]
         wall = f"{statistics.mean(walls):.0f} s" if walls else (f"{summary['wall_s']} s" if summary.get("wall_s") else "-")
-        lines.append(f"| {ds} | {rs[0]['model']} | {setup} | {'generation' if rs[0]['mode'] == 'generate' else 'choice scoring'} "
+        shown = f"**best**: {setup}" if setup == best_candidate(ds) else setup
+        lines.append(f"| {ds} | {rs[0]['model']} | {shown} | {'generation' if rs[0]['mode'] == 'generate' else 'choice scoring'} "
                      f"| {', '.join(str(r['seed']) for r in rs)} | {_ms([r['accuracy'] for r in rs])} "
                      f"| {f1} | {rs[0]['n_test']} | {dev} | {wall} |")
         notes += [f"- {ds} / {setup} / seed {r['seed']}: {r['note']}" for r in rs if r.get("note")]
