@@ -183,7 +183,7 @@ def run_one(dataset: str, setup: str, seed: int, train_file: Path, test_file: Pa
         train(cfg, run_dir)
         train_s = time.time() - start
         target, system = str(run_dir), None
-    mode = "generate" if setup == "usual" else "choice"
+    mode = "generate" if split_setup(setup)[0] == "usual" else "choice"
     result = evaluate(target, test_file, task="classification", labels=labels_of(train_file), mode=mode, limit=limit,
                       batch_size=16, system_prompt=system, output_dir=run_dir / "eval_test")
     m = result.metrics
