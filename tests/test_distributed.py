@@ -14,17 +14,19 @@ from safetensors.torch import load_file
 
 from fewtune.config import build_config
 from fewtune.train.loop import train
+from tests.precision import GRAD_RTOL_BF16, LOSS_RTOL_BF16, PRECISIONS
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
-def _settings(tiny_model, data, out, batch_size) -> dict:
+def _settings(tiny_model, data, out, batch_size, precision) -> dict:
     return {
         "model": {"name": tiny_model},
         "data": {"train": str(data), "val_ratio": 0.2, "max_length": 64},
         "method": {"name": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
         "train": {"output_dir": str(out), "max_steps": 4, "batch_size": batch_size, "lr": 1e-3,
-                  "warmup_ratio": 0.0, "seed": 3, "eval_every": 2, "cache_tokenized": False},
+                  "warmup_ratio": 0.0, "seed": 3, "eval_every": 2, "cache_tokenized": False,
+                  "mixed_precision": precision},
     }
 
 
@@ -32,10 +34,12 @@ def _metrics(run_dir: Path, key: str) -> list[float]:
     return [json.loads(l)[key] for l in (run_dir / "metrics.jsonl").read_text().splitlines() if f'"{key}"' in l]
 
 
-def test_two_processes_match_one_process(tiny_model, pc_data, tmp_path):
-    single = train(build_config(_settings(tiny_model, pc_data, tmp_path / "single", batch_size=4)))
+@PRECISIONS
+def test_two_processes_match_one_process(tiny_model, pc_data, tmp_path, precision):
+    """2 processes x batch 2 = 1 process x batch 4 (tolerances: tests/precision.py)."""
+    single = train(build_config(_settings(tiny_model, pc_data, tmp_path / "single", 4, precision)))
     config = tmp_path / "ddp.yaml"
-    config.write_text(yaml.safe_dump(_settings(tiny_model, pc_data, tmp_path / "ddp", batch_size=2)))
+    config.write_text(yaml.safe_dump(_settings(tiny_model, pc_data, tmp_path / "ddp", 2, precision)))
     env = {**os.environ, "PYTHONPATH": str(SRC) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "fewtune.cli", "train", str(config)]
@@ -45,7 +49,17 @@ def test_two_processes_match_one_process(tiny_model, pc_data, tmp_path):
     start = json.loads((ddp_dir / "metrics.jsonl").read_text().splitlines()[0])
     assert start["event"] == "start"
     assert _metrics(ddp_dir, "tokens") == _metrics(single.run_dir, "tokens")  # same global batches
-    assert _metrics(ddp_dir, "train_loss") == pytest.approx(_metrics(single.run_dir, "train_loss"), rel=1e-4)
+    losses, single_losses = _metrics(ddp_dir, "train_loss"), _metrics(single.run_dir, "train_loss")
+    norms, single_norms = _metrics(ddp_dir, "grad_norm"), _metrics(single.run_dir, "grad_norm")
+    assert len(losses) == len(norms) == 4
+    if precision == "bf16":
+        # the first step sees the same weights in both: the loss within u, the gradient's norm within the
+        # norm-wise gradient tolerance (|‖a‖ - ‖b‖| <= ‖a - b‖); later steps follow Adam (tests/precision.py)
+        assert losses[0] == pytest.approx(single_losses[0], rel=LOSS_RTOL_BF16)
+        assert norms[0] == pytest.approx(single_norms[0], rel=GRAD_RTOL_BF16)
+        return
+    assert losses == pytest.approx(single_losses, rel=1e-4)
+    assert norms == pytest.approx(single_norms, rel=1e-4)
     assert _metrics(ddp_dir, "val_loss") == pytest.approx(_metrics(single.run_dir, "val_loss"), rel=1e-4)
     a = load_file(single.run_dir / "adapter" / "adapter_model.safetensors")
     b = load_file(ddp_dir / "adapter" / "adapter_model.safetensors")

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -135,7 +135,14 @@ class TrainSection(Section):
     cache_tokenized: bool = True  # keep rendered token ids on disk (resumes, sweeps)
     seed: int = 42
     resume: bool = False
+    force_resume: bool = False  # resume even if the data, model or training keys changed since the checkpoint
     log_every: int = Field(1, gt=0)
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value):
+        # YAML 1.1 reads a bare `no` (train.mixed_precision=no on the command line) as false
+        return "no" if value is False else value
 
     @model_validator(mode="after")
     def _check_eval_metric(self) -> "TrainSection":

@@ -46,9 +46,30 @@ def cpu_bf16_speedup() -> float:
     return _PROBE["bf16"]
 
 
+# `auto` obeys this variable when it is set: a developer on an AVX2 machine can run everything as an AMX
+# machine would (bf16), and the other way round; CI runs the precision-sensitive tests under both
+PRECISION_ENV = "FEWTUNE_MIXED_PRECISION"
+_ENV_VALUES = {"no": "no", "fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
+
+def forced_precision() -> str | None:
+    """The precision FEWTUNE_MIXED_PRECISION forces on ``auto`` ('no', 'bf16', 'fp16'), or None when unset."""
+    raw = os.environ.get(PRECISION_ENV, "").strip().lower()
+    if not raw or raw == "auto":
+        return None
+    if raw not in _ENV_VALUES:
+        raise ValueError(f"{PRECISION_ENV}={raw!r} is not a precision: use one of no, fp32, bf16, fp16 (or unset it)")
+    return _ENV_VALUES[raw]
+
+
 def resolve_mixed_precision(setting: str, cpu: bool | None = None) -> str:
-    """'auto' -> 'bf16', 'fp16' or 'no' for this machine; other settings pass through (checked)."""
+    """'auto' -> 'bf16', 'fp16' or 'no' for this machine (or as FEWTUNE_MIXED_PRECISION forces); other
+    settings pass through (checked)."""
     cpu = (not torch.cuda.is_available()) if cpu is None else cpu
+    if setting == "auto" and (forced := forced_precision()) is not None:
+        log.info("mixed precision auto: %s=%s forces %s", PRECISION_ENV, os.environ[PRECISION_ENV],
+                 "fp32" if forced == "no" else forced)
+        setting = forced
     if setting == "fp16" and cpu:
         raise ValueError("train.mixed_precision=fp16 needs a GPU; on a CPU use bf16 or no")
     if setting != "auto":
@@ -61,6 +82,19 @@ def resolve_mixed_precision(setting: str, cpu: bool | None = None) -> str:
     log.info("mixed precision auto on CPU: bf16 matmul runs %.2fx the speed of fp32 -> %s", speedup,
              "bf16" if choice == "bf16" else "fp32")
     return choice
+
+
+def reset_accelerate_precision(precision: str) -> None:
+    """Let a single-process run use its own precision after an earlier run in this process used another.
+
+    accelerate keeps one mixed-precision setting per process and refuses a second one; a Python user
+    training twice (a sweep, a notebook, the test suite) with different precisions would hit that.
+    """
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") not in (None, precision):
+        AcceleratorState._reset_state(True)
 
 
 def available_cores() -> int:
