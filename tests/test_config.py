@@ -49,3 +49,164 @@ def test_bad_files(tmp_path):
     bad.write_text("- just\n- a list\n")
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_config(bad)
+
+
+# ---------------------------------------------------------------- every key: wrong type, out of range, wrong section
+
+import types  # noqa: E402
+import typing  # noqa: E402
+
+import annotated_types  # noqa: E402
+from pydantic import BaseModel  # noqa: E402
+
+from fewtune.config import Config, schema_paths  # noqa: E402
+
+
+def _nested(path: tuple[str, ...], value) -> dict:
+    data = value
+    for part in reversed(path):
+        data = {part: data}
+    return data
+
+
+def _leaf_fields():
+    """(dotted path, pydantic FieldInfo) for every leaf of the schema."""
+    out = []
+
+    def walk(cls: type[BaseModel], prefix: tuple[str, ...]):
+        for name, field in cls.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, (*prefix, name))
+            else:
+                out.append(((*prefix, name), field))
+
+    walk(Config, ())
+    return out
+
+
+def _kinds(annotation) -> set:
+    """The value kinds an annotation accepts: int, float, str, bool, list, none, literal."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return set().union(*(_kinds(a) for a in typing.get_args(annotation)))
+    if origin is typing.Literal:
+        return {"literal"}
+    if origin is list:
+        return {"list"}
+    return {{int: "int", float: "float", str: "str", bool: "bool", type(None): "none"}[annotation]}
+
+
+def _wrong_value(annotation):
+    """A value of a type the field does not take (as YAML would hand it over)."""
+    kinds = _kinds(annotation)
+    if kinds & {"int", "float"}:
+        return "not-a-number"
+    if "bool" in kinds:
+        return "maybe"
+    if "literal" in kinds:
+        return "no-such-choice"
+    if "str" in kinds:
+        return 12.5  # YAML `key: 12.5`: a number where text is expected
+    if "list" in kinds:
+        return 7
+    raise AssertionError(f"no wrong value for {annotation}")
+
+
+LEAVES = _leaf_fields()
+
+
+def test_the_walk_covers_the_schema():
+    assert len(LEAVES) > 80 and ("train", "lr") in [p for p, _ in LEAVES]
+    assert len({p for p, _ in LEAVES}) == len(LEAVES)
+
+
+@pytest.mark.parametrize("path,field", LEAVES, ids=[".".join(p) for p, _ in LEAVES])
+def test_every_key_given_a_wrong_type_names_its_path(path, field):
+    value = _wrong_value(field.annotation)
+    with pytest.raises(ConfigError) as info:
+        build_config(_nested(path, value))
+    message = str(info.value)
+    assert f"'{'.'.join(path)}'" in message and repr(value) in message and "\n" not in message
+
+
+def _out_of_range(field):
+    kinds = _kinds(field.annotation)
+    step = 1 if "float" not in kinds else 0.5
+    for c in field.metadata:
+        if isinstance(c, annotated_types.Gt):
+            yield c.gt
+        elif isinstance(c, annotated_types.Ge):
+            yield c.ge - step
+        elif isinstance(c, annotated_types.Lt):
+            yield c.lt
+        elif isinstance(c, annotated_types.Le):
+            yield c.le + step
+
+
+RANGED = [(p, v) for p, f in LEAVES for v in _out_of_range(f)]
+
+
+def test_the_walk_finds_the_constrained_fields():
+    paths = {".".join(p) for p, _ in RANGED}
+    assert {"train.lr", "data.val_ratio", "method.lora.r", "generate.top_p", "regularise.label_smoothing"} <= paths
+    assert len(RANGED) > 40
+
+
+@pytest.mark.parametrize("path,value", RANGED, ids=[f"{'.'.join(p)}={v}" for p, v in RANGED])
+def test_every_constrained_key_out_of_range_names_its_path(path, value):
+    with pytest.raises(ConfigError) as info:
+        build_config(_nested(path, value))
+    message = str(info.value)
+    assert f"'{'.'.join(path)}'" in message and ("greater than" in message or "less than" in message)
+
+
+def test_a_whole_section_given_a_scalar_names_it():
+    for section in {p[:1] for p in schema_paths()} | {("method", "lora"), ("train", "early_stopping")}:
+        with pytest.raises(ConfigError, match=f"'{'.'.join(section)}': Input should be a valid dictionary"):
+            build_config(_nested(section, 3))
+
+
+@pytest.mark.parametrize("given,expected", [
+    ({"method": {"r": 4}}, "method.lora.r"),
+    ({"train": {"label_smoothing": 0.1}}, "regularise.label_smoothing"),
+    ({"lr": 1e-4}, "train.lr"),
+    ({"method": {"dropout": 0.1}}, "method.lora.dropout"),
+    ({"patience": 2}, "train.early_stopping.patience"),
+    ({"train": {"lora": {"r": 4}}}, "method.lora"),  # a whole section in the wrong place
+    ({"regularise": {"epochs": 1}}, "regularise.curriculum.epochs"),  # the shared prefix wins over train.epochs
+    ({"train": {"label_smothing": 0.1}}, "regularise.label_smoothing"),  # misspelt and misplaced
+    ({"train": {"epoch": 2}}, "train.epochs"),  # misspelt in the right section: the existing hint
+    ({"generate": {"temprature": 1}}, "generate.temperature"),
+])
+def test_a_key_in_the_wrong_section_says_where_it_belongs(given, expected):
+    with pytest.raises(ConfigError, match=f"did you mean '{expected}'\\?"):
+        build_config(given)
+
+
+def test_a_key_found_in_several_sections_lists_them():
+    with pytest.raises(ConfigError, match=r"did you mean 'method.lora.alpha'\? \(or 'regularise.adversarial.alpha'\)"):
+        build_config({"alpha": 8})
+
+
+def test_cross_key_checks_name_both_keys_on_one_line():
+    with pytest.raises(ConfigError, match=r"^invalid configuration in <config>: train.eval_metric 'accuracy' needs "
+                                          r"train.eval_task"):
+        build_config({"train": {"eval_metric": "accuracy"}})
+    with pytest.raises(ConfigError) as info:
+        build_config({"train": {"batch_size": "eight", "lr": -1}})
+    assert "'train.batch_size'" in str(info.value) and "'train.lr'" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_unreadable_config_files_are_one_line(tmp_path):
+    with pytest.raises(ConfigError, match="is a directory, not a config file"):
+        load_config(tmp_path)
+    garbage = tmp_path / "garbage.yaml"
+    garbage.write_text("train: [unclosed\n  : :\n")
+    with pytest.raises(ConfigError, match=r"garbage.yaml is not valid YAML: .* at line \d+, column \d+") as info:
+        load_config(garbage)
+    assert "\n" not in str(info.value)
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    with pytest.raises(ConfigError, match="binary.yaml is not UTF-8 text"):
+        load_config(binary)

@@ -149,9 +149,10 @@ class TrainSection(Section):
         if self.eval_metric == "loss":
             return self
         if self.eval_task is None:
-            raise ValueError(f"eval_metric '{self.eval_metric}' needs train.eval_task (classification, generation or json)")
+            raise ValueError(f"train.eval_metric '{self.eval_metric}' needs train.eval_task (classification, "
+                             "generation or json)")
         if self.eval_metric not in TASK_METRICS[self.eval_task]:
-            raise ValueError(f"eval_metric '{self.eval_metric}' is not a {self.eval_task} metric; "
+            raise ValueError(f"train.eval_metric '{self.eval_metric}' is not a {self.eval_task} metric; "
                              f"use loss or one of {', '.join(TASK_METRICS[self.eval_task])}")
         return self
 
@@ -230,30 +231,107 @@ class Config(Section):
         return self
 
 
+def _section_class(annotation: Any) -> type[BaseModel] | None:
+    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+
+
 def _fields_at(path: tuple[Any, ...]) -> list[str]:
     """Valid keys of the section at a key path (for 'did you mean')."""
     cls: type[BaseModel] = Config
     for part in path:
         field = cls.model_fields.get(str(part))
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+        sub = _section_class(field.annotation) if field is not None else None
+        if sub is None:
             return []
-        cls = field.annotation
+        cls = sub
     return list(cls.model_fields)
 
 
+def schema_paths(cls: type[BaseModel] | None = None, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every key path of the schema, sections and leaves: ('train',), ('train', 'lr'), ..."""
+    out = []
+    for name, field in (cls or Config).model_fields.items():
+        path = (*prefix, name)
+        out.append(path)
+        sub = _section_class(field.annotation)
+        if sub is not None:
+            out += schema_paths(sub, path)
+    return out
+
+
+def _ranked(candidates: list[tuple[str, ...]], parent: tuple[str, ...]) -> list[str]:
+    """Candidate key paths, those sharing the most of the given key's sections first, then the shortest."""
+    def shared(path: tuple[str, ...]) -> int:
+        n = 0
+        for a, b in zip(path, parent):
+            if a != b:
+                break
+            n += 1
+        return n
+
+    return [".".join(p) for p in sorted(candidates, key=lambda p: (-shared(p), len(p), p))]
+
+
+def _did_you_mean(paths: list[str]) -> str:
+    also = f" (or {', '.join(repr(p) for p in paths[1:3])})" if len(paths) > 1 else ""
+    return f"did you mean '{paths[0]}'?{also}"
+
+
+def suggest_key(loc: tuple[Any, ...]) -> str:
+    """The hint for an unknown key: the same key in another section, a near spelling here, or the valid keys."""
+    parent, name = tuple(str(p) for p in loc[:-1]), str(loc[-1])
+    everywhere = schema_paths()
+    elsewhere = [p for p in everywhere if p[-1] == name and p[:-1] != parent]
+    if elsewhere:  # a key put in the wrong section (method.r, train.label_smoothing, lr at the top level)
+        return _did_you_mean(_ranked(elsewhere, parent))
+    valid = _fields_at(parent)
+    here = difflib.get_close_matches(name, valid, n=1, cutoff=0.5)
+    there = difflib.get_close_matches(name, sorted({p[-1] for p in everywhere} - set(valid)), n=1, cutoff=0.75)
+    ratio = lambda other: difflib.SequenceMatcher(None, name, other).ratio()  # noqa: E731
+    if there and (not here or ratio(there[0]) > ratio(here[0]) + 0.1):  # misspelt and in the wrong section
+        return _did_you_mean(_ranked([p for p in everywhere if p[-1] == there[0]], parent))
+    if here:  # a misspelling in the right section
+        return _did_you_mean([".".join([*parent, here[0]])])
+    return f"valid keys{' in ' + '.'.join(parent) if parent else ''}: {', '.join(valid)}"
+
+
+def _short_repr(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _key_of(loc: tuple[Any, ...]) -> str:
+    """The user's key path of an error location: schema keys, list positions as [i]; pydantic's union tags dropped."""
+    known, parts, key = set(schema_paths()), [], ""
+    for part in loc:
+        if isinstance(part, int):
+            key += f"[{part}]"
+        elif (*parts, str(part)) in known or not parts or (*parts,) not in known:
+            parts.append(str(part))
+            key += ("." if len(parts) > 1 else "") + str(part)
+    return key
+
+
 def _explain(err: ValidationError, source: str) -> ConfigError:
-    lines = []
+    problems: dict[str, list[str]] = {}  # key -> what is wrong (a union's members each say what they take)
+    got: dict[str, Any] = {}
     for e in err.errors():
         loc = tuple(e["loc"])
-        key = ".".join(str(p) for p in loc)
         if e["type"] == "extra_forbidden":
-            valid = _fields_at(loc[:-1])
-            near = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
-            hint = f"did you mean '{'.'.join([*map(str, loc[:-1]), near[0]])}'?" if near else f"valid keys: {', '.join(valid)}"
-            lines.append(f"unknown key '{key}': {hint}")
-        else:
-            lines.append(f"'{key}': {e['msg']} (got {e.get('input')!r})")
-    return ConfigError(f"invalid configuration in {source}:\n  " + "\n  ".join(lines))
+            problems.setdefault(f"unknown key '{'.'.join(map(str, loc))}': {suggest_key(loc)}", [])
+            continue
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "value_error" and isinstance(e.get("input"), dict):  # a section's check across keys
+            problems.setdefault(msg, [])  # worded with the key paths it is about
+            continue
+        key = _key_of(loc)
+        whats = problems.setdefault(f"'{key}'", [])
+        if msg not in whats:
+            whats.append(msg if not whats else msg.removeprefix("Input should be "))
+        got[f"'{key}'"] = e.get("input")
+    lines = [f"{head}: {' or '.join(whats)} (got {_short_repr(got[head])})" if whats else head
+             for head, whats in problems.items()]
+    return ConfigError(f"invalid configuration in {source}: " + "; ".join(lines))
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -287,14 +365,31 @@ def build_config(data: dict | None = None, overrides: list[str] | None = None, s
         raise _explain(err, source) from None
 
 
+def yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error in one line: what is wrong and where (PyYAML's own message spans several lines)."""
+    mark = getattr(err, "problem_mark", None)
+    what = getattr(err, "problem", None) or " ".join(str(err).split())
+    context = getattr(err, "context", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{what}{where}" + (f" ({context})" if context else "")
+
+
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     path = Path(path)
+    if path.is_dir():
+        hint = f" (the run's config is {path / 'config.yaml'})" if (path / "config.yaml").is_file() else ""
+        raise ConfigError(f"{path} is a directory, not a config file{hint}")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path} is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}): "
+                          "is it a config file?") from None
+    except OSError as err:
+        raise ConfigError(f"{path} cannot be read: {err.strerror or err}") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+        raise ConfigError(f"{path} is not valid YAML: {yaml_problem(err)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections (model, data, method, train, regularise, generate)")
     cfg = build_config(data, overrides, source=str(path))
