@@ -15,6 +15,7 @@ from fewtune.train.loop import Trainer
 
 
 def test_auto_precision_on_cpu_follows_the_probe(monkeypatch):
+    monkeypatch.delenv(runtime.PRECISION_ENV, raising=False)
     speedup = runtime.cpu_bf16_speedup()
     assert speedup > 0
     assert runtime.resolve_mixed_precision("auto", cpu=True) == ("bf16" if speedup >= runtime.BF16_MIN_SPEEDUP else "no")
@@ -25,6 +26,29 @@ def test_auto_precision_on_cpu_follows_the_probe(monkeypatch):
     assert runtime.resolve_mixed_precision("bf16", cpu=True) == "bf16"
     with pytest.raises(ValueError, match="fp16 needs a GPU"):
         runtime.resolve_mixed_precision("fp16", cpu=True)
+
+
+@pytest.mark.parametrize("value,expected", [("bf16", "bf16"), ("no", "no"), ("fp32", "no"), ("BF16", "bf16"),
+                                            ("auto", None), ("", None)])
+def test_the_environment_forces_what_auto_picks(monkeypatch, value, expected):
+    monkeypatch.setenv(runtime.PRECISION_ENV, value)
+    for probe in (3.0, 0.05):  # whatever the probe measures
+        monkeypatch.setattr(runtime, "cpu_bf16_speedup", lambda probe=probe: probe)
+        picked = runtime.resolve_mixed_precision("auto", cpu=True)
+        assert picked == (expected or ("bf16" if probe >= runtime.BF16_MIN_SPEEDUP else "no"))
+    assert runtime.resolve_mixed_precision("no", cpu=True) == "no"  # an explicit setting is not overridden
+
+
+def test_a_bad_forced_precision_is_one_clear_error(monkeypatch, make_config):
+    from fewtune.train.loop import TrainingError
+
+    monkeypatch.setenv(runtime.PRECISION_ENV, "half")
+    with pytest.raises(TrainingError, match="FEWTUNE_MIXED_PRECISION='half' is not a precision: use one of no, fp32"):
+        Trainer(make_config(train__mixed_precision="auto"))
+    if not torch.cuda.is_available():
+        monkeypatch.setenv(runtime.PRECISION_ENV, "fp16")
+        with pytest.raises(TrainingError, match="fp16 needs a GPU"):
+            Trainer(make_config(train__mixed_precision="auto"))
 
 
 @pytest.fixture
