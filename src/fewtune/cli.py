@@ -40,7 +40,7 @@ def _run(fn, *args, **kwargs):
         return fn(*args, **kwargs)
     except Interrupted as err:
         typer.secho(str(err), fg=typer.colors.YELLOW, err=True)
-        raise typer.Exit(130)
+        raise typer.Exit(err.exit_code)  # 130 after Ctrl-C, 143 after SIGTERM
     except (ConfigError, DataError, RenderError, ModelNotFoundError, TrainingError, FileNotFoundError) as err:
         _fail(err)
     except EvalError as err:
@@ -62,6 +62,8 @@ def train(
     resume: Annotated[Optional[Path], typer.Option("--resume", help="continue this run directory from its last checkpoint")] = None,
     verbose: bool = False,
     report: Annotated[bool, typer.Option("--report", help="write RUN_DIR/report (Markdown + HTML) at the end")] = False,
+    force: Annotated[bool, typer.Option("--force", help="with --resume: resume even if the data, model or training "
+                                                         "keys changed since the checkpoint")] = False,
 ):
     """Fine-tune as the config says and write a run directory."""
     _setup_logging(verbose)
@@ -79,7 +81,7 @@ def train(
         _fail(ValueError("give a config file (or --resume RUN_DIR)"))
     else:
         cfg = _run(load_config, config, overrides)
-    result = _run(run_training, cfg)
+    result = _run(run_training, cfg, force=force)
     if os.environ.get("RANK", "0") != "0":  # data-parallel launch: one summary line, from process 0
         return
     typer.echo(f"run directory: {result.run_dir}  (steps: {result.steps}, best validation loss: "

@@ -27,8 +27,9 @@ from fewtune.data.cache import cached_render_set
 from fewtune.data.dataset import RenderedSet, load_train_val
 from fewtune.data.render import Template
 from fewtune.models import load_tokenizer
+from fewtune.runinfo import write_marker
 from fewtune.train import checkpoint as ckpt
-from fewtune.train import runtime
+from fewtune.train import fingerprint, runtime
 from fewtune.train.batching import batch_weight, collate, pack, setup_packing
 from fewtune.train.loss import WeightedLMLoss
 from fewtune.train.adapters import load_base
@@ -45,11 +46,14 @@ class TrainingError(RuntimeError):
 
 
 class Interrupted(Exception):
-    """Raised after Ctrl-C (at the next step boundary) once the checkpoint is safely written."""
+    """Raised after Ctrl-C or SIGTERM (at the next step boundary) once the checkpoint is safely written."""
 
-    def __init__(self, run_dir: Path, step: int):
-        self.run_dir, self.step = run_dir, step
-        super().__init__(f"interrupted at step {step}; checkpoint saved. Resume with: fewtune train --resume {run_dir}")
+    def __init__(self, run_dir: Path, step: int, signum: int = signal.SIGINT):
+        self.run_dir, self.step, self.signum = run_dir, step, signum
+        # the shell's convention: 128 + the signal's number (130 for Ctrl-C, 143 for SIGTERM)
+        self.exit_code = 128 + int(signum)
+        how = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+        super().__init__(f"{how} at step {step}; checkpoint saved. Resume with: fewtune train --resume {run_dir}")
 
 
 @dataclass
@@ -103,8 +107,26 @@ def _scheduler(optimizer, cfg: Config, total_steps: int):
                          num_training_steps=total_steps, scheduler_specific_kwargs=extra)
 
 
+def _resolve_precision(setting: str, run_dir: Path, resume: bool) -> str:
+    """The run's mixed precision. A resumed ``auto`` run keeps what its first session chose: the probe
+    behind ``auto`` is a timing, and a busy machine could tip it the other way halfway through a run."""
+    if setting == "auto" and resume and runtime.forced_precision() is None:
+        for folder in ckpt.checkpoints_newest_first(run_dir):
+            try:
+                chosen = json.loads((folder / "loop.json").read_text()).get("mixed_precision")
+            except (OSError, ValueError):
+                continue
+            if chosen:
+                log.info("mixed precision auto: %s, as the run's first session chose", chosen)
+                return chosen
+    try:
+        return runtime.resolve_mixed_precision(setting)
+    except ValueError as err:
+        raise TrainingError(str(err)) from None
+
+
 class Trainer:
-    def __init__(self, cfg: Config, run_dir: Path | None = None):
+    def __init__(self, cfg: Config, run_dir: Path | None = None, resume: bool = False):
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
@@ -114,8 +136,10 @@ class Trainer:
         # without cpu=True accelerate sees no distributed setup on a machine without GPUs, and
         # torchrun's processes would each train alone on all the data, into the same folder
         cpu = launched > 1 and not torch.cuda.is_available()
-        self.accelerator = Accelerator(mixed_precision=runtime.resolve_mixed_precision(cfg.train.mixed_precision),
-                                       cpu=cpu)
+        precision = _resolve_precision(cfg.train.mixed_precision, self.run_dir, resume)
+        if launched == 1:
+            runtime.reset_accelerate_precision(precision)
+        self.accelerator = Accelerator(mixed_precision=precision, cpu=cpu)
         for kind in ("FSDP", "DEEPSPEED"):
             if os.environ.get(f"ACCELERATE_USE_{kind}", "").lower() == "true" and \
                     self.accelerator.distributed_type.value != kind:
@@ -161,8 +185,13 @@ class Trainer:
         self.loss_module, self.optimizer = self.accelerator.prepare(self.loss_module, optimizer)
         self.scheduler = _scheduler(self.optimizer, cfg, self.total_steps)
         self.extras = StepExtras(self)
+        self.inputs = fingerprint.run_inputs(cfg, self.train_set, self.val_set)
+        # wall_s: training time of the earlier sessions of a resumed run, up to their last checkpoint
         self.state = {"step": 0, "epoch": 0, "batch": 0, "best_val": None, "best_step": None, "bad_evals": 0,
-                      "stopped_early": False, "tokens": 0, "last_eval_step": 0}
+                      "stopped_early": False, "tokens": 0, "last_eval_step": 0, "wall_s": 0.0,
+                      "mixed_precision": self.accelerator.mixed_precision}
+        self._session_start = time.time()
+        self._wall_at_session_start = 0.0
 
     def make_batch(self, items) -> dict[str, torch.Tensor]:
         """A micro-batch as the loss module takes it: one packed row, or a padded batch."""
@@ -181,11 +210,20 @@ class Trainer:
             with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
                 fh.write(json.dumps(record) + "\n")
 
+    def _wall_s(self) -> float:
+        """Training time of the whole run: the earlier sessions (to their last checkpoint) plus this one."""
+        return self._wall_at_session_start + time.time() - self._session_start
+
     def _save_checkpoint(self) -> None:
         self.accelerator.wait_for_everyone()
+        self.state["wall_s"] = round(self._wall_s(), 3)
         if self.main:
-            ckpt.save_checkpoint(self.run_dir, self.state["step"], trainable_state(self.model), self.optimizer,
-                                 self.scheduler, self.state, self.cfg.train.keep_checkpoints)
+            try:
+                ckpt.save_checkpoint(self.run_dir, self.state["step"], trainable_state(self.model), self.optimizer,
+                                     self.scheduler, {**self.state, "inputs": self.inputs},
+                                     self.cfg.train.keep_checkpoints)
+            except ckpt.CheckpointError as err:
+                raise TrainingError(str(err)) from err
         self.accelerator.wait_for_everyone()
 
     def _prepare_run_dir(self, resume: bool) -> None:
@@ -195,20 +233,41 @@ class Trainer:
                 for stale in ("metrics.jsonl", "summary.json"):
                     (self.run_dir / stale).unlink(missing_ok=True)
             save_config(self.cfg, self.run_dir / "config.yaml")
+            write_marker(self.run_dir)
             self.template.save(self.run_dir / "template.json")
             self.tokenizer.save_pretrained(self.run_dir / "tokenizer")
         self.accelerator.wait_for_everyone()
 
-    def resume(self) -> bool:
-        folder = ckpt.latest_checkpoint(self.run_dir)
+    def resume(self, force: bool = False) -> bool:
+        """Continue from the newest intact checkpoint; refuse (unless forced) when the inputs changed since."""
+        try:
+            folder = ckpt.newest_intact_checkpoint(self.run_dir)
+        except ckpt.CheckpointError as err:
+            raise TrainingError(str(err)) from None
         if folder is None:
             return False
         weights, state, loop_state = ckpt.load_checkpoint(folder)
+        saved_inputs = loop_state.pop("inputs", None)
+        if saved_inputs is not None:
+            changed = fingerprint.changes(saved_inputs, self.inputs)
+            if changed and not force:
+                raise TrainingError(f"cannot resume {self.run_dir}: its inputs changed since checkpoint {folder.name}:\n  "
+                                    + "\n  ".join(changed) + "\nRestore them, start a new run (another "
+                                    "train.output_dir), or resume anyway with --force (train.force_resume=true)")
+            for line in changed:
+                log.warning("resuming although %s (forced)", line)
         load_trainable_state(self.model, weights)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         ckpt.set_rng_state(state["rng"])
         self.state.update(loop_state)  # in place: fit() holds a reference to this dict
+        self._wall_at_session_start = float(self.state.get("wall_s", 0.0))
+        before, now = loop_state.get("mixed_precision"), self.accelerator.mixed_precision
+        if before and before != now:
+            log.warning("this session trains in mixed precision %s; the run began in %s (%s), so it will not "
+                        "end exactly where an uninterrupted run would", now, before,
+                        f"{runtime.PRECISION_ENV} is set" if runtime.forced_precision() else "train.mixed_precision")
+        self.state["mixed_precision"] = now
         # checkpoints from before last_eval_step was kept: take the evaluation then due as the last one
         if "last_eval_step" not in loop_state and self.cfg.train.eval_every:
             self.state["last_eval_step"] = self.state["step"] - self.state["step"] % self.cfg.train.eval_every
@@ -288,7 +347,10 @@ class Trainer:
             if metric != "loss":
                 s["best_metric"] = task[metric]
             if self.main:
-                ckpt.save_weights(trainable_state(self.model), self.run_dir / "best")
+                try:
+                    ckpt.save_weights(trainable_state(self.model), self.run_dir / "best")
+                except ckpt.CheckpointError as err:
+                    raise TrainingError(str(err)) from err
         else:
             s["bad_evals"] += 1
         self._log({"step": s["step"], "epoch": round(s["epoch"] + s["batch"] / self.batches_per_epoch, 4),
@@ -326,32 +388,42 @@ class Trainer:
                         "train.max_grad_norm set, raise train.warmup_ratio, or check model.dtype.")
                 self.extras.backward(loss, batch, global_weight)
             loss_total += loss_sum.detach()
-        grad_norm = float("nan")
-        if self.cfg.train.max_grad_norm:
-            norm = acc.clip_grad_norm_(self.model.parameters(), self.cfg.train.max_grad_norm)
-            grad_norm = float(norm) if norm is not None else float("nan")  # DeepSpeed may not report one
+        # the norm is taken even without clipping (max_norm inf): a non-finite gradient under a finite loss (an
+        # overflow in the backward pass) must stop the run before it writes NaN into every weight
+        norm = acc.clip_grad_norm_(self.model.parameters(), self.cfg.train.max_grad_norm or float("inf"))
+        grad_norm = float(norm) if norm is not None else float("nan")  # DeepSpeed may not report one
+        if norm is not None and not math.isfinite(grad_norm) and acc.mixed_precision != "fp16":
+            # (fp16's loss scaler skips such steps by design and lowers its scale)
+            raise TrainingError(
+                f"the gradient norm became {grad_norm} at step {self.state['step'] + 1} (mixed precision: "
+                f"{acc.mixed_precision}) although the loss was finite: an overflow in the backward pass. Lower "
+                f"train.lr (now {self.cfg.train.resolved_lr(self.cfg.method.name)}), keep train.max_grad_norm set, "
+                "or train in float32 (train.mixed_precision=no)")
         self.optimizer.step()
         if not acc.optimizer_step_was_skipped:  # fp16 loss scaling skips steps whose gradients overflowed
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return acc.reduce(loss_total, "sum").item() / global_weight, grad_norm
 
-    def _catch_ctrl_c(self):
-        """First Ctrl-C: finish the current step, checkpoint, stop. Second Ctrl-C: stop at once."""
+    def _catch_stop_signals(self) -> dict:
+        """Ctrl-C (SIGINT) and SIGTERM (what SLURM, Kubernetes and `timeout` send): finish the current step,
+        checkpoint, stop. The same signal again stops at once."""
         if threading.current_thread() is not threading.main_thread():
-            return None
+            return {}
 
         def request_stop(signum, frame):
-            self._stop_requested = True
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            log.warning("Ctrl-C: stopping after this step and saving a checkpoint (press again to abort at once)")
+            self._stop_requested = signum
+            signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+            name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            log.warning("%s: stopping after this step and saving a checkpoint (send it again to abort at once)", name)
 
-        return signal.signal(signal.SIGINT, request_stop)
+        return {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
 
-    def fit(self, resume: bool = False, stop_after: int | None = None) -> TrainResult:
-        """Train to the end (or early stop). ``stop_after`` stops like Ctrl-C after that many steps."""
+    def fit(self, resume: bool = False, stop_after: int | None = None, force: bool = False) -> TrainResult:
+        """Train to the end (or early stop). ``stop_after`` stops like Ctrl-C after that many steps; ``force``
+        resumes even when the data, model or training keys changed since the checkpoint."""
         cfg, s, acc = self.cfg, self.state, self.accelerator
-        resumed = self.resume() if resume else False
+        resumed = self.resume(force or cfg.train.force_resume) if resume else False
         if resume and not resumed:
             log.warning("no checkpoint in %s: starting from the beginning", self.run_dir)
         self._prepare_run_dir(resumed)
@@ -363,10 +435,11 @@ class Trainer:
                        "val_examples": len(self.val_set.items), "dropped": len(self.train_set.dropped),
                        "total_steps": self.total_steps})
         start, tokens_at_start = time.time(), s["tokens"]
+        self._session_start = start
         bar = tqdm(total=self.total_steps, initial=s["step"], desc="train", disable=not self.main, dynamic_ncols=True)
         steps_this_session = 0
-        self._stop_requested = False
-        previous_handler = self._catch_ctrl_c()
+        self._stop_requested = 0
+        previous_handlers = self._catch_stop_signals()
         try:
             self.loss_module.train()
             while s["step"] < self.total_steps and not s["stopped_early"]:
@@ -411,15 +484,15 @@ class Trainer:
                         # at a step boundary: weights, optimizer and loop position agree
                         bar.close()
                         self._save_checkpoint()
-                        raise Interrupted(self.run_dir, s["step"])
+                        raise Interrupted(self.run_dir, s["step"], self._stop_requested or signal.SIGINT)
                 if s["batch"] >= len(batches):
                     s["epoch"], s["batch"] = s["epoch"] + 1, 0
         finally:
-            if previous_handler is not None:
-                signal.signal(signal.SIGINT, previous_handler)
+            for sig, handler in previous_handlers.items():
+                signal.signal(sig, handler)
         bar.close()
         self._save_checkpoint()
-        return self._finish(time.time() - start)
+        return self._finish(self._wall_s())
 
     def _finish(self, wall_s: float) -> TrainResult:
         s = self.state
@@ -452,10 +525,11 @@ class Trainer:
 
 
 def train(cfg: Config, run_dir: str | Path | None = None, resume: bool | None = None,
-          stop_after: int | None = None) -> TrainResult:
+          stop_after: int | None = None, force: bool = False) -> TrainResult:
     """Train as configured and write the run directory. The function `fewtune train` calls."""
-    trainer = Trainer(cfg, Path(run_dir) if run_dir else None)
+    resume = cfg.train.resume if resume is None else resume
+    trainer = Trainer(cfg, Path(run_dir) if run_dir else None, resume=resume)
     try:
-        return trainer.fit(resume=cfg.train.resume if resume is None else resume, stop_after=stop_after)
+        return trainer.fit(resume=resume, stop_after=stop_after, force=force)
     finally:
         trainer.extras.close()  # the embedding hooks (NEFTune, adversarial) leave the model

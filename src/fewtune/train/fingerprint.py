@@ -1,0 +1,102 @@
+"""What a run was trained from, recorded in every checkpoint so a resume cannot mix two runs.
+
+A resumed run must continue the same training: same data, same model, same training keys.
+The checkpoint stores a SHA-256 of each data file, of the rendered examples (which also
+covers the tokenizer, template and max_length), a cheap fingerprint of the model's files,
+and the resolved config. ``changes`` lists what differs now, worded for the user; the
+trainer refuses to resume on any of them unless forced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from pathlib import Path
+
+from fewtune.config import Config
+
+# keys that may differ on resume without changing what the finished run means: where it is written,
+# how long it goes on (extending a run is what resume is for), how often it logs and saves, threads
+RESUME_MAY_CHANGE = ("train.output_dir", "train.resume", "train.max_steps", "train.epochs", "train.log_every",
+                     "train.num_threads", "train.save_every", "train.keep_checkpoints", "train.cache_tokenized",
+                     "train.early_stopping.", "generate.")
+# paths are compared by the content they point to, not by how they are spelt
+FILE_KEYS = ("data.train", "data.validation", "regularise.replay.general", "regularise.ewc.general")
+EDGE_BYTES = 1 << 20  # of each weight file's start and end: enough to tell two checkpoints apart, cheap for 8B
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _sha256(path: Path) -> str:
+    from fewtune.train.checkpoint import file_sha256
+
+    return file_sha256(path)
+
+
+def model_fingerprint(name: str) -> str:
+    """The model's config and weight files (names, sizes, first and last MiB); a hub id stands for itself."""
+    from fewtune.models import resolve_model_path
+
+    try:
+        folder = Path(resolve_model_path(name))
+    except Exception:  # noqa: BLE001 - an unloadable model fails later with its own message
+        return f"unresolved:{name}"
+    if not folder.is_dir():
+        return f"hub:{name}"
+    digest = hashlib.sha256()
+    for path in sorted(folder.iterdir()):
+        if path.name == "config.json" or path.suffix in (".safetensors", ".bin", ".pt", ".gguf"):
+            size = path.stat().st_size
+            digest.update(f"{path.name}:{size}".encode())
+            with open(path, "rb") as fh:
+                digest.update(fh.read(EDGE_BYTES))
+                if size > 2 * EDGE_BYTES:
+                    fh.seek(-EDGE_BYTES, 2)
+                    digest.update(fh.read())
+    return digest.hexdigest()
+
+
+def rendered_hash(*sets) -> str:
+    digest = hashlib.sha256()
+    for rendered_set in sets:
+        digest.update(struct.pack("<q", len(rendered_set.items)))
+        for item in rendered_set.items:
+            digest.update(struct.pack(f"<q{len(item.input_ids)}q", len(item.input_ids), *item.input_ids))
+            digest.update(struct.pack(f"<{len(item.loss_weights)}d", *item.loss_weights))
+    return digest.hexdigest()
+
+
+def run_inputs(cfg: Config, train_set, val_set) -> dict:
+    flat = _flatten(cfg.model_dump(mode="json"))
+    files = {key: _sha256(Path(flat[key])) for key in FILE_KEYS if flat.get(key) and Path(flat[key]).is_file()}
+    config = {k: v for k, v in flat.items()
+              if k not in FILE_KEYS and k != "model.name" and not k.startswith(RESUME_MAY_CHANGE)}
+    return {"files": files, "rendered": rendered_hash(train_set, val_set), "model": model_fingerprint(cfg.model.name),
+            "model_name": cfg.model.name, "config": config}
+
+
+def changes(saved: dict, now: dict) -> list[str]:
+    """What differs between the inputs a checkpoint recorded and the current ones, one line each."""
+    found = []
+    for key in sorted(set(saved.get("files", {})) | set(now["files"])):
+        before, after = saved.get("files", {}).get(key), now["files"].get(key)
+        if before != after:
+            found.append(f"{key}: the file's contents changed (sha256 {str(before)[:12]} -> {str(after)[:12]})")
+    if saved.get("model") != now["model"]:
+        found.append(f"model.name: the model changed ({saved.get('model_name')!r}, fingerprint "
+                     f"{str(saved.get('model'))[:12]} -> {now['model_name']!r}, {now['model'][:12]})")
+    old_config = saved.get("config", {})
+    for key in sorted(set(old_config) | set(now["config"])):
+        if old_config.get(key) != now["config"].get(key):
+            found.append(f"{key}: {old_config.get(key)!r} -> {now['config'].get(key)!r}")
+    if saved.get("rendered") != now["rendered"] and not found:
+        found.append("the rendered training examples differ (tokenizer, template or data changed)")
+    return found
