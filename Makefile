@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 PIP := $(BIN)/python -m pip -q --disable-pip-version-check
 STAMP := $(VENV)/.fewtune-installed
 
-.PHONY: setup setup-gemma demo test test-fast bench-speed clean
+.PHONY: setup setup-gemma demo test test-fast test-precision bench-speed clean
 
 setup: $(STAMP)
 
@@ -29,8 +29,16 @@ setup-gemma: setup
 demo: setup
 	$(BIN)/fewtune demo
 
+# The suite, then the tests that train in the precision `auto` picks (marker `precision`) once more
+# under each forced precision: an AVX2 machine (auto: fp32) and a bf16 machine (AVX-512 BF16, AMX;
+# auto: bf16) must both pass all of them, whichever of the two this one is.
 test: setup
 	$(BIN)/python -m pytest -q
+	$(MAKE) --no-print-directory test-precision
+
+test-precision: setup
+	FEWTUNE_MIXED_PRECISION=no $(BIN)/python -m pytest -q -m "precision and not slow"
+	FEWTUNE_MIXED_PRECISION=bf16 $(BIN)/python -m pytest -q -m "precision and not slow"
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"

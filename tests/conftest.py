@@ -85,3 +85,13 @@ def make_config(tmp_path, tiny_model, pc_data):
 def _render_cache_in_tmp(tmp_path, monkeypatch):
     """Tests keep the tokenization cache in their own temporary folder, not in the user's cache."""
     monkeypatch.setattr("fewtune.data.cache._cache_dir", lambda: tmp_path / "render-cache")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark `precision` every test that trains with the precision `auto` picks (it uses make_config and does
+    not pin one itself): these are the tests a bf16 machine and an fp32 machine run differently, so .ci/run
+    runs them again under each forced precision (FEWTUNE_MIXED_PRECISION=no and =bf16)."""
+    for item in items:
+        pinned = "precision" in getattr(item, "callspec", None).params if hasattr(item, "callspec") else False
+        if "make_config" in getattr(item, "fixturenames", ()) and not pinned:
+            item.add_marker(pytest.mark.precision)
