@@ -242,3 +242,15 @@ def test_a_resumed_auto_run_keeps_the_precision_its_first_session_chose(make_con
     assert trainer.accelerator.mixed_precision == "bf16"
     assert trainer.fit(resume=True).steps == 4
     assert Trainer(cfg).accelerator.mixed_precision == "no"  # a new run measures afresh
+
+
+def test_damaged_best_weights_end_the_run_on_its_last_weights_with_a_warning(make_config, tmp_path, caplog,
+                                                                          monkeypatch):
+    cfg = make_config(train__max_steps=6, train__eval_every=2, train__output_dir=str(tmp_path / "run"))
+    with pytest.raises(Interrupted):
+        train(cfg, stop_after=4)
+    _flip_a_byte(tmp_path / "run" / "best" / "trainable.safetensors")
+    monkeypatch.setattr(Trainer, "_evaluate", lambda self: False)  # no later evaluation replaces best/
+    with caplog.at_level(logging.WARNING, logger="fewtune.train.loop"):
+        assert train(cfg, resume=True).steps == 6
+    assert "the best weights in" in caplog.text and "are damaged (trainable.safetensors does not match" in caplog.text

@@ -72,7 +72,8 @@ def verify(folder: Path) -> str | None:
     manifest_path = folder / MANIFEST
     if not manifest_path.exists():
         # written before manifests existed: a complete one has every file, each non-empty
-        missing = [name for name in FILES if not (folder / name).is_file() or (folder / name).stat().st_size == 0]
+        expected = FILES if (folder / "loop.json").exists() or (folder / "state.pt").exists() else FILES[:1]
+        missing = [name for name in expected if not (folder / name).is_file() or (folder / name).stat().st_size == 0]
         return f"{missing[0]} is missing or empty" if missing else None
     try:
         manifest = json.loads(manifest_path.read_text())

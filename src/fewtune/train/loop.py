@@ -498,8 +498,13 @@ class Trainer:
         s = self.state
         if self.packing:  # the trained model leaves with the attention it came with
             restore_attention(self.base_model, self.attention_before)
-        if s["best_val"] is not None and (self.run_dir / "best").exists():
-            load_trainable_state(self.model, ckpt.load_weights(self.run_dir / "best"))
+        best = self.run_dir / "best"
+        damaged = ckpt.verify(best) if s["best_val"] is not None and best.exists() else None
+        if damaged:  # e.g. a run directory copied in half between two sessions
+            log.warning("the best weights in %s are damaged (%s): the run ends with the weights of its last step, %d",
+                        best, damaged, s["step"])
+        elif s["best_val"] is not None and best.exists():
+            load_trainable_state(self.model, ckpt.load_weights(best))
             log.info("loaded the best weights (validation loss %.4f at step %d)", s["best_val"], s["best_step"])
         self.accelerator.wait_for_everyone()
         if self.main:
