@@ -105,3 +105,114 @@ def test_chat_keeps_history(tiny_model):
     out = runner.invoke(app, ["chat", tiny_model, "--max-new-tokens", "3"], input="hello\n/reset\nagain\n/exit\n")
     assert out.exit_code == 0, out.output
     assert out.output.count("bot> ") == 2 and "(history cleared)" in out.output
+
+
+# ---------------------------------------------------------------- empty and too-long prompts: the policy
+
+import pytest  # noqa: E402
+
+from fewtune.generate import PromptError, check_prompts, context_limit, fit_history  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def small_context_model(tmp_path_factory, tokenizer) -> str:
+    """The tiny Llama with a context of 96 positions: SmolLM2's chat template alone takes 31 of them."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    folder = tmp_path_factory.mktemp("tiny-96")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=96,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def test_context_limit_is_the_smaller_of_model_and_tokenizer(tiny_model):
+    loaded = load_for_inference(tiny_model)
+    assert loaded.tokenizer.model_max_length > 10**9  # transformers' "unknown": ignored
+    assert context_limit(loaded) == 1024  # the model's max_position_embeddings
+    loaded.tokenizer.model_max_length = 300
+    assert context_limit(loaded) == 300
+
+
+def test_empty_prompts_are_refused_before_any_model_is_loaded():
+    convs = [[Message("user", "fine")], [Message("user", "  \n\t")], [Message("user", "")]]
+    with pytest.raises(PromptError, match=r"^prompt 2 is empty: give some text to answer \(1 more prompt is empty too\)"):
+        check_prompts(None, convs, 16)
+    with pytest.raises(PromptError, match=r"^q.jsonl line 3 is empty"):
+        check_prompts(None, convs[:1] + convs[2:], 16, names=["q.jsonl line 1", "q.jsonl line 3"])
+
+
+def test_a_prompt_over_the_context_is_refused_with_its_numbers(tiny_model):
+    loaded = load_for_inference(tiny_model)
+    long = [Message("user", "hello " * 950)]
+    n = len(check_prompts(loaded, [long], 0)[0])
+    assert 950 < n < 1024
+    with pytest.raises(PromptError) as info:  # fits alone, not with the new tokens
+        generate(loaded, [[Message("user", "hi")], long], GenerateSection(max_new_tokens=128), progress=False)
+    assert str(info.value) == (f"prompt 2 is {n} tokens; with --max-new-tokens 128 that makes {n + 128}, over the "
+                               f"model's context of 1024 tokens: shorten the prompt by {n + 128 - 1024} tokens or "
+                               f"lower --max-new-tokens to {1024 - n}")
+    huge = [Message("user", "hello " * 1100)]
+    with pytest.raises(PromptError, match=r"^--prompt 1 is \d+ tokens, over the model's context of 1024 tokens by "
+                                          r"itself: shorten it to fewer than 1016 tokens"):
+        check_prompts(loaded, [huge], 8, names=["--prompt 1"])
+    assert generate(loaded, [long], GenerateSection(max_new_tokens=2), progress=False)  # what fits is generated
+
+
+def test_fit_history_drops_the_oldest_turns_and_keeps_the_system_prompt(small_context_model):
+    loaded = load_for_inference(small_context_model)
+    turns = [Message("system", "be brief")]
+    for i in range(6):
+        turns += [Message("user", f"question number {i} about the weather"), Message("assistant", f"answer {i}")]
+    turns.append(Message("user", "last question"))
+    fitted, dropped = fit_history(loaded, turns, max_new_tokens=8)
+    assert dropped > 0 and fitted[0] == turns[0] and fitted[-1] == turns[-1]
+    assert fitted[1:] == turns[1 + 2 * dropped:]  # whole turns, oldest first
+    assert len(check_prompts(loaded, [fitted], 0)[0]) + 8 <= 96
+    assert fit_history(loaded, turns[-1:], 8) == (turns[-1:], 0)  # what fits stays as it is
+    with pytest.raises(PromptError, match="your message is .* over the model's context of 96 tokens"):
+        fit_history(loaded, turns[:3] + [Message("user", "word " * 120)], 8, name="your message")
+
+
+def test_cli_generate_refuses_empty_and_too_long_prompts(small_context_model, tmp_path):
+    out = runner.invoke(app, ["generate", small_context_model, "-p", "hi", "-p", " "])
+    assert out.exit_code == 2 and out.stderr.strip() == "error: --prompt 2 is empty: give some text to answer"
+    out = runner.invoke(app, ["generate", small_context_model, "-p", "hi", "-p", "word " * 60, "--max-new-tokens", "16"])
+    assert out.exit_code == 2 and "Traceback" not in out.output
+    line = out.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: --prompt 2 is ") and "over the model's context of 96 tokens" in line
+    assert "lower --max-new-tokens to" in line
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "short"}\n{"prompt": "%s"}\n' % ("word " * 100), encoding="utf-8")
+    out = runner.invoke(app, ["generate", small_context_model, "-i", str(prompts), "-o", str(tmp_path / "o.jsonl"),
+                              "--max-new-tokens", "8"])
+    assert out.exit_code == 2 and f"error: {prompts} line 2 is " in out.stderr and "by itself" in out.stderr
+    assert not (tmp_path / "o.jsonl").exists()  # nothing half-written
+    out = runner.invoke(app, ["generate", small_context_model, "-p", "word " * 40, "--max-new-tokens", "4"])
+    assert out.exit_code == 0, out.output  # lowering --max-new-tokens, as the message says, is enough
+    out = runner.invoke(app, ["generate", small_context_model, "-p", "hi", "--max-new-tokens", "96"])
+    assert out.exit_code == 2 and "--max-new-tokens 96 alone fills the model's context of 96 tokens" in out.stderr
+
+
+def test_eval_names_the_data_line_of_a_prompt_too_long(small_context_model, tmp_path):
+    data = tmp_path / "gen.jsonl"
+    data.write_text('{"prompt": "hi", "completion": "hello"}\n{"prompt": "%s", "completion": "x"}\n' % ("word " * 100),
+                    encoding="utf-8")
+    out = runner.invoke(app, ["eval", small_context_model, "--data", str(data), "-o", str(tmp_path / "ev"),
+                              "--max-new-tokens", "8"])
+    assert out.exit_code == 2 and f"error: {data} line 2 is " in out.stderr and "Traceback" not in out.output
+
+
+def test_chat_drops_old_turns_with_a_warning_and_refuses_a_message_too_long(small_context_model):
+    said = "".join(f"tell me about the weather in city number {i}\n" for i in range(5))
+    out = runner.invoke(app, ["chat", small_context_model, "--max-new-tokens", "8"],
+                        input="\n   \n" + said + "word " * 120 + "\nstill there?\n/exit\n")
+    assert out.exit_code == 0, out.output
+    assert out.output.count("bot> ") == 6  # the five questions and the last one; empty lines and the long one: none
+    assert "warning: dropped the" in out.stderr and "oldest turn" in out.stderr
+    assert "error: your message is " in out.stderr and "(not sent; the chat goes on)" in out.stderr
+    assert "Traceback" not in out.output

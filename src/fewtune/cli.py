@@ -15,44 +15,97 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Supervised fine-tuning for small data sets.")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record comes (CliRunner and pytest replace it between commands)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def _setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="fewtune: %(message)s",
-                        stream=sys.stderr)
+    root = logging.getLogger()
+    if not root.handlers:  # as logging.basicConfig: an application's own logging setup stays
+        handler = _StderrHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("fewtune: %(message)s"))
+        root.addHandler(handler)
+    if not root.handlers[1:] and isinstance(root.handlers[0], _StderrHandler):
+        root.setLevel(logging.DEBUG if verbose else logging.INFO)
     for noisy in ("httpx", "urllib3", "accelerate", "transformers", "peft"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _fail(err: Exception, code: int = 2) -> None:
-    typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+def _one_line(err: BaseException) -> str:
+    """What went wrong in one line, whatever raised it (OS errors as 'PATH: what', several lines joined)."""
+    import json as _json
+
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+        text = f"{err.filename}: {err.strerror[:1].lower()}{err.strerror[1:]}"
+    elif isinstance(err, _json.JSONDecodeError):
+        text = f"not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})"
+    elif isinstance(err, UnicodeDecodeError):
+        text = f"not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start})"
+    else:
+        text = str(err) or type(err).__name__
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    out = lines[0] if lines else type(err).__name__
+    for line in lines[1:]:
+        out += (" " if out.endswith(":") else "; ") + line
+    return out
+
+
+def _fail(err: BaseException, code: int = 2) -> None:
+    typer.secho(f"error: {_one_line(err)}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
 
 
-def _run(fn, *args, **kwargs):
-    """Call a stage function, turning the errors users cause into one clear line."""
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """The errors bad input causes (a file missing, damaged or of the wrong kind, a bad value): one line, exit 2."""
+    import json as _json
+
+    import yaml
+
     from fewtune.config import ConfigError
     from fewtune.data.formats import DataError
     from fewtune.data.render import RenderError
     from fewtune.eval.evaluate import EvalError
+    from fewtune.generate import PromptError, RunDirError
     from fewtune.models import ModelNotFoundError
-    from fewtune.train.loop import Interrupted, TrainingError
+    from fewtune.runinfo import RunFormatError
+    from fewtune.train.adapters import MethodError
+    from fewtune.train.loop import TrainingError
+
+    return (ConfigError, DataError, RenderError, ModelNotFoundError, TrainingError, EvalError, RunFormatError,
+            RunDirError, PromptError, MethodError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
+            PermissionError, FileExistsError, UnicodeDecodeError, yaml.YAMLError, _json.JSONDecodeError)
+
+
+def _run(fn, *args, **kwargs):
+    """Call a stage function, turning the errors users cause into one clear line."""
+    from fewtune.train.loop import Interrupted
 
     try:
         return fn(*args, **kwargs)
     except Interrupted as err:
         typer.secho(str(err), fg=typer.colors.YELLOW, err=True)
         raise typer.Exit(err.exit_code)  # 130 after Ctrl-C, 143 after SIGTERM
-    except (ConfigError, DataError, RenderError, ModelNotFoundError, TrainingError, FileNotFoundError) as err:
-        _fail(err)
-    except EvalError as err:
+    except _user_errors() as err:
         _fail(err)
 
 
 def _generate_section(config: Optional[Path], overrides: dict):
-    from fewtune.config import GenerateSection, load_config
+    from pydantic import ValidationError
+
+    from fewtune.config import ConfigError, GenerateSection, load_config
 
     base = load_config(config).generate if config else GenerateSection()
     values = {k: v for k, v in overrides.items() if v is not None and v != []}
-    return base.model_copy(update=GenerateSection(**{**base.model_dump(), **values}).model_dump())
+    try:
+        checked = GenerateSection(**{**base.model_dump(), **values})
+    except ValidationError as err:  # an option out of range, e.g. --max-new-tokens 0
+        raise ConfigError("; ".join(f"--{'-'.join(str(x) for x in e['loc']).replace('_', '-')}: {e['msg']} "
+                                    f"(got {e.get('input')!r})" for e in err.errors())) from None
+    return base.model_copy(update=checked.model_dump())
 
 
 @app.command()
@@ -130,25 +183,32 @@ def generate(
     """Batched generation with the run's own template."""
     _setup_logging()
     from fewtune.data.formats import Message, read_records
-    from fewtune.generate import generate as run_generate, load_for_inference
+    from fewtune.generate import check_prompts, check_target, generate as run_generate, load_for_inference
 
     gen = _run(_generate_section, config, dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                                top_p=top_p, repetition_penalty=repetition_penalty, stop=stop,
                                                num_return_sequences=num_return_sequences, seed=seed, batch_size=batch_size))
     if not prompt and not input:
         _fail(ValueError("give --prompt TEXT or --input FILE"))
+    if output is not None and output.is_dir():
+        _fail(IsADirectoryError(f"{output} is a directory: --output names the JSONL file to write"))
+    _run(check_target, target)  # a missing or damaged run is refused before the prompts are read
     records: list[dict] = []
     conversations = []
-    for text in prompt or []:
+    names = []  # how each prompt is called in an error: "--prompt 2", "prompts.jsonl line 7"
+    for i, text in enumerate(prompt or [], 1):
         records.append({"prompt": text})
         conversations.append([Message("user", text)])
+        names.append(f"--prompt {i}")
     if input:
         for line, record in _run(lambda: list(read_records(input))):
             records.append(record)
             conversations.append(_run(_prompt_conversation, record, str(input), line))
+            names.append(f"{input} line {line}")
+    _run(check_prompts, None, conversations, gen.max_new_tokens, names)  # empty ones: before loading the model
     loaded = _run(load_for_inference, target, system_prompt=system, merge=True)
-    outputs = _run(run_generate, loaded, conversations, gen)
-    sink = open(output, "w", encoding="utf-8") if output else None
+    outputs = _run(run_generate, loaded, conversations, gen, names=names)
+    sink = _run(open, output, "w", encoding="utf-8") if output else None
     try:
         for record, conv, outs in zip(records, conversations, outputs):
             if sink:
@@ -181,7 +241,7 @@ def chat(
     """Interactive terminal chat with the run's template. /reset clears the history, /exit quits."""
     _setup_logging()
     from fewtune.data.formats import Message
-    from fewtune.generate import generate as run_generate, load_for_inference
+    from fewtune.generate import PromptError, context_limit, fit_history, generate as run_generate, load_for_inference
 
     gen = _run(_generate_section, config, dict(max_new_tokens=max_new_tokens, temperature=temperature,
                                                top_k=top_k, top_p=top_p))
@@ -202,7 +262,19 @@ def chat(
             continue
         if not text.strip():
             continue
-        history.append(Message("user", text))
+        # the history must leave room for the reply: the oldest turns go first; a message too long
+        # by itself is refused and the chat goes on without it
+        try:
+            fitted, dropped = fit_history(loaded, history + [Message("user", text)], gen.max_new_tokens,
+                                          name="your message")
+        except PromptError as err:
+            typer.secho(f"error: {err} (not sent; the chat goes on)", fg=typer.colors.RED, err=True)
+            continue
+        if dropped:
+            typer.secho(f"warning: dropped the {dropped} oldest turn{'s' if dropped > 1 else ''} (user message and "
+                        f"reply): the conversation no longer fit the model's context of {context_limit(loaded)} "
+                        f"tokens with --max-new-tokens {gen.max_new_tokens}", fg=typer.colors.YELLOW, err=True)
+        history = fitted
         reply = run_generate(loaded, [history], gen, progress=False)[0][0]
         history.append(Message("assistant", reply))
         typer.echo(f"bot> {reply}")
@@ -390,8 +462,8 @@ def doctor(
     from fewtune.recipe.doctor import diagnose, format_findings
 
     try:
-        findings = diagnose(run_dir, predictions)
-    except (FileNotFoundError, ValueError) as err:
+        findings = _run(diagnose, run_dir, predictions)
+    except ValueError as err:  # metrics or predictions that are not what a run writes
         _fail(err)
     typer.echo(json.dumps([f.to_dict() for f in findings], indent=2) if as_json else format_findings(findings))
 
@@ -419,8 +491,11 @@ def pseudo_label(
     """Label unlabeled data with a run, keep confident class-balanced examples, retrain on labeled + pseudo-labeled."""
     _setup_logging()
     from fewtune.data.cli import _rename
+    from fewtune.generate import check_run_dir, looks_like_run_dir
     from fewtune.recipe.pseudo import PseudoError, pseudo_label as run_pseudo
 
+    if looks_like_run_dir(run_dir):  # its format, config, template and tokenizer, before any data is read
+        _run(check_run_dir, run_dir)
     try:
         result = _run(run_pseudo, run_dir, unlabeled, out, config, _labels(labels), threshold, balance, max_per_class,
                       limit, rounds, train, _rename(rename), prompt_format, system, normalize, batch_size, exclude)

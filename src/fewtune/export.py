@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from fewtune.generate import is_run_dir, load_for_inference
+from fewtune.generate import check_run_dir, load_for_inference, looks_like_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -17,8 +17,13 @@ def export_merged(run_dir: str | Path, out_dir: str | Path) -> Path:
     OUT_DIR` prompts the merged model exactly as the run was trained.
     """
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    if not is_run_dir(run_dir):
-        raise FileNotFoundError(f"{run_dir} is not a fewtune run directory (no config.yaml and template.json)")
+    if not looks_like_run_dir(run_dir):
+        what = "does not exist" if not run_dir.exists() else "is a file" if not run_dir.is_dir() else \
+            "holds no config.yaml or template.json"
+        raise FileNotFoundError(f"{run_dir} is not a fewtune run directory ({what}): give the folder `fewtune train` wrote")
+    check_run_dir(run_dir)  # format, config.yaml, template.json, tokenizer/: before the weights are loaded
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"--merged {out_dir} is a file: give a folder for the merged model")
     from fewtune.train.adapters import check_mergeable
 
     loaded = load_for_inference(str(run_dir))

@@ -7,6 +7,7 @@ left padding; stop strings end generation and are cut from the output.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +19,18 @@ from tqdm.auto import tqdm
 from fewtune.config import Config, GenerateSection, load_config
 from fewtune.data.formats import Message
 from fewtune.data.render import Template, render_conversation
-from fewtune.models import load_model, load_tokenizer
+from fewtune.models import EMBEDDED, ModelNotFoundError, load_model, load_tokenizer
+from fewtune.runinfo import MARKER, check_run_format
 
 log = logging.getLogger(__name__)
+
+
+class RunDirError(ValueError):
+    """A run directory that cannot be read: a file missing or damaged. Worded for the user, with the path."""
+
+
+class PromptError(ValueError):
+    """A prompt that cannot be generated from: empty, or too long for the model's context."""
 
 
 @dataclass
@@ -37,6 +47,75 @@ def is_run_dir(path: str | Path) -> bool:
     return (path / "config.yaml").is_file() and (path / "template.json").is_file()
 
 
+# what only `fewtune train` writes into a folder (a model folder, a merged export included, has config.json)
+RUN_FILES = ("config.yaml", MARKER, "template.json", "adapter", "checkpoints")
+
+
+def looks_like_run_dir(path: str | Path) -> bool:
+    """A folder `fewtune train` wrote, whole or damaged: what readers check before trusting it."""
+    path = Path(path)
+    return path.is_dir() and not (path / "config.json").is_file() and any((path / f).exists() for f in RUN_FILES)
+
+
+def read_template(path: str | Path) -> Template:
+    """template.json, or RunDirError naming the file when it is missing or damaged."""
+    path = Path(path)
+    if not path.is_file():
+        raise RunDirError(f"{path} is missing: the run directory is incomplete (generation needs the template "
+                          "the run was trained with)")
+    try:
+        return Template.load(path)
+    except UnicodeDecodeError:
+        raise RunDirError(f"{path} is damaged: not UTF-8 text") from None
+    except json.JSONDecodeError as err:
+        raise RunDirError(f"{path} is damaged: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
+    except TypeError as err:  # a JSON value that is not an object, or keys Template does not have
+        raise RunDirError(f"{path} is damaged: not a fewtune template ({err})") from None
+
+
+def check_run_dir(run: str | Path, for_inference: bool = True) -> tuple[Config, Template | None]:
+    """What every reader of a run directory calls first: the format marker, config.yaml and, for loading
+    the model (``for_inference``), template.json and tokenizer/.
+
+    Raises RunFormatError (a newer fewtune wrote it), RunDirError (a file missing or damaged) or
+    ConfigError (config.yaml unreadable); each names the path and fits on one line.
+    """
+    run = Path(run)
+    if not run.is_dir():
+        raise NotADirectoryError(f"{run} is not a run directory" + ("" if run.exists() else " (it does not exist)"))
+    check_run_format(run)
+    if not (run / "config.yaml").is_file():
+        raise RunDirError(f"{run / 'config.yaml'} is missing: the run directory is incomplete or damaged")
+    cfg = load_config(run / "config.yaml")
+    if not for_inference:
+        return cfg, None
+    template = read_template(run / "template.json")
+    if not (run / "tokenizer" / "tokenizer_config.json").is_file():
+        raise RunDirError(f"{run / 'tokenizer'} is missing or incomplete: the run directory is damaged")
+    return cfg, template
+
+
+def _looks_like_path(name: str) -> bool:
+    """A name no hub id can be: absolute, ./ ../ ~, or more than one folder deep (hub ids are org/name)."""
+    return (name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+            or Path(name).suffix.lower() in (".gguf", ".json", ".jsonl", ".yaml", ".yml", ".csv", ".txt"))
+
+
+def check_target(path_or_model: str) -> None:
+    """Refuse, before loading anything, a target that cannot be a run, a model folder, a .gguf file or a hub id."""
+    path = Path(path_or_model).expanduser()
+    if looks_like_run_dir(path):
+        check_run_dir(path)
+        return
+    if path_or_model in EMBEDDED:
+        return
+    if path.is_file() and path.suffix.lower() != ".gguf":
+        raise ModelNotFoundError(f"{path} is a file, not a run directory, model folder or .gguf file")
+    if not path.exists() and _looks_like_path(path_or_model):
+        raise ModelNotFoundError(f"{path} does not exist: give a run directory, a model folder, a .gguf file, "
+                                 f"an embedded model ({', '.join(EMBEDDED)}) or a hub id")
+
+
 def load_for_inference(path_or_model: str, template_kind: str = "auto", system_prompt: str | None = None,
                        dtype: str = "auto", merge: bool = False) -> Loaded:
     """A run directory (base + adapter, or full model) or any model name/folder/.gguf.
@@ -45,16 +124,21 @@ def load_for_inference(path_or_model: str, template_kind: str = "auto", system_p
     the same outputs (within float rounding) without the adapter's extra matrix products,
     which matters on a CPU. Prompt-learning adapters (virtual tokens) stay as they are.
     """
-    if is_run_dir(path_or_model):
+    check_target(path_or_model)
+    if looks_like_run_dir(path_or_model):
         run = Path(path_or_model)
-        cfg = load_config(run / "config.yaml")
+        cfg, template = check_run_dir(run)
         tokenizer = load_tokenizer(str(run / "tokenizer"))
-        template = Template.load(run / "template.json")
         if (run / "adapter").is_dir():
             from peft import PeftModel
 
             base = load_model(cfg.model.name, dtype if dtype != "auto" else cfg.model.dtype)
-            model = PeftModel.from_pretrained(base, str(run / "adapter"))
+            try:
+                model = PeftModel.from_pretrained(base, str(run / "adapter"))
+            except (OSError, ValueError, KeyError, RuntimeError) as err:  # a damaged adapter_config.json or weights
+                first = " ".join(str(err).split())[:200]
+                raise RunDirError(f"{run / 'adapter'} cannot be loaded ({type(err).__name__}: {first}): "
+                                  "the run directory is damaged") from None
             if merge:
                 from fewtune.train.adapters import is_prompt_learning
 
@@ -68,7 +152,7 @@ def load_for_inference(path_or_model: str, template_kind: str = "auto", system_p
         return Loaded(model.eval(), tokenizer, template, cfg, str(run))
     tokenizer = load_tokenizer(path_or_model)
     saved = Path(path_or_model) / "template.json"  # a merged export carries its template too
-    template = Template.load(saved) if saved.is_file() else Template.for_tokenizer(
+    template = read_template(saved) if saved.is_file() else Template.for_tokenizer(
         tokenizer, template_kind, system_prompt=system_prompt)
     if system_prompt is not None:
         template.system_prompt = system_prompt
@@ -88,6 +172,105 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> str:
 
 def prompt_ids(loaded: Loaded, conversation: Sequence[Message]) -> list[int]:
     return render_conversation(list(conversation), loaded.tokenizer, loaded.template, for_generation=True).input_ids
+
+
+# ---------------------------------------------------------------- prompts that cannot be answered
+#
+# Policy (the CLI, eval and any server share it): a prompt whose last message is empty or only
+# whitespace is refused; so is one whose rendered tokens plus max_new_tokens exceed the model's
+# context. Nothing is truncated silently: cutting a prompt changes what is asked. `chat` instead
+# drops its oldest turns (fit_history), and refuses only a message that alone does not fit.
+
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+
+
+def context_limit(loaded: Loaded) -> int | None:
+    """Tokens the model can attend to: its config's positions, or the tokenizer's model_max_length when
+    that is smaller (and not transformers' 'unknown' placeholder); less any virtual tokens a prompt-learning
+    adapter puts in front. None when neither says."""
+    config = getattr(loaded.model, "config", None)
+    limits = [n for n in (getattr(config, k, None) for k in CONTEXT_KEYS) if isinstance(n, int) and n > 0][:1]
+    tok_max = getattr(loaded.tokenizer, "model_max_length", None)
+    if isinstance(tok_max, int) and 0 < tok_max < 10_000_000:
+        limits.append(tok_max)
+    if not limits:
+        return None
+    limit = min(limits)
+    peft_config = getattr(loaded.model, "active_peft_config", None)
+    if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
+        limit -= int(getattr(peft_config, "num_virtual_tokens", 0) or 0)
+    return limit
+
+
+def is_empty(conversation: Sequence[Message]) -> bool:
+    return not conversation or not conversation[-1].content.strip()
+
+
+def too_long(name: str, n_tokens: int, max_new_tokens: int, limit: int) -> str:
+    """The one line that refuses a prompt over the context, with what to do."""
+    if max_new_tokens >= limit:
+        return (f"{name} is {n_tokens} tokens, but --max-new-tokens {max_new_tokens} alone fills the model's context "
+                f"of {limit} tokens: lower --max-new-tokens well below {limit}")
+    if n_tokens >= limit:
+        return (f"{name} is {n_tokens} tokens, over the model's context of {limit} tokens by itself: shorten it "
+                f"to fewer than {limit - max_new_tokens} tokens")
+    return (f"{name} is {n_tokens} tokens; with --max-new-tokens {max_new_tokens} that makes "
+            f"{n_tokens + max_new_tokens}, over the model's context of {limit} tokens: shorten the prompt by "
+            f"{n_tokens + max_new_tokens - limit} tokens or lower --max-new-tokens to {limit - n_tokens}")
+
+
+def _more(count: int, what: str) -> str:
+    return f" ({count} more prompt{'s are' if count > 1 else ' is'} {what} too)" if count else ""
+
+
+def check_prompts(loaded: Loaded | None, conversations: Sequence[Sequence[Message]], max_new_tokens: int,
+                  names: Sequence[str] | None = None) -> list[list[int]]:
+    """The prompts' token ids, or PromptError naming the first empty prompt or the first that does not fit.
+
+    ``names`` say which prompt is which to the user ("--prompt 2", "prompts.jsonl line 7"; default
+    "prompt N"). With ``loaded`` None only emptiness is checked (it needs no model) and [] is returned.
+    """
+    names = list(names) if names is not None else [f"prompt {i + 1}" for i in range(len(conversations))]
+    empty = [i for i, c in enumerate(conversations) if is_empty(c)]
+    if empty:
+        raise PromptError(f"{names[empty[0]]} is empty: give some text to answer{_more(len(empty) - 1, 'empty')}")
+    if loaded is None:
+        return []
+    ids = [prompt_ids(loaded, c) for c in conversations]
+    limit = context_limit(loaded)
+    if limit is not None:
+        over = [i for i, x in enumerate(ids) if len(x) + max_new_tokens > limit]
+        if over:
+            i = over[0]
+            raise PromptError(too_long(names[i], len(ids[i]), max_new_tokens, limit) + _more(len(over) - 1, "too long"))
+    return ids
+
+
+def fit_history(loaded: Loaded, history: Sequence[Message], max_new_tokens: int,
+                name: str = "the message") -> tuple[list[Message], int]:
+    """A chat history that fits the context with room for ``max_new_tokens``, and how many turns were dropped.
+
+    The oldest turns (a user message and the reply to it) go first; system messages stay. When
+    the last user message does not fit even alone, PromptError says so (the caller drops it).
+    """
+    limit = context_limit(loaded)
+    system = [m for m in history if m.role == "system"]
+    turns = [m for m in history if m.role != "system"]
+    dropped = 0
+    while True:
+        conversation = system + turns
+        if limit is None:
+            return conversation, dropped
+        n = len(prompt_ids(loaded, conversation))
+        if n + max_new_tokens <= limit:
+            return conversation, dropped
+        if len(turns) <= 1:
+            raise PromptError(too_long(name, n, max_new_tokens, limit))
+        cut = 1  # past the oldest user message and every reply to it
+        while cut < len(turns) - 1 and turns[cut].role != "user":
+            cut += 1
+        turns = turns[cut:]
+        dropped += 1
 
 
 class StopOnStrings:
@@ -114,8 +297,12 @@ class StopOnStrings:
 
 @torch.no_grad()
 def generate(loaded: Loaded, conversations: Sequence[Sequence[Message]], gen: GenerateSection,
-             progress: bool = True) -> list[list[str]]:
-    """For each conversation, `num_return_sequences` completions (strings, stop strings cut)."""
+             progress: bool = True, names: Sequence[str] | None = None) -> list[list[str]]:
+    """For each conversation, `num_return_sequences` completions (strings, stop strings cut).
+
+    Empty prompts and prompts that do not fit the context with ``gen.max_new_tokens`` raise
+    PromptError before anything is generated (``names``: how to call each prompt in that message).
+    """
     from transformers import GenerationConfig, StoppingCriteriaList
 
     tokenizer, model = loaded.tokenizer, loaded.model
@@ -129,7 +316,7 @@ def generate(loaded: Loaded, conversations: Sequence[Sequence[Message]], gen: Ge
         num_return_sequences=gen.num_return_sequences, eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id,
     )
     device = next(model.parameters()).device
-    all_ids = [prompt_ids(loaded, conv) for conv in conversations]
+    all_ids = check_prompts(loaded, conversations, gen.max_new_tokens, names)
     # longest first: batches of similar length waste less padding
     order = sorted(range(len(all_ids)), key=lambda i: -len(all_ids[i]))
     outputs: list[list[str]] = [[] for _ in all_ids]

@@ -19,12 +19,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from fewtune.data.formats import load_examples
-from fewtune.data.render import Template
-from fewtune.eval.evaluate import EvalError, EvalResult, detect_task, evaluate, expected_label
+from fewtune.data.formats import DataError, load_examples
+from fewtune.eval.evaluate import EvalError, EvalResult, check_output_dir, detect_task, evaluate, expected_label
 from fewtune.eval.stats import bootstrap_interval, f1_codes, mcnemar, paired_difference
 from fewtune.eval.text_metrics import bleu_from_statistics, bleu_statistics, bleu_tokenizer
-from fewtune.generate import is_run_dir, load_for_inference
+from fewtune.generate import check_target, looks_like_run_dir, load_for_inference, read_template
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +89,8 @@ def _name(target: str, taken: set[str]) -> str:
 def shared_system_prompt(targets: Sequence[str]) -> str | None:
     """The system prompt of the first run directory among the targets (plain models get it too)."""
     for t in targets:
-        if is_run_dir(t):
-            prompt = Template.load(Path(t) / "template.json").system_prompt
+        if looks_like_run_dir(t):
+            prompt = read_template(Path(t) / "template.json").system_prompt
             if prompt:
                 return prompt
     return None
@@ -105,6 +104,12 @@ def compare(targets: Sequence[str], data: str | Path, task: str = "auto", labels
     """Evaluate every target on the same examples and compare each with the first. Returns (and writes) a dict."""
     if len(targets) < 2:
         raise EvalError("compare needs at least two models or runs")
+    for target in targets:  # every one checked before the first is evaluated
+        check_target(str(target))
+    if general is not None and not Path(general).is_file():
+        raise DataError(str(general), None, "is a directory, not a data file" if Path(general).is_dir()
+                        else "file not found")
+    check_output_dir(output_dir)
     examples = None if Path(data).suffix.lower() == ".txt" else load_examples(data)
     task = detect_task(data, examples) if task == "auto" else task
     if task == "perplexity":
@@ -118,7 +123,7 @@ def compare(targets: Sequence[str], data: str | Path, task: str = "auto", labels
     results: list[EvalResult] = []
     general_results: list[EvalResult] = []
     for target, name in zip(targets, names):
-        loaded = load_for_inference(str(target), system_prompt=None if is_run_dir(target) else system_prompt,
+        loaded = load_for_inference(str(target), system_prompt=None if looks_like_run_dir(target) else system_prompt,
                                     merge=True)
         log.info("evaluating %s", target)
         res = evaluate(loaded, data, task, labels, mode, limit, batch_size,

@@ -24,7 +24,7 @@ from fewtune.eval.metrics import (classification_metrics, json_example_scores, j
                                   map_to_label, parse_json)
 from fewtune.eval.scoring import choice_scores, label_continuation, sequence_nll, text_windows
 from fewtune.eval.text_metrics import generation_metrics, rouge_scores
-from fewtune.generate import Loaded, generate, load_for_inference
+from fewtune.generate import Loaded, check_target, generate, load_for_inference
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def classify(loaded: Loaded, examples: Sequence[Example], labels: Sequence[str],
                           for lab in labels)
             max_new_tokens = longest + 16
         gen = GenerateSection(max_new_tokens=max_new_tokens, batch_size=batch_size)
-        outputs = generate(loaded, conversations, gen, progress=progress)
+        outputs = generate(loaded, conversations, gen, progress=progress, names=_names(examples))
         for i, (example, out) in enumerate(zip(examples, outputs)):
             predicted, how = map_to_label(out[0], labels)
             records.append({"index": i, "line": example.line, "input": _input_text(example), "expected": expected[i],
@@ -132,8 +132,15 @@ def classify(loaded: Loaded, examples: Sequence[Example], labels: Sequence[str],
     return metrics, records
 
 
+def _names(examples: Sequence[Example]) -> list[str]:
+    """How a prompt too long for the model is named in the error: its file and line."""
+    return [f"{e.source} line {e.line}" if e.line else f"{e.source} example {i + 1}"
+            for i, e in enumerate(examples)]
+
+
 def _generate_outputs(loaded: Loaded, examples: Sequence[Example], gen: GenerateSection, progress: bool) -> list[str]:
-    return [o[0] for o in generate(loaded, [e.prompt_messages for e in examples], gen, progress=progress)]
+    return [o[0] for o in generate(loaded, [e.prompt_messages for e in examples], gen, progress=progress,
+                                   names=_names(examples))]
 
 
 def generation_task(loaded: Loaded, examples: Sequence[Example], gen: GenerateSection,
@@ -233,6 +240,9 @@ def evaluate(target: str | Loaded, data: str | Path, task: str = "auto", labels:
         raise EvalError(f"unknown task {task!r}: use one of auto, {', '.join(TASKS)}")
     if limit is not None and limit <= 0:
         raise EvalError("--limit must be positive")
+    check_output_dir(output_dir)
+    if not isinstance(target, Loaded):
+        check_target(str(target))  # a missing or damaged run is refused before the data is read
     examples = None
     if not (task == "perplexity" or (task == "auto" and Path(data).suffix.lower() == ".txt")):
         examples = load_examples(data, fmt)
@@ -262,6 +272,12 @@ def evaluate(target: str | Loaded, data: str | Path, task: str = "auto", labels:
     return result
 
 
+def check_output_dir(output_dir: str | Path | None) -> None:
+    if output_dir is not None and Path(output_dir).exists() and not Path(output_dir).is_dir():
+        raise EvalError(f"{output_dir} is a file: --output names a folder (results.json and predictions.jsonl "
+                        "are written into it)")
+
+
 def write_results(result: EvalResult, output_dir: str | Path) -> Path:
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -276,9 +292,36 @@ def write_results(result: EvalResult, output_dir: str | Path) -> Path:
 
 def read_results(output_dir: str | Path) -> EvalResult:
     out = Path(output_dir)
-    data = json.loads((out / "results.json").read_text(encoding="utf-8"))
+    data = read_json(out / "results.json")
     preds_path = out / "predictions.jsonl"
-    preds = [json.loads(line) for line in preds_path.read_text(encoding="utf-8").splitlines() if line.strip()] \
-        if preds_path.exists() else []
+    preds = read_json_lines(preds_path) if preds_path.exists() else []
+    if not isinstance(data, dict) or not {"task", "metrics"} <= set(data):
+        raise EvalError(f"{out / 'results.json'} is damaged: no 'task' and 'metrics' (is it from `fewtune eval`?)")
     return EvalResult(data["task"], data["metrics"], preds, data.get("settings", {}), out)
+
+
+def read_json(path: Path):
+    """A JSON file a fewtune stage wrote, or EvalError naming it when it is damaged."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise EvalError(f"{path} is damaged: not UTF-8 text") from None
+    except json.JSONDecodeError as err:
+        raise EvalError(f"{path} is damaged: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
+
+
+def read_json_lines(path: Path) -> list:
+    """A JSONL file a fewtune stage wrote (predictions, metrics), or EvalError naming the bad line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise EvalError(f"{path} is damaged: not UTF-8 text") from None
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise EvalError(f"{path}:{number} is damaged: not a JSON line ({err.msg})") from None
+    return rows
 

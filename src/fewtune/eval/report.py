@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 from collections import Counter
 from pathlib import Path
 
 from fewtune.eval import report_plots as plots
-from fewtune.eval.evaluate import EvalError, EvalResult, read_results
+from fewtune.eval.evaluate import EvalError, EvalResult, read_json, read_json_lines, read_results
 from fewtune.eval.metrics import confused_pairs
-from fewtune.plots import read_metrics
+from fewtune.generate import check_run_dir, looks_like_run_dir
 
 HEADLINE = {"classification": ("accuracy", "macro_f1", "macro_precision", "macro_recall", "weighted_f1", "unparseable_rate"),
             "generation": ("rouge1", "rouge2", "rougeL", "bleu", "exact_match", "mean_length"),
@@ -112,11 +111,16 @@ def _f(v) -> str:
 
 
 def _locate(path: Path) -> tuple[Path | None, EvalResult | None, dict | None]:
-    run = path if (path / "config.yaml").is_file() else None
+    run = None
+    if looks_like_run_dir(path):  # its format and config.yaml are checked before anything is read
+        check_run_dir(path, for_inference=False)
+        run = path
     compare = None
     for c in (path, path / "compare"):
         if (c / "compare.json").is_file():
-            compare = json.loads((c / "compare.json").read_text(encoding="utf-8"))
+            compare = read_json(c / "compare.json")
+            if not isinstance(compare, dict) or "names" not in compare:
+                raise EvalError(f"{c / 'compare.json'} is damaged: no 'names' (is it from `fewtune compare`?)")
             compare["_dir"] = str(c)
             break
     result = None
@@ -169,13 +173,16 @@ def build_report(path: str | Path, output: str | Path | None = None) -> Path:
     """Write report.md, report.html and the PNGs into ``output`` (default PATH/report); return the HTML path."""
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"{path} is not a folder")
+        raise FileNotFoundError(f"{path} {'is a file, not a folder' if path.exists() else 'does not exist'}: give a "
+                                "run directory or an eval/compare output folder")
     run, result, compare = _locate(path)
     out = Path(output) if output else path / "report"
     out.mkdir(parents=True, exist_ok=True)
     doc = Doc()
     doc.heading(f"fewtune report: {path.name}", 1)
-    summary = json.loads((run / "summary.json").read_text()) if run and (run / "summary.json").is_file() else None
+    summary = read_json(run / "summary.json") if run and (run / "summary.json").is_file() else None
+    if summary is not None and not isinstance(summary, dict):
+        raise EvalError(f"{run / 'summary.json'} is damaged: not a JSON object")
     if run:
         doc.heading("Configuration")
         doc.code((run / "config.yaml").read_text(encoding="utf-8"))
@@ -188,7 +195,7 @@ def build_report(path: str | Path, output: str | Path | None = None) -> Path:
             doc.table(["", "value"], rows, {1})
         else:
             doc.para("The run has no summary.json: it did not finish.")
-        records = read_metrics(run / "metrics.jsonl")
+        records = read_json_lines(run / "metrics.jsonl") if (run / "metrics.jsonl").is_file() else []
         png = plots.learning_curves(records, out / "learning_curves.png")
         if png:
             doc.heading("Learning curves")

@@ -16,6 +16,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fewtune.runinfo import MARKER, check_run_format
+
 # thresholds, named so the report can quote them
 SPIKE_FACTOR = 2.0  # a train loss above this many times the median of the previous window
 SPIKE_WINDOW = 10
@@ -54,26 +56,34 @@ def read_curves(path: str | Path) -> Curves:
     path = Path(path)
     if path.is_dir():
         path = path / "metrics.jsonl"
+    if (path.parent / MARKER).exists():  # a run a newer fewtune wrote may log other records
+        check_run_format(path.parent)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: doctor reads the metrics.jsonl a training run writes")
     train, grad, val, metrics, selected_by = [], [], [], {}, None
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(_read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}:{number}: not a JSON line ({err.msg})") from None
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}:{number}: not a JSON object")
         if "event" in rec:
             selected_by = rec.get("eval_metric", selected_by)
             continue
         step = rec.get("step")
-        if "train_loss" in rec:
-            train.append((step, float(rec["train_loss"])))
-            if rec.get("grad_norm") is not None:
-                grad.append((step, float(rec["grad_norm"])))
+        try:
+            if "train_loss" in rec:
+                train.append((step, float(rec["train_loss"])))
+                if rec.get("grad_norm") is not None:
+                    grad.append((step, float(rec["grad_norm"])))
+            if "val_loss" in rec:
+                val.append((step, float(rec["val_loss"])))
+        except (TypeError, ValueError):
+            raise ValueError(f"{path}:{number}: a loss that is not a number") from None
         if "val_loss" in rec:
-            val.append((step, float(rec["val_loss"])))
             for key, value in rec.items():
                 if key not in EVAL_KEYS and isinstance(value, (int, float)) and not isinstance(value, bool):
                     metrics.setdefault(key, []).append((step, float(value)))
@@ -227,15 +237,31 @@ def check_loss_metric_gap(c: Curves) -> list[Finding]:
                      "others": {m: g[0] for m, g in gaps.items() if m != name}})]
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text") from None
+
+
 def check_label_collapse(predictions: str | Path | None) -> list[Finding]:
-    if predictions is None or not Path(predictions).is_file():
+    if predictions is None:
         return [Finding("unknown", "label collapse: cannot tell, no predictions file (JSONL with 'prediction' and "
                         "'reference'); pass --predictions FILE")]
+    if Path(predictions).is_dir():
+        raise IsADirectoryError(f"{predictions} is a directory: --predictions is a JSONL file (e.g. RUN/eval/predictions.jsonl)")
+    if not Path(predictions).is_file():
+        raise FileNotFoundError(f"{predictions} not found: --predictions is a JSONL file with 'prediction' and 'reference'")
     preds, refs = [], []
-    for number, line in enumerate(Path(predictions).read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(_read_text(Path(predictions)).splitlines(), 1):
         if not line.strip():
             continue
-        rec = json.loads(line)
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{predictions}:{number}: not a JSON line ({err.msg})") from None
+        if not isinstance(rec, dict):
+            raise ValueError(f"{predictions}:{number}: not a JSON object")
         # fewtune eval writes predicted/expected; other tools prediction/reference (or label)
         pred = rec.get("prediction", rec.get("predicted"))
         if pred is None:
