@@ -93,6 +93,20 @@ def _garbage(path: Path) -> None:
     path.write_text("train: [unclosed\n  : :\n")
 
 
+def _own(run: Path, folder: str) -> Path:
+    """Replace the link to a shared folder by a copy this test may damage."""
+    target = (run / folder).resolve()
+    (run / folder).unlink()
+    shutil.copytree(target, run / folder)
+    return run / folder
+
+
+def _adapter_damaged(run: Path) -> None:
+    (run / "model").unlink()  # a LoRA run: adapter/ instead of model/
+    (run / "adapter").mkdir()
+    (run / "adapter" / "adapter_config.json").write_text("{")
+
+
 def _newer(run: Path) -> None:
     (run / MARKER).write_text(json.dumps({"run_format": RUN_FORMAT + 1, "fewtune_version": "99.0"}))
 
@@ -108,6 +122,11 @@ RUN_FAULTS = {
     "template_corrupt": (lambda r: (r / "template.json").write_text("{not json"), "template.json"),
     "template_not_a_template": (lambda r: (r / "template.json").write_text('{"colour": "blue"}'), "template.json"),
     "tokenizer_missing": (lambda r: (r / "tokenizer").unlink(), "tokenizer"),
+    "tokenizer_damaged": (lambda r: (_own(r, "tokenizer") / "tokenizer_config.json").write_text("{"), "tokenizer"),
+    "model_config_damaged": (lambda r: (_own(r, "model") / "config.json").write_text("{"), "model"),
+    "model_weights_damaged": (lambda r: (_own(r, "model") / "model.safetensors").write_bytes(b"\0" * 4), "model"),
+    "adapter_damaged": (_adapter_damaged, "adapter"),
+    "weights_missing": (lambda r: (r / "model").unlink(), None),
     "format_newer": (_newer, None),
     "marker_damaged": (lambda r: (r / MARKER).write_text("garbage"), MARKER),
     "metrics_corrupt": (lambda r: (r / "metrics.jsonl").write_text('{"step": 1, "train_loss": 2.0}\nnot json\n'),
@@ -116,7 +135,9 @@ RUN_FAULTS = {
     "summary_corrupt": (lambda r: (r / "summary.json").write_text("{"), "summary.json"),
 }
 INFERENCE = ["missing", "file", "config_garbage", "config_missing", "config_invalid", "template_missing",
-             "template_corrupt", "template_not_a_template", "tokenizer_missing", "format_newer", "marker_damaged"]
+             "template_corrupt", "template_not_a_template", "tokenizer_missing", "tokenizer_damaged",
+             "model_config_damaged", "model_weights_damaged", "adapter_damaged", "weights_missing", "format_newer",
+             "marker_damaged"]
 # which faults each reader of a run directory is given: those in what it reads
 READERS = {
     "generate": INFERENCE, "chat": INFERENCE, "export": INFERENCE, "eval": INFERENCE, "compare": INFERENCE,

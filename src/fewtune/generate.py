@@ -116,6 +116,12 @@ def check_target(path_or_model: str) -> None:
                                  f"an embedded model ({', '.join(EMBEDDED)}) or a hub id")
 
 
+def _damaged(part: Path, err: BaseException) -> RunDirError:
+    cause = err.__cause__ if isinstance(err, ModelNotFoundError) and err.__cause__ is not None else err
+    first = " ".join(str(cause).split())[:200]
+    return RunDirError(f"{part} cannot be loaded ({type(cause).__name__}: {first}): the run directory is damaged")
+
+
 def load_for_inference(path_or_model: str, template_kind: str = "auto", system_prompt: str | None = None,
                        dtype: str = "auto", merge: bool = False) -> Loaded:
     """A run directory (base + adapter, or full model) or any model name/folder/.gguf.
@@ -128,24 +134,30 @@ def load_for_inference(path_or_model: str, template_kind: str = "auto", system_p
     if looks_like_run_dir(path_or_model):
         run = Path(path_or_model)
         cfg, template = check_run_dir(run)
-        tokenizer = load_tokenizer(str(run / "tokenizer"))
+        # the run's own folders failing to load (a damaged JSON or weights file, whatever the library
+        # raises for it) is a damaged run directory; the base model named in the config is not caught
+        try:
+            tokenizer = load_tokenizer(str(run / "tokenizer"))
+        except Exception as err:
+            raise _damaged(run / "tokenizer", err) from None
         if (run / "adapter").is_dir():
             from peft import PeftModel
 
             base = load_model(cfg.model.name, dtype if dtype != "auto" else cfg.model.dtype)
             try:
                 model = PeftModel.from_pretrained(base, str(run / "adapter"))
-            except (OSError, ValueError, KeyError, RuntimeError) as err:  # a damaged adapter_config.json or weights
-                first = " ".join(str(err).split())[:200]
-                raise RunDirError(f"{run / 'adapter'} cannot be loaded ({type(err).__name__}: {first}): "
-                                  "the run directory is damaged") from None
+            except Exception as err:
+                raise _damaged(run / "adapter", err) from None
             if merge:
                 from fewtune.train.adapters import is_prompt_learning
 
                 if not is_prompt_learning(model):
                     model = model.merge_and_unload()
         elif (run / "model").is_dir():
-            model = load_model(str(run / "model"), dtype)
+            try:
+                model = load_model(str(run / "model"), dtype)
+            except Exception as err:
+                raise _damaged(run / "model", err) from None
         else:
             raise FileNotFoundError(f"{run} has no adapter/ or model/ folder: the run did not finish. "
                                     f"Resume it with: fewtune train --resume {run}")
