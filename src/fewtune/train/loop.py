@@ -405,6 +405,14 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return acc.reduce(loss_total, "sum").item() / global_weight, grad_norm
 
+    def _stop_signal(self) -> int:
+        """The stop signal any process received (0: none). All processes stop at the same step: a launcher
+        forwards the signal to each, but they may be at different steps when it arrives."""
+        if self.accelerator.num_processes == 1:
+            return self._stop_requested
+        flag = torch.tensor(int(self._stop_requested), device=self.accelerator.device)
+        return int(self.accelerator.reduce(flag, "max").item())
+
     def _catch_stop_signals(self) -> dict:
         """Ctrl-C (SIGINT) and SIGTERM (what SLURM, Kubernetes and `timeout` send): finish the current step,
         checkpoint, stop. The same signal again stops at once."""
@@ -480,11 +488,12 @@ class Trainer:
                             break
                     if (cfg.train.save_every and s["step"] % cfg.train.save_every == 0) or s["batch"] == 0:
                         self._save_checkpoint()
-                    if self._stop_requested or (stop_after is not None and steps_this_session >= stop_after):
+                    stop = self._stop_signal()
+                    if stop or (stop_after is not None and steps_this_session >= stop_after):
                         # at a step boundary: weights, optimizer and loop position agree
                         bar.close()
                         self._save_checkpoint()
-                        raise Interrupted(self.run_dir, s["step"], self._stop_requested or signal.SIGINT)
+                        raise Interrupted(self.run_dir, s["step"], stop or signal.SIGINT)
                 if s["batch"] >= len(batches):
                     s["epoch"], s["batch"] = s["epoch"] + 1, 0
         finally:
