@@ -315,15 +315,17 @@ def test_a_missing_file_or_the_wrong_kind_of_path_is_one_line(build, path, base,
 # ---------------------------------------------------------------- bad values given on the command line
 
 @pytest.mark.parametrize("args,named", [
-    (["generate", "{tiny}", "-p", "hi", "--max-new-tokens", "0"], "--max-new-tokens"),
-    (["generate", "{tiny}", "-p", "hi", "--top-p", "1.5"], "--top-p"),
-    (["chat", "{tiny}", "--temperature", "-1"], "--temperature"),
-    (["generate", "{tiny}", "-p", "   "], "--prompt 1 is empty"),
-    (["train", "{config}", "train.lrr=1"], "did you mean 'train.lr'"),
-    (["train", "{config}", "lr=1e-4"], "did you mean 'train.lr'"),
-    (["train", "{config}", "method.r=4"], "did you mean 'method.lora.r'"),
-    (["train", "{config}", "method.name=ia3", "method.ia3.feedforward_modules=[mlp]"], "method.ia3.target_modules"),
-    (["eval", "{tiny}", "--data", "{labeled}", "--task", "nonsense"], "unknown task 'nonsense'"),
+    pytest.param(["generate", "{tiny}", "-p", "hi", "--max-new-tokens", "0"], "--max-new-tokens", id="max-new-tokens-0"),
+    pytest.param(["generate", "{tiny}", "-p", "hi", "--top-p", "1.5"], "--top-p", id="top-p-1.5"),
+    pytest.param(["chat", "{tiny}", "--temperature", "-1"], "--temperature", id="chat-temperature-negative"),
+    pytest.param(["generate", "{tiny}", "-p", "   "], "--prompt 1 is empty", id="prompt-whitespace"),
+    pytest.param(["train", "{config}", "train.lrr=1"], "did you mean 'train.lr'", id="override-misspelt"),
+    pytest.param(["train", "{config}", "lr=1e-4"], "did you mean 'train.lr'", id="override-no-section"),
+    pytest.param(["train", "{config}", "method.r=4"], "did you mean 'method.lora.r'", id="override-wrong-section"),
+    pytest.param(["train", "{config}", "method.name=ia3", "method.ia3.feedforward_modules=[mlp]"],
+                 "method.ia3.target_modules", id="method-error"),
+    pytest.param(["eval", "{tiny}", "--data", "{labeled}", "--task", "nonsense"], "unknown task 'nonsense'",
+                 id="eval-unknown-task"),
 ])
 def test_a_bad_value_is_one_line(args, named, base, tmp_path):
     argv = [a.format(**{k: str(v) for k, v in base.items()}) for a in args]

@@ -153,12 +153,13 @@ def test_a_prompt_over_the_context_is_refused_with_its_numbers(tiny_model):
     assert 950 < n < 1024
     with pytest.raises(PromptError) as info:  # fits alone, not with the new tokens
         generate(loaded, [[Message("user", "hi")], long], GenerateSection(max_new_tokens=128), progress=False)
-    assert str(info.value) == (f"prompt 2 is {n} tokens; with --max-new-tokens 128 that makes {n + 128}, over the "
+    assert str(info.value) == (f"prompt 2 is {n} tokens with the template; with --max-new-tokens 128 that makes "
+                               f"{n + 128}, over the "
                                f"model's context of 1024 tokens: shorten the prompt by {n + 128 - 1024} tokens or "
                                f"lower --max-new-tokens to {1024 - n}")
     huge = [Message("user", "hello " * 1100)]
-    with pytest.raises(PromptError, match=r"^--prompt 1 is \d+ tokens, over the model's context of 1024 tokens by "
-                                          r"itself: shorten it to fewer than 1016 tokens"):
+    with pytest.raises(PromptError, match=r"^--prompt 1 is \d+ tokens with the template, over the model's context "
+                                          r"of 1024 tokens by itself: shorten it to at most 1016 tokens"):
         check_prompts(loaded, [huge], 8, names=["--prompt 1"])
     assert generate(loaded, [long], GenerateSection(max_new_tokens=2), progress=False)  # what fits is generated
 
@@ -195,7 +196,7 @@ def test_cli_generate_refuses_empty_and_too_long_prompts(small_context_model, tm
     out = runner.invoke(app, ["generate", small_context_model, "-p", "word " * 40, "--max-new-tokens", "4"])
     assert out.exit_code == 0, out.output  # lowering --max-new-tokens, as the message says, is enough
     out = runner.invoke(app, ["generate", small_context_model, "-p", "hi", "--max-new-tokens", "96"])
-    assert out.exit_code == 2 and "--max-new-tokens 96 alone fills the model's context of 96 tokens" in out.stderr
+    assert out.exit_code == 2 and "--prompt 1: --max-new-tokens 96 alone fills the model's context of 96 tokens" in out.stderr
 
 
 def test_eval_names_the_data_line_of_a_prompt_too_long(small_context_model, tmp_path):

@@ -219,14 +219,14 @@ def is_empty(conversation: Sequence[Message]) -> bool:
 
 
 def too_long(name: str, n_tokens: int, max_new_tokens: int, limit: int) -> str:
-    """The one line that refuses a prompt over the context, with what to do."""
+    """The one line that refuses a prompt over the context, with what to do (token counts include the template)."""
     if max_new_tokens >= limit:
-        return (f"{name} is {n_tokens} tokens, but --max-new-tokens {max_new_tokens} alone fills the model's context "
-                f"of {limit} tokens: lower --max-new-tokens well below {limit}")
+        return (f"{name}: --max-new-tokens {max_new_tokens} alone fills the model's context of {limit} tokens (the "
+                f"prompt is {n_tokens} tokens with the template): lower --max-new-tokens")
     if n_tokens >= limit:
-        return (f"{name} is {n_tokens} tokens, over the model's context of {limit} tokens by itself: shorten it "
-                f"to fewer than {limit - max_new_tokens} tokens")
-    return (f"{name} is {n_tokens} tokens; with --max-new-tokens {max_new_tokens} that makes "
+        return (f"{name} is {n_tokens} tokens with the template, over the model's context of {limit} tokens by "
+                f"itself: shorten it to at most {limit - max_new_tokens} tokens")
+    return (f"{name} is {n_tokens} tokens with the template; with --max-new-tokens {max_new_tokens} that makes "
             f"{n_tokens + max_new_tokens}, over the model's context of {limit} tokens: shorten the prompt by "
             f"{n_tokens + max_new_tokens - limit} tokens or lower --max-new-tokens to {limit - n_tokens}")
 
