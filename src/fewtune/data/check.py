@@ -16,8 +16,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fewtune.config import Config
+from fewtune.data import collect as _collect
 from fewtune.data.collect import Collected, Problem, collect
 from fewtune.data.duplicates import duplicate_problems, leakage_problems
+from fewtune.data.formats import (
+    ENCODING_NAMES,
+    DataError,
+    _resolve_source,
+    check_encoding,
+    encoding_name,
+    file_encoding,
+    read_records,
+    reading_encoding,
+)
 from fewtune.data.render import RenderError, Template
 from fewtune.data.stats import Measure, Settings, label_stats, length_stats, measure, size_stats
 from fewtune.data.textstats import has_cjk
@@ -55,6 +66,61 @@ class Report:
     def to_dict(self) -> dict:
         return {"files": self.files, "errors": len(self.errors), "warnings": len(self.warnings),
                 "by_check": self.counts(), "stats": self.stats, "problems": [p.to_dict() for p in self.problems]}
+
+
+def collect_data(path: str | Path, fmt: str = "auto", dataset: str | None = None, rename: dict[str, str] | None = None,
+                 fix=None, encoding: str | None = None) -> Collected:
+    """:func:`~fewtune.data.collect.collect` reading in ``encoding`` (utf-8, auto or a codec name), never a
+    traceback for a file's content: what `data check`, `stats`, `clean`, `split`, `convert` and `mix` read with.
+
+    collect's hint for pretty-printed JSON objects parses the whole file once more with Python's
+    json, which stops with a RecursionError at a value nested too deeply for it, or a ValueError
+    at an integer of more than 4,300 digits (the reader has already reported that line). The file
+    is then collected again without that hint.
+    """
+    with reading_encoding(encoding):
+        try:
+            return collect(path, fmt, dataset, rename, fix)
+        except DataError:
+            raise
+        except (RecursionError, ValueError) as err:
+            if isinstance(err, ValueError) and "integer string conversion" not in str(err):
+                raise  # a usage error (an unknown format), not the file's content
+            log.debug("%s: collected again without the pretty-printed-objects hint (%s)", path, type(err).__name__)
+            return _collect_without_concatenation_hint(path, fmt, dataset, rename, fix)
+
+
+def _collect_without_concatenation_hint(path, fmt, dataset, rename, fix) -> Collected:
+    """What :func:`collect` does, less the one hint that re-parses the file (see :func:`collect_data`)."""
+    source, mapped_fmt, mapping = _resolve_source(Path(path), dataset)  # collect got past this already
+    fmt = mapped_fmt or fmt
+    out = Collected(str(source), None if fmt == "auto" else fmt, their_names=dict(rename or {}))
+    errors: list = []
+    rows = list(read_records(source, errors))
+    _collect._layout_problems(out, Path(source), [e for e in errors if not e.reason.startswith("malformed JSON")],
+                              len(rows))
+    for err in errors:
+        out.add("error", "read", err.line, err.field, err.reason + _collect._read_hint(err.reason))
+    for line, record in rows:
+        out.records[line] = record
+    if fix is not None:
+        rows = [(line, fix(record)) for line, record in rows]
+        out.fixed = dict(rows)
+    _collect._convert_all(out, rows, fmt, mapping, rename)
+    return out
+
+
+def encoding_problem(data: Collected, encoding: str | None) -> Problem | None:
+    """With ``--encoding auto``, a warning naming the encoding a file that is not UTF-8 was read in."""
+    if not encoding or check_encoding(encoding) != "auto":
+        return None
+    codec = file_encoding(data.path)
+    if codec in (None, "utf-8"):
+        return None
+    name = encoding_name(codec, Path(data.path).read_bytes())
+    return Problem("warning", "read", data.path, None, None, f"read as {name} ({ENCODING_NAMES.get(codec, codec)}), "
+                   f"detected by --encoding auto: --encoding {codec} says so explicitly; other tools expect UTF-8 "
+                   f"(iconv -f {codec.upper()} -t UTF-8 FILE > FILE.utf8)")
 
 
 def settings_from_config(cfg: Config) -> Settings:
@@ -206,12 +272,13 @@ def unseen_label_problems(train_stats: dict | None, validation: Collected) -> in
 def check_data(path: str | Path, validation: str | Path | None = None, cfg: Config | None = None, *,
                model: str | None = None, tokenizer=None, template: str | None = None, tokens: bool = True,
                fmt: str | None = None, dataset: str | None = None, rename: dict[str, str] | None = None,
-               settings: Settings | None = None, progress: bool = True) -> Report:
+               settings: Settings | None = None, progress: bool = True, encoding: str | None = None) -> Report:
     """Check a training file (and a validation file) and return every problem found.
 
     ``cfg`` supplies the model, template, max_length, format and epochs (defaults: the
     config defaults); ``model``/``tokenizer``/``template`` override it. ``tokens=False``
-    skips the tokenizer (no token counts, no truncation verdicts).
+    skips the tokenizer (no token counts, no truncation verdicts). ``encoding``: utf-8 (the
+    default), auto (detect, with a warning naming what was found) or a codec name, e.g. gb18030.
     """
     cfg = cfg or Config()
     settings = settings or settings_from_config(cfg)
@@ -220,9 +287,13 @@ def check_data(path: str | Path, validation: str | Path | None = None, cfg: Conf
     dataset = dataset or cfg.data.dataset
     files = {"train": str(path), **({"validation": str(validation)} if validation else {})}
     report = Report(files)
-    sets = {"train": collect(path, fmt, dataset, rename)}
+    sets = {"train": collect_data(path, fmt, dataset, rename, encoding=encoding)}
     if validation:
-        sets["validation"] = collect(validation, fmt, dataset, rename)
+        sets["validation"] = collect_data(validation, fmt, dataset, rename, encoding=encoding)
+    for data in sets.values():
+        detected = encoding_problem(data, encoding)
+        if detected:
+            report.problems.append(detected)
     tok = tmpl = None
     if tokens:
         tok, tmpl, why_not = load_template(cfg, model, tokenizer, template)
@@ -261,12 +332,15 @@ def check_data(path: str | Path, validation: str | Path | None = None, cfg: Conf
 def data_stats(path: str | Path, cfg: Config | None = None, *, model: str | None = None, tokenizer=None,
                template: str | None = None, tokens: bool = True, fmt: str | None = None, dataset: str | None = None,
                rename: dict[str, str] | None = None, settings: Settings | None = None, plot: str | Path | None = None,
-               progress: bool = True) -> Report:
+               progress: bool = True, encoding: str | None = None) -> Report:
     """The length, label and size part of :func:`check_data` alone, plus a token-length histogram PNG."""
     cfg = cfg or Config()
     settings = settings or settings_from_config(cfg)
-    data = collect(path, fmt or cfg.data.format, dataset or cfg.data.dataset, rename)
+    data = collect_data(path, fmt or cfg.data.format, dataset or cfg.data.dataset, rename, encoding=encoding)
     report = Report({"train": str(path)})
+    detected = encoding_problem(data, encoding)
+    if detected:
+        report.problems.append(detected)
     if len(data.rejected):
         report.problems.append(Problem("warning", "read", data.path, None, None, f"{len(data.rejected)} records or "
                                        "lines could not be used and are left out of the statistics (see `data check`)"))

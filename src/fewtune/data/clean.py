@@ -10,13 +10,16 @@ lines ``{"line", "reasons", "record" | "raw"}``), so nothing is silently dropped
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fewtune.data.collect import collect
 from fewtune.data.duplicates import exact_key
-from fewtune.data.formats import DataError
+from fewtune.data.formats import DataError, encoding_name, reading_codec, split_lines, without_bom
+
+SAME_LINE = "starts on the same line as the one before it"  # the reader's reason for a one-line JSON array
+_UNDECODABLE = re.compile(r"not \S+ text")  # the reader's reason for bytes not in the file's encoding
 
 
 @dataclass
@@ -56,29 +59,45 @@ def fix_record(record: Any, fixed: dict[str, int], keep_leading_space: bool = Tr
     return record
 
 
-def _raw_lines(path: Path) -> list[str]:
-    """The file's lines as text, undecodable bytes kept visible as \\xNN escapes."""
-    return path.read_bytes().decode("utf-8", errors="backslashreplace").lstrip("\ufeff").splitlines()
+def _raw_lines(raw: bytes, codec: str) -> list[str]:
+    """The file's lines as the readers number them, undecodable bytes kept visible as \\xNN escapes."""
+    return split_lines(without_bom(raw.decode(codec, errors="backslashreplace"), codec))
 
 
 def clean_data(path: str | Path, out: str | Path, rejects: str | Path, fmt: str = "auto", dataset: str | None = None,
-               rename: dict[str, str] | None = None, keep_leading_space: bool = True) -> CleanResult:
-    """Write the clean records to ``out`` and every other input example, with its reasons, to ``rejects``."""
+               rename: dict[str, str] | None = None, keep_leading_space: bool = True,
+               encoding: str | None = None) -> CleanResult:
+    """Write the clean records to ``out`` and every other input example, with its reasons, to ``rejects``.
+
+    ``encoding``: the input's (utf-8, the default; auto; or a codec name such as gb18030); the
+    output is always UTF-8 without a byte-order mark.
+    """
+    from fewtune.data.check import collect_data
+
     result = CleanResult()
-    data = collect(path, fmt, dataset, rename, fix=lambda r: fix_record(r, result.fixed, keep_leading_space))
+    data = collect_data(path, fmt, dataset, rename, fix=lambda r: fix_record(r, result.fixed, keep_leading_space),
+                        encoding=encoding)
     source = Path(data.path)
-    if not source.is_file():
-        raise DataError(data.path, None, "file not found")
     whole_file = [p for p in data.problems if p.line is None and p.severity == "error"]
-    if source.read_bytes().startswith(b"\xef\xbb\xbf"):
+    unread = [p for p in data.problems if p.check == "read" and p.severity == "error"]
+    if not source.is_file() or (source.name == "dataset_info.json" and unread):
+        # nothing to account for line by line: the file (or the dataset_info entry naming it) cannot be read
+        first = (unread or whole_file or [None])[0]
+        raise DataError(data.path, first.line if first else None, first.message if first else "file not found")
+    raw_bytes = source.read_bytes()
+    codec = reading_codec(raw_bytes, encoding)
+    if raw_bytes.startswith(b"\xef\xbb\xbf"):
         result.notes.append("removed the byte-order mark")
+    if codec != "utf-8-sig":
+        result.notes.append(f"read as {encoding_name(codec, raw_bytes)}, written as UTF-8")
     rejected: dict[int, list[str]] = {line: list(reasons) for line, reasons in data.rejected.items()}
-    is_array = source.read_bytes().lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[")
+    raw = _raw_lines(raw_bytes, codec)
+    is_array = "\n".join(raw).lstrip(" \t\r\n").startswith("[")
     if is_array:  # an undecodable line inside a multi-line element rejects that element
         starts = sorted(data.records)
         for line in [n for n in rejected if n not in data.records]:
             owner = max((s for s in starts if s < line), default=None)
-            if owner is not None and any("not UTF-8" in r for r in rejected[line]):
+            if owner is not None and any(_UNDECODABLE.match(r) for r in rejected[line]):
                 rejected.setdefault(owner, []).extend(rejected.pop(line))
     good = {ex.line: ex for ex in data.examples}
     seen: dict[tuple, int] = {}
@@ -93,7 +112,6 @@ def clean_data(path: str | Path, out: str | Path, rejects: str | Path, fmt: str 
     for line in data.records:
         if line not in good and line not in rejected:  # converted nowhere and no reason given: never drop silently
             rejected[line] = ["could not be converted"]
-    raw = _raw_lines(source)
     out_path, rejects_path = Path(out), Path(rejects)
     for p in (out_path, rejects_path):
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -103,20 +121,35 @@ def clean_data(path: str | Path, out: str | Path, rejects: str | Path, fmt: str 
             result.kept.append(line)
             kept_records.append(data.fixed[line])
     fatal = [n for n, reasons in rejected.items() if any("the rest of the file is not read" in r for r in reasons)]
+    starts = sorted(set(data.records) | set(rejected))
     with rejects_path.open("w", encoding="utf-8") as sink:
         for line in sorted(rejected):
             row: dict[str, Any] = {"line": line, "reasons": rejected[line]}
             if line in data.records:
                 row["record"] = data.records[line]  # as it was in the input
-            if line not in data.records or any("not UTF-8" in r for r in rejected[line]):
-                upto = len(raw) if line in fatal else line  # a broken JSON array: the unread rest of the file
-                row["raw"] = "\n".join(raw[line - 1: upto])
+            if line not in data.records or any(_UNDECODABLE.match(r) or SAME_LINE in r for r in rejected[line]):
+                # the raw text, too, where the record read is not all there was: undecodable bytes, or
+                # the other elements of a JSON array on this line
+                row["raw"] = _raw_text(raw, line, starts, line in fatal, is_array)
             sink.write(json.dumps(row, ensure_ascii=False) + "\n")
     result.rejected = rejected
     _write_records(out_path, kept_records)
     if not data.records and not rejected:
         result.notes.extend(p.message for p in whole_file)
     return result
+
+
+def _raw_text(raw: list[str], line: int, starts: list[int], fatal: bool, is_array: bool) -> str:
+    """The input text of the example starting on ``line``: up to the next example (a CSV row or array element
+    can span lines), or, where the reader stopped (a broken JSON array), the whole unread rest of the file."""
+    later = [s for s in starts if s > line]
+    upto = len(raw) if fatal or not later else later[0] - 1
+    lines = raw[line - 1: upto]
+    while len(lines) > 1 and not lines[-1].strip():
+        lines.pop()
+    if is_array and not fatal and not later and len(lines) > 1 and lines[-1].strip() == "]":
+        lines.pop()  # the array's closing bracket belongs to no element
+    return "\n".join(lines)
 
 
 def _write_records(path: Path, records: list[dict]) -> None:

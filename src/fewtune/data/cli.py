@@ -17,6 +17,9 @@ MapOpt = Annotated[Optional[list[str]], typer.Option("--map", help="rename a fie
                                                                    "--map text=sentence (repeatable)")]
 ModelOpt = Annotated[Optional[str], typer.Option(help="tokenizer for token counts (default: the config's model)")]
 ConfigOpt = Annotated[Optional[Path], typer.Option(help="training config: model, template, max_length, epochs ...")]
+EncodingOpt = Annotated[str, typer.Option(help="the input files' text encoding: utf-8; auto (detect UTF-8, UTF-16/32 "
+                                               "with a byte-order mark, GBK/GB18030 Chinese); or a codec name, e.g. "
+                                               "gb18030, cp1252")]
 
 
 def _call(fn, *args, **kwargs):
@@ -28,9 +31,40 @@ def _call(fn, *args, **kwargs):
 
     try:
         return fn(*args, **kwargs)
-    except (ConfigError, DataError, RenderError, ModelNotFoundError, FileNotFoundError, ValueError) as err:
+    except (ConfigError, DataError, RenderError, ModelNotFoundError, OSError, ValueError) as err:
         typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2)
+
+
+def _note_encoding(encoding: str, *files: Path) -> None:
+    """With --encoding auto, say which input was not UTF-8 and what it was read as."""
+    if encoding.lower() != "auto":
+        return
+    from fewtune.data.formats import encoding_name, file_encoding
+
+    for file in files:
+        codec = file_encoding(file)
+        if codec not in (None, "utf-8"):
+            typer.secho(f"warning: {file} read as {encoding_name(codec, Path(file).read_bytes())} (detected by "
+                        f"--encoding auto; --encoding {codec} says so explicitly)", fg=typer.colors.YELLOW, err=True)
+
+
+def _markup_safe(report):
+    """The report with file names, fields and messages escaped for rich markup: they come from the data, and
+    a field named ``[/x]`` would otherwise stop the printing with a MarkupError (or ``[red]`` vanish)."""
+    from dataclasses import replace
+
+    from rich.markup import escape
+
+    return replace(report, problems=[replace(p, file=escape(p.file), field=escape(p.field) if p.field else p.field,
+                                             message=escape(p.message)) for p in report.problems])
+
+
+def _plain_console():
+    """For the statistics tables, whose labels and names come from the data: no markup at all."""
+    from rich.console import Console
+
+    return Console(highlight=False, markup=False)
 
 
 def _rename(pairs: list[str] | None) -> dict[str, str] | None:
@@ -78,6 +112,7 @@ def check(
     max_imbalance: Annotated[Optional[float], typer.Option(help="warn above this largest/smallest class ratio (10)")] = None,
     tokens: Annotated[bool, typer.Option(help="count tokens with the model's tokenizer")] = True,
     show: Annotated[int, typer.Option(help="kinds of problems to print per severity")] = 30,
+    encoding: EncodingOpt = "utf-8",
 ):
     """Report every problem in a data set (file, line, field, reason). Exit 1 on errors."""
     from rich.console import Console
@@ -88,13 +123,14 @@ def check(
     cfg = _config(config)
     settings = _settings(cfg, max_length, min_examples, min_per_class, max_imbalance)
     report = _call(check_data, file, val, cfg, model=model, template=template, tokens=tokens,
-                   fmt=None if fmt == "auto" else fmt, dataset=dataset, rename=_rename(rename), settings=settings)
+                   fmt=None if fmt == "auto" else fmt, dataset=dataset, rename=_rename(rename), settings=settings,
+                   encoding=encoding)
     console = Console(highlight=False)
-    print_problems(report, console, limit=show)
-    print_stats(report, console)
+    print_problems(_markup_safe(report), console, limit=show)
+    print_stats(report, _plain_console())
     console.print(summary_table(report))
     if json_out:
-        typer.echo(f"report written to {write_json(report, json_out)}")
+        typer.echo(f"report written to {_call(write_json, report, json_out)}")
     code = report.exit_code(strict)
     verdict = "clean" if not report.problems else (f"{len(report.errors)} errors, {len(report.warnings)} warnings")
     typer.secho(f"{verdict}: exit {code}", fg=typer.colors.RED if code else typer.colors.GREEN)
@@ -113,6 +149,7 @@ def stats(
     rename: MapOpt = None,
     template: Annotated[Optional[str], typer.Option(help="auto, chat or plain")] = None,
     max_length: Annotated[Optional[int], typer.Option(help="default: the config's data.max_length (512)")] = None,
+    encoding: EncodingOpt = "utf-8",
 ):
     """Lengths (tokens, characters, words), labels and size, with a histogram of token lengths."""
     from rich.console import Console
@@ -124,15 +161,15 @@ def stats(
     settings = _settings(cfg, max_length, None, None, None)
     plot = plot or Path(f"{dataset or Path(file).stem}.lengths.png")
     report = _call(data_stats, file, cfg, model=model, template=template, fmt=None if fmt == "auto" else fmt,
-                   dataset=dataset, rename=_rename(rename), settings=settings, plot=plot)
+                   dataset=dataset, rename=_rename(rename), settings=settings, plot=plot, encoding=encoding)
     console = Console(highlight=False)
-    for problem in report.problems:
+    for problem in _markup_safe(report).problems:
         console.print(f"[yellow]warning[/yellow] {problem}")
-    print_stats(report, console)
+    print_stats(report, _plain_console())
     if report.stats["train"].get("plot"):
         typer.echo(f"histogram written to {report.stats['train']['plot']}")
     if json_out:
-        typer.echo(f"statistics written to {write_json(report, json_out)}")
+        typer.echo(f"statistics written to {_call(write_json, report, json_out)}")
 
 
 @app.command()
@@ -144,12 +181,13 @@ def clean(
     dataset: DatasetOpt = None,
     rename: MapOpt = None,
     keep_leading_space: Annotated[bool, typer.Option(help="keep one leading space on completions")] = True,
+    encoding: EncodingOpt = "utf-8",
 ):
     """Safe fixes (strip, line endings, exact duplicates, schema failures set aside); nothing is lost."""
     from fewtune.data.clean import clean_data
 
     result = _call(clean_data, file, out, rejects, fmt, dataset, _rename(rename),
-                   keep_leading_space)
+                   keep_leading_space, encoding)
     for note in result.notes:
         typer.echo(note)
     typer.echo(f"{result.total} input examples: {len(result.kept)} written to {out}, {len(result.rejected)} to "
@@ -168,11 +206,13 @@ def split(
     fmt: FormatOpt = "auto",
     dataset: DatasetOpt = None,
     rename: MapOpt = None,
+    encoding: EncodingOpt = "utf-8",
 ):
     """Seeded train/validation/test split, stratified by label for classification; or K folds."""
     from fewtune.data.tools import split_file
 
-    sizes = _call(split_file, file, out_dir, val, test, seed, kfold, fmt, dataset, _rename(rename))
+    sizes = _call(split_file, file, out_dir, val, test, seed, kfold, fmt, dataset, _rename(rename), encoding)
+    _note_encoding(encoding, file)
     typer.echo(", ".join(f"{name}: {n}" for name, n in sizes.items()) + f"  (written under {out_dir})")
 
 
@@ -186,6 +226,8 @@ def convert(
     split_name: Annotated[str, typer.Option("--split", help="SNIPS split: train or validate")] = "train",
     dataset: DatasetOpt = None,
     rename: MapOpt = None,
+    encoding: Annotated[str, typer.Option(help="the input's text encoding (not for --from snips): utf-8, auto, or "
+                                               "a codec name, e.g. gb18030")] = "utf-8",
 ):
     """Convert between formats (round trips keep the content); or bring in SNIPS."""
     from fewtune.data.tools import convert_file, write_jsonl
@@ -201,7 +243,8 @@ def convert(
         write_jsonl(out, rows)
         typer.echo(f"{len(rows)} SNIPS {split_name} utterances written to {out} as {task} examples")
         return
-    n = _call(convert_file, file, out, to, source_format, dataset, _rename(rename))
+    n = _call(convert_file, file, out, to, source_format, dataset, _rename(rename), encoding)
+    _note_encoding(encoding, file)
     typer.echo(f"{n} examples written to {out} as {to}")
 
 
@@ -214,9 +257,11 @@ def mix(
     count: Annotated[Optional[int], typer.Option(help="or a fixed number of general examples")] = None,
     seed: int = 42,
     rename: MapOpt = None,
+    encoding: EncodingOpt = "utf-8",
 ):
     """Domain data plus a seeded sample of general data (against forgetting), shuffled."""
     from fewtune.data.tools import mix_files
 
-    sizes = _call(mix_files, domain, general, out, ratio, count, seed, _rename(rename))
+    sizes = _call(mix_files, domain, general, out, ratio, count, seed, _rename(rename), encoding)
+    _note_encoding(encoding, domain, general)
     typer.echo(f"{sizes['total']} examples written to {out}: {sizes['domain']} domain + {sizes['general']} general")

@@ -16,8 +16,16 @@ the 1-based line and the field.
 
 from __future__ import annotations
 
+import bisect
+import codecs
+import contextlib
+import contextvars
 import csv
+import io
 import json
+import logging
+import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -28,6 +36,7 @@ SHAREGPT_ROLES = {
     "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
     "function_call": "assistant", "observation": "tool", "tool": "tool", "function": "tool",
 }
+log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -82,28 +91,249 @@ class Example:
 
 # ---------------------------------------------------------------- reading files
 
+MAX_DEPTH = 100  # lists and objects inside each other; no data format nests anywhere near this deep
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")  # what editors count as a line; str.splitlines also splits on U+2028 etc.
+_LINE_BREAK_BYTES = re.compile(rb"\r\n|\r|\n")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abAB]|\\u[dD][c-fC-F]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_NON_ASCII = re.compile(r"[^\x00-\x7f]")
+_HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff]")
+_encoding: contextvars.ContextVar[str] = contextvars.ContextVar("fewtune_data_encoding", default="utf-8")
 
-def read_records(path: str | Path, problems: list[DataError] | None = None) -> Iterator[tuple[int, dict]]:
+ENCODING_NAMES = {  # where files in an encoding come from, to go with its name in messages
+    "gb18030": "Chinese text as Windows tools and Excel save it, code page 936",
+    "utf-16": "what Windows calls \"Unicode\", e.g. Excel's \"Unicode Text\"",
+    "utf-16-le": "what Windows calls \"Unicode\", here without a byte-order mark",
+    "utf-16-be": "without a byte-order mark",
+    "utf-32": "four bytes per character",
+}
+
+
+def check_encoding(encoding: str) -> str:
+    """``auto``, or the canonical name of a Python codec (``gbk`` -> ``gbk``); ValueError for an unknown one."""
+    if encoding.lower() == "auto":
+        return "auto"
+    try:
+        return codecs.lookup(encoding).name
+    except LookupError:
+        raise ValueError(f"unknown encoding {encoding!r}: use utf-8 (the default), auto (detect), or a Python codec "
+                         "name such as gb18030, gbk, utf-16, cp1252") from None
+
+
+@contextlib.contextmanager
+def reading_encoding(encoding: str | None) -> Iterator[None]:
+    """Inside the block, :func:`read_records` calls that name no ``encoding`` use this one.
+
+    The collecting reader (:func:`fewtune.data.collect.collect`) calls ``read_records``
+    without an encoding; ``data check``/``clean``/``split``/... set it around that call.
+    """
+    if not encoding:
+        yield
+        return
+    token = _encoding.set(check_encoding(encoding))
+    try:
+        yield
+    finally:
+        _encoding.reset(token)
+
+
+def _decodes(raw: bytes, codec: str) -> bool:
+    try:
+        raw.decode(codec)
+    except (UnicodeDecodeError, LookupError):
+        return False
+    return True
+
+
+def detect_encoding(raw: bytes) -> str | None:
+    """The encoding of a file's bytes when it can be told, else None.
+
+    ``utf-8``; ``utf-16``/``utf-32`` with a byte-order mark, ``utf-16-le``/``-be`` without one
+    (text that is mostly ASCII has a NUL byte in every other place); ``gb18030`` when the bytes
+    decode strictly as GB18030 (a superset of GBK) and the result is plausibly Chinese: the
+    non-ASCII characters are nearly all in GB2312, the common simplified set, with at least
+    one ideograph. (Latin-1 text also decodes as GB18030 now and then, but into rare
+    characters outside GB2312.)
+    """
+    if raw.startswith(codecs.BOM_UTF8):
+        return "utf-8" if _decodes(raw, "utf-8-sig") else None
+    if raw.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)) and _decodes(raw, "utf-32"):
+        return "utf-32"
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return "utf-16" if _decodes(raw, "utf-16") else None
+    if _decodes(raw, "utf-8"):
+        return "utf-8"
+    head = raw[: 1 << 20]
+    if len(head) >= 4 and b"\x00" in head:
+        even, odd = head[0::2].count(0), head[1::2].count(0)
+        half = len(head) / 2
+        for nuls, other, codec in ((odd, even, "utf-16-le"), (even, odd, "utf-16-be")):
+            if nuls > 0.3 * half and other < 0.05 * half and _decodes(raw[: len(raw) // 2 * 2], codec):
+                return codec
+    try:
+        text = raw.decode("gb18030")
+    except UnicodeDecodeError:
+        return None
+    sample = _NON_ASCII.findall(text[: 1 << 20])
+    common = sum(_decodes_to(ch, "gb2312") for ch in sample)
+    if sample and common >= 0.9 * len(sample) and _HAN.search("".join(sample)):
+        return "gb18030"
+    return None
+
+
+def _decodes_to(ch: str, codec: str) -> bool:
+    try:
+        ch.encode(codec)
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def encoding_name(codec: str, raw: bytes = b"") -> str:
+    """How to name a detected encoding to a user (GBK when the bytes are GBK, GB18030 otherwise)."""
+    if codec == "gb18030":
+        return "GBK" if raw and _decodes(raw, "gbk") else "GB18030"
+    return codec.upper().replace("-LE", " little-endian").replace("-BE", " big-endian")
+
+
+def file_encoding(path: str | Path) -> str | None:
+    """:func:`detect_encoding` of a file (None when it cannot be read or told)."""
+    try:
+        return detect_encoding(Path(path).read_bytes())
+    except (OSError, MemoryError):
+        return None
+
+
+def _ascii_compatible(codec: str) -> bool:
+    try:
+        return "\n{}[],\"a".encode(codec) == b"\n{}[],\"a"
+    except (UnicodeEncodeError, LookupError):
+        return False
+
+
+def _read_hint(codec: str) -> str:
+    if codec == "utf-8":
+        return "leave out --encoding (UTF-8 is the default)"
+    return (f"read it with `--encoding {codec}` (or `--encoding auto`), or convert it to UTF-8: "
+            f"iconv -f {codec.upper()} -t UTF-8 FILE > FILE.utf8")
+
+
+def reading_codec(raw: bytes, encoding: str | None) -> str:
+    """The codec the readers decode ``raw`` with for ``encoding`` (UTF-8 as ``utf-8-sig``: a BOM is skipped)."""
+    encoding = check_encoding(encoding) if encoding else _encoding.get()
+    codec = (detect_encoding(raw) or "utf-8") if encoding == "auto" else encoding
+    return "utf-8-sig" if codec in ("utf-8", "utf-8-sig") else codec
+
+
+def split_lines(text: str) -> list[str]:
+    """The lines of a text as the readers number them: \\n, \\r\\n and a lone \\r end a line, nothing else."""
+    return _LINE_BREAK.split(text)
+
+
+def _decode(path: Path, raw: bytes, encoding: str, problems: list[DataError] | None) -> str:
+    """The file's text; undecodable bytes raise (strict) or are reported line by line and replaced."""
+    codec = reading_codec(raw, encoding)
+    if encoding == "auto" and codec != "utf-8-sig":
+        log.warning("%s: read as %s (detected by --encoding auto)", path, encoding_name(codec, raw))
+    if codec != "utf-8-sig" and _utf8_read_as_other(raw, codec):
+        first = _NON_ASCII_BYTES.search(raw)
+        line = len(_LINE_BREAK_BYTES.findall(raw, 0, first.start())) + 1 if first else 1
+        raise DataError(str(path), line, f"the file is valid UTF-8 but it was to be read as {encoding_name(codec)}, "
+                        "which would garble its text" + (" (the first non-ASCII character is on this line)" if first
+                                                         else "") + ": leave out --encoding (UTF-8 is the default) or "
+                        "use --encoding auto")
+    try:
+        text = raw.decode(codec)
+    except UnicodeDecodeError as err:
+        text = _undecodable(path, raw, codec, err, problems)
+    return without_bom(text, codec)
+
+
+def _utf8_read_as_other(raw: bytes, codec: str) -> bool:
+    """Whether valid UTF-8 would be garbled, without a trace, by reading it as ``codec``: never done.
+
+    For codecs that keep ASCII as it is (GB18030, cp1252), that is a file with non-ASCII bytes;
+    for UTF-16/32, any UTF-8 file without NUL bytes (their ASCII characters all hold one)."""
+    if not _decodes(raw, "utf-8"):
+        return False
+    if _ascii_compatible(codec):
+        return _NON_ASCII_BYTES.search(raw) is not None
+    return b"\x00" not in raw
+
+
+def without_bom(text: str, codec: str) -> str:
+    """The decoded text less a byte-order mark the codec keeps (utf-8-sig, utf-16 and utf-32 drop theirs)."""
+    keeps = codec.endswith(("-le", "-be"))
+    return text[1:] if keeps and text.startswith("\ufeff") else text
+
+
+_NON_ASCII_BYTES = re.compile(rb"[\x80-\xff]")
+
+
+def _undecodable(path: Path, raw: bytes, codec: str, err: UnicodeDecodeError,
+                 problems: list[DataError] | None) -> str:
+    utf8 = codec == "utf-8-sig"
+    what = "UTF-8" if utf8 else encoding_name(codec)
+    detected = detect_encoding(raw)
+    hint = (f": the file looks like {encoding_name(detected, raw)} ({ENCODING_NAMES.get(detected, detected)}); "
+            f"{_read_hint(detected)}") if detected else ""
+    # utf-8-sig counts positions after the byte-order mark
+    at = err.start + (len(codecs.BOM_UTF8) if utf8 and raw.startswith(codecs.BOM_UTF8) else 0)
+    line = len(_LINE_BREAK_BYTES.findall(raw, 0, at)) + 1
+    if detected and not _ascii_compatible(detected) or not _ascii_compatible(codec.replace("-sig", "")):
+        # UTF-16 read as UTF-8 (or the reverse) has no lines worth reporting one by one
+        raise DataError(str(path), line, f"not {what} text (byte 0x{raw[at]:02x} at offset {at})"
+                        + (hint or "; name the file's encoding with --encoding")) from None
+    if problems is None:
+        start = max(raw.rfind(b"\n", 0, at), raw.rfind(b"\r", 0, at)) + 1
+        raise DataError(str(path), line, f"not {what} text (byte 0x{raw[at]:02x} at column {at - start + 1})"
+                        + (hint or "; if the file is in another encoding, name it with --encoding (e.g. cp1252)")
+                        ) from None
+    for number, chunk in enumerate(_LINE_BREAK_BYTES.split(raw), start=1):
+        try:
+            chunk.decode(codec if number == 1 else codec.replace("-sig", ""))
+        except UnicodeDecodeError as bad:
+            if detected:  # one message for every such line, so the report lists them together
+                problems.append(DataError(str(path), number, f"not {what} text{hint}"))
+            else:
+                problems.append(DataError(str(path), number, f"not {what} text (byte 0x{chunk[bad.start]:02x} at "
+                                          f"column {bad.start + 1})"))
+    return raw.decode(codec, errors="replace")  # keeps the layout; the bad lines are reported (BOM: see _decode)
+
+
+def read_records(path: str | Path, problems: list[DataError] | None = None,
+                 encoding: str | None = None) -> Iterator[tuple[int, dict]]:
     """Yield (line, record) from JSON lines, a JSON array or CSV, raising DataError on bad input.
 
     With ``problems`` (a list), bad input is appended to it instead and reading goes on past
     it where the layout allows (JSON lines, CSV; a JSON array stops at a malformed element).
     ``data check`` and ``data clean`` use that to report every problem, not just the first.
+    One thing raises even then: a file whose lines cannot be told apart in the encoding asked
+    for (UTF-16 read as UTF-8, say), because there are no lines to report on.
+
+    ``encoding``: ``utf-8`` (None means that too, unless :func:`reading_encoding` set another),
+    a Python codec name such as ``gb18030``, or ``auto`` (detect; a log warning names what was
+    found). A file that is not in the encoding is an error naming the encoding it looks like,
+    never text read with replacement characters.
     """
     path = Path(path)
+    encoding = check_encoding(encoding) if encoding else _encoding.get()
+    if path.is_dir():
+        yield from _stop(problems, DataError(str(path), None, "is a directory, not a data file"))
+        return
     if not path.is_file():
         yield from _stop(problems, DataError(str(path), None, "file not found"))
         return
-    raw = path.read_bytes()
     try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        line = raw[: err.start].count(b"\n") + 1
-        error = DataError(str(path), line, f"not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start})")
-        if problems is None:
-            raise error from None
-        problems.extend(_undecodable_lines(path, raw))
-        text = raw.decode("utf-8-sig", errors="replace")  # keeps the layout; the bad lines are reported
+        raw = path.read_bytes()
+        text = _decode(path, raw, encoding, problems)
+    except OSError as err:
+        yield from _stop(problems, DataError(str(path), None, f"cannot be read: {err.strerror or err}"))
+        return
+    except MemoryError:
+        yield from _stop(problems, DataError(str(path), None, "too large to read into memory "
+                                             f"({path.stat().st_size:,} bytes)"))
+        return
     if not text.strip():
         yield from _stop(problems, DataError(str(path), None, "the file is empty"))
         return
@@ -122,30 +352,60 @@ def _stop(problems: list[DataError] | None, error: DataError) -> Iterator[tuple[
     yield from ()
 
 
-def _undecodable_lines(path: Path, raw: bytes) -> list[DataError]:
-    errors = []
-    for number, chunk in enumerate(raw.split(b"\n"), start=1):
-        try:
-            chunk.decode("utf-8-sig" if number == 1 else "utf-8")
-        except UnicodeDecodeError as err:
-            errors.append(DataError(str(path), number, f"not UTF-8 text (byte 0x{chunk[err.start]:02x} at column {err.start + 1})"))
-    return errors
+def _value_problem(value: Any, text: str) -> str | None:
+    """Why a parsed JSON value cannot be a record's content: nested too deeply, or a lone surrogate."""
+    deep = text.count("[") + text.count("{") > MAX_DEPTH  # cheap tests first: most records need no walk
+    surrogates = _SURROGATE_ESCAPE.search(text) is not None
+    if not (deep or surrogates):
+        return None
+    stack = [(value, 1)]  # iterative: a walk by recursion would hit the limit the parser did not
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            found = _SURROGATE.search(item) if surrogates else None
+            if found:
+                return (f"a string holds a lone surrogate escape \\u{ord(found.group()):04x} (half of a UTF-16 pair, "
+                        "so not a character: the text was cut in the middle of an emoji or similar)")
+        elif isinstance(item, (dict, list)):
+            if depth > MAX_DEPTH:
+                return f"nested more than {MAX_DEPTH} levels deep (lists and objects inside each other)"
+            if isinstance(item, dict):
+                stack.extend((key, depth) for key in item)
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return None
+
+
+def _parse(text: str, decoder: json.JSONDecoder | None = None, pos: int = 0) -> tuple[Any, int, str | None, int]:
+    """(value, end, why-not, error position): one JSON value, every way it can fail as a reason."""
+    try:
+        if decoder is None:
+            value, end = json.loads(text), len(text)
+        else:
+            value, end = decoder.raw_decode(text, pos)
+    except json.JSONDecodeError as err:
+        return None, pos, f"malformed JSON: {err.msg}", err.pos
+    except RecursionError:
+        return None, pos, (f"nested too deeply for the JSON parser (about 1,000 levels of [ ] and {{ }}; no data "
+                           f"format nests more than a few)"), pos
+    except ValueError as err:  # an integer with more digits than Python converts
+        limit = sys.get_int_max_str_digits()
+        why = f"a number has more than {limit:,} digits" if "digits" in str(err) else str(err)
+        return None, pos, f"cannot read this JSON: {why}", pos
+    why = _value_problem(value, text[pos:end])
+    return (None, end, why, pos) if why else (value, end, None, pos)
 
 
 def _read_jsonl(path: Path, text: str, problems: list[DataError] | None = None) -> Iterator[tuple[int, dict]]:
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, line in enumerate(split_lines(text), start=1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            error = DataError(str(path), number, f"malformed JSON: {err.msg} (column {err.colno})")
-            if problems is None:
-                raise error from None
-            problems.append(error)
-            continue
-        if not isinstance(record, dict):
-            error = DataError(str(path), number, f"each line must be a JSON object, got {type(record).__name__}")
+        record, _, why, at = _parse(line)
+        if why is None and not isinstance(record, dict):
+            why = f"each line must be a JSON object, got {type(record).__name__}"
+        elif why is not None and why.startswith("malformed JSON"):
+            why += f" (column {at + 1})"
+        if why is not None:
+            error = DataError(str(path), number, why)
             if problems is None:
                 raise error
             problems.append(error)
@@ -153,61 +413,151 @@ def _read_jsonl(path: Path, text: str, problems: list[DataError] | None = None) 
         yield number, record
 
 
+class _Lines:
+    """1-based line and column of a position in a text, with \\n, \\r\\n and a lone \\r as line breaks."""
+
+    def __init__(self, text: str):
+        self.starts = [0] + [m.end() for m in _LINE_BREAK.finditer(text)]
+
+    def line(self, pos: int) -> int:
+        return bisect.bisect_right(self.starts, pos)
+
+    def column(self, pos: int) -> int:
+        return pos - self.starts[self.line(pos) - 1] + 1
+
+
 def _read_json_array(path: Path, text: str, problems: list[DataError] | None = None) -> Iterator[tuple[int, dict]]:
     """Decode element by element so each record keeps the line it starts on."""
     decoder = json.JSONDecoder()
+    lines = _Lines(text)
     pos = text.index("[") + 1
     index = 0
+    previous_line = 0
+    expect_element = True  # after '[' or ',': an element (or, at the very start, ']')
+
+    def fail(at: int, message: str) -> DataError:
+        return DataError(str(path), lines.line(at), f"malformed JSON: {message} (line {lines.line(at)}, column "
+                         f"{lines.column(at)}); the rest of the file is not read")
+
     while True:
-        while pos < len(text) and text[pos] in " \t\r\n,":
+        while pos < len(text) and text[pos] in " \t\r\n":
             pos += 1
         if pos >= len(text):
-            yield from _stop(problems, DataError(str(path), text.count("\n", 0, pos) + 1,
-                                                 "malformed JSON: the array is not closed"))
+            yield from _stop(problems, DataError(str(path), lines.line(pos), "malformed JSON: the array is not closed"))
             return
         if text[pos] == "]":
+            if expect_element and index:  # [a, ] is not JSON
+                yield from _stop(problems, fail(pos, "a comma before ']'"))
+            else:
+                rest = text[pos + 1:].strip()
+                if rest:
+                    yield from _stop(problems, DataError(str(path), lines.line(pos + 1 + text[pos + 1:].index(rest[0])),
+                                                         "malformed JSON: more text after the array's closing ']'"))
             return
-        line = text.count("\n", 0, pos) + 1
-        try:
-            record, pos = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as err:
+        if not expect_element:
+            if text[pos] != ",":
+                yield from _stop(problems, fail(pos, "expected ',' or ']' after an array element"))
+                return
+            pos += 1
+            expect_element = True
+            continue
+        line = lines.line(pos)
+        record, end, why, at = _parse(text, decoder, pos)
+        if why is not None and end == pos:  # the element could not be parsed: no resync
             if problems is None:
-                raise DataError(str(path), err.lineno, f"malformed JSON: {err.msg} (column {err.colno})") from None
-            # collecting: report the element's first line (what a reader of the file looks for); no resync
-            problems.append(DataError(str(path), line, f"malformed JSON in the array element starting on this line: "
-                                      f"{err.msg} (line {err.lineno}, column {err.colno}); the rest of the file is not read"))
+                raise DataError(str(path), lines.line(at), f"{why} (line {lines.line(at)}, column {lines.column(at)})")
+            # collecting: report the element's first line (what a reader of the file looks for)
+            problems.append(DataError(str(path), line, f"{why} in the array element starting on this line "
+                                      f"(line {lines.line(at)}, column {lines.column(at)}); the rest of the file is "
+                                      "not read"))
             return
-        if not isinstance(record, dict):
-            error = DataError(str(path), line, f"array element {index} must be a JSON object, got {type(record).__name__}")
+        pos, expect_element = end, False
+        if why is None and not isinstance(record, dict):
+            why = f"array element {index} must be a JSON object, got {type(record).__name__}"
+        elif why is None and line == previous_line and problems is not None:
+            # check and clean tell records apart by their line; two on one line would be one record to them
+            why = (f"array element {index} starts on the same line as the one before it: `data check`, `clean` and "
+                   "`split` tell records apart by line, so each element must start on its own line (training reads "
+                   "the file as it is). Write it one record per line, e.g. with "
+                   "json.dump(records, f, ensure_ascii=False, indent=1)")
+        index += 1
+        if why is not None:
+            error = DataError(str(path), line, why)
             if problems is None:
                 raise error
             problems.append(error)
-            index += 1
+            previous_line = line
             continue
-        index += 1
+        previous_line = line
         yield line, record
 
 
 def _read_csv(path: Path, text: str, problems: list[DataError] | None = None) -> Iterator[tuple[int, dict]]:
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    reader = csv.DictReader(text.splitlines(), delimiter=delimiter)
-    if not reader.fieldnames:
+    limit = csv.field_size_limit()
+    csv.field_size_limit(max(limit, len(text) + 1))  # a long text is for the length check to judge, not csv
+    try:
+        yield from _csv_rows(path, text, delimiter, problems)
+    finally:
+        csv.field_size_limit(limit)
+
+
+def _csv_rows(path: Path, text: str, delimiter: str, problems: list[DataError] | None) -> Iterator[tuple[int, dict]]:
+    # newline="": quoted fields keep their line breaks; lines break at \n, \r\n and \r as everywhere else
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+
+    def report(error: DataError) -> None:
+        if problems is None:
+            raise error
+        problems.append(error)
+
+    header = None
+    while header is None:
+        try:
+            header = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as err:
+            report(DataError(str(path), reader.line_num, f"unreadable CSV header: {err}"))
+            return
+        if not header:
+            header = None
+    if not header:
         yield from _stop(problems, DataError(str(path), 1, "CSV has no header row"))
         return
-    for row in reader:
-        error = None
-        if None in row:
-            error = DataError(str(path), reader.line_num, f"row has more columns than the header ({len(reader.fieldnames)})")
-        else:
-            missing = [k for k, v in row.items() if v is None]
-            if missing:
-                error = DataError(str(path), reader.line_num, f"row is missing columns: {', '.join(missing)}", missing[0])
-        if error is not None:
-            if problems is None:
-                raise error
-            problems.append(error)
+    end = reader.line_num
+    twice = sorted({name for name in header if header.count(name) > 1})
+    if twice:
+        report(DataError(str(path), end, f"the header names the column(s) {', '.join(map(repr, twice))} more than "
+                         "once; the later column would replace the earlier one"))
+        return
+    while True:
+        start = end + 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as err:
+            end = reader.line_num
+            report(DataError(str(path), start, f"unreadable CSV row: {err}"))
             continue
-        yield reader.line_num, dict(row)
+        end = reader.line_num
+        if not row:
+            continue
+        span = f" (the row runs from line {start} to {end}: an unclosed double quote?)" if end > start else ""
+        nul = next((i for i, v in enumerate(row) if "\x00" in v), None)
+        if nul is not None:
+            report(DataError(str(path), start, "holds a NUL byte (0x00): binary data, or a UTF-16 file read as "
+                             "UTF-8?", header[nul] if nul < len(header) else None))
+            continue
+        if len(row) > len(header):
+            report(DataError(str(path), start, f"row has more columns than the header ({len(header)}){span}"))
+            continue
+        if len(row) < len(header):
+            missing = header[len(row):]
+            report(DataError(str(path), start, f"row is missing columns: {', '.join(missing)}{span}", missing[0]))
+            continue
+        yield start, dict(zip(header, row))
 
 
 # ---------------------------------------------------------------- detecting and converting
@@ -297,8 +647,11 @@ def convert_record(record: dict, fmt: str, file: str = "", line: int = 0, mappin
         msgs.append(Message("assistant", _text(record, "output", file, line)))
         return Example(msgs, file, line)
     if fmt == "messages":
+        label = record.get("label")
+        if isinstance(label, (dict, list)):  # a label is one class name; a structure cannot be counted or split by
+            raise DataError(file, line, f"must be a string, got {type(label).__name__}", "label")
         return Example(_messages(record.get("messages"), "messages", "role", "content", None, file, line), file, line,
-                       label=record.get("label"))
+                       label=label)
     if fmt == "sharegpt":
         msgs = _messages(record.get("conversations"), "conversations", "from", "value", SHAREGPT_ROLES, file, line)
         system = record.get("system")
@@ -365,30 +718,62 @@ def _apply_mapping(record: dict, fmt: str, mapping: dict) -> dict:
     return out
 
 
-def _resolve_source(path: Path, dataset: str | None) -> tuple[Path, str | None, dict | None]:
+def _resolve_source(path: Path, dataset: str | None,
+                    encoding: str | None = None) -> tuple[Path, str | None, dict | None]:
     """A dataset_info.json plus a dataset name resolves to that dataset's file and mapping."""
     if path.name != "dataset_info.json":
         return path, None, None
-    info = json.loads(path.read_text(encoding="utf-8"))
+    where = str(path)
+    info = _whole_json(path, encoding)
+    if not isinstance(info, dict):
+        raise DataError(where, 1, "a dataset_info.json must hold one JSON object of datasets, got "
+                        f"{type(info).__name__}")
     if not dataset:
-        raise DataError(str(path), None, f"a dataset_info.json needs `data.dataset` (one of: {', '.join(info)})")
+        raise DataError(where, None, f"a dataset_info.json needs `data.dataset` (one of: {', '.join(info)})")
     if dataset not in info:
-        raise DataError(str(path), None, f"no dataset named {dataset!r}; it lists: {', '.join(info)}")
+        raise DataError(where, None, f"no dataset named {dataset!r}; it lists: {', '.join(info)}")
     entry = info[dataset]
+    if not isinstance(entry, dict):
+        raise DataError(where, None, f"dataset {dataset!r} must be an object, got {type(entry).__name__}")
     if "file_name" not in entry:
-        raise DataError(str(path), None, f"dataset {dataset!r} has no local file_name (hub datasets cannot be read offline)")
+        raise DataError(where, None, f"dataset {dataset!r} has no local file_name (hub datasets cannot be read offline)")
     fmt = entry.get("formatting", "alpaca")
+    for key, kind in (("file_name", str), ("formatting", str), ("columns", dict), ("tags", dict)):
+        if key in entry and not isinstance(entry[key], kind):
+            raise DataError(where, None, f"dataset {dataset!r}: {key!r} must be "
+                            f"{'a string' if kind is str else 'an object'}, got {type(entry[key]).__name__}")
+    if fmt not in FORMATS:
+        raise DataError(where, None, f"dataset {dataset!r}: unknown formatting {fmt!r}; fewtune reads "
+                        f"{', '.join(FORMATS)}")
     return path.parent / entry["file_name"], fmt, entry
 
 
-def load_examples(path: str | Path, fmt: str = "auto", dataset: str | None = None) -> list[Example]:
-    """Read a data file into Examples; the first schema problem raises a DataError."""
-    source, mapped_fmt, mapping = _resolve_source(Path(path), dataset)
+def _whole_json(path: Path, encoding: str | None) -> Any:
+    """The one JSON document in a small file (a dataset_info.json), every failure a DataError."""
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise DataError(str(path), None, f"cannot be read: {err.strerror or err}") from None
+    text = _decode(path, raw, check_encoding(encoding) if encoding else _encoding.get(), None)
+    value, _, why, at = _parse(text)
+    if why is not None:
+        lines = _Lines(text)
+        raise DataError(str(path), lines.line(at), f"{why} (line {lines.line(at)}, column {lines.column(at)})")
+    return value
+
+
+def load_examples(path: str | Path, fmt: str = "auto", dataset: str | None = None,
+                  encoding: str = "utf-8") -> list[Example]:
+    """Read a data file into Examples; the first schema problem raises a DataError.
+
+    ``encoding``: ``utf-8``, ``auto`` or a codec name, as for :func:`read_records`.
+    """
+    source, mapped_fmt, mapping = _resolve_source(Path(path), dataset, encoding)
     if mapped_fmt:
         fmt = mapped_fmt
     examples = []
     seen_formats: set[str] = set()
-    for line, record in read_records(source):
+    for line, record in read_records(source, encoding=encoding):
         record_fmt = fmt if fmt != "auto" else detect_format(record)
         if record_fmt is None:
             raise DataError(str(source), line, f"cannot tell the format from the fields {sorted(record)}; "

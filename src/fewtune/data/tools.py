@@ -13,7 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from fewtune.data.collect import Collected, collect
+from fewtune.data.collect import Collected
 from fewtune.data.dataset import split_examples
 from fewtune.data.formats import DataError, Example, Message
 
@@ -22,9 +22,14 @@ SHAREGPT_TAGS = {"user": "human", "assistant": "gpt", "tool": "observation", "sy
 
 
 def load_checked(path: str | Path, fmt: str = "auto", dataset: str | None = None,
-                 rename: dict[str, str] | None = None) -> Collected:
-    """Read a data file with every check of the reader; any error stops here, with where to look."""
-    data = collect(path, fmt, dataset, rename)
+                 rename: dict[str, str] | None = None, encoding: str | None = None) -> Collected:
+    """Read a data file with every check of the reader; any error stops here, with where to look.
+
+    ``encoding``: utf-8 (the default), auto (detect) or a codec name such as gb18030.
+    """
+    from fewtune.data.check import collect_data
+
+    data = collect_data(path, fmt, dataset, rename, encoding=encoding)
     errors = [p for p in data.problems if p.severity == "error"]
     if errors:
         listing = "\n".join(f"  {p}" for p in errors[:5])
@@ -48,7 +53,7 @@ def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
 
 def split_file(path: str | Path, out_dir: str | Path, val_ratio: float = 0.1, test_ratio: float = 0.0,
                seed: int = 42, kfold: int | None = None, fmt: str = "auto", dataset: str | None = None,
-               rename: dict[str, str] | None = None) -> dict[str, int]:
+               rename: dict[str, str] | None = None, encoding: str | None = None) -> dict[str, int]:
     """Write train/validation(/test) files, or ``kfold`` folds, of the records as they are in the input.
 
     Classification data (every example labelled) is split per label, so each part keeps the
@@ -56,7 +61,7 @@ def split_file(path: str | Path, out_dir: str | Path, val_ratio: float = 0.1, te
     """
     if not 0 <= val_ratio < 1 or not 0 <= test_ratio < 1 or val_ratio + test_ratio >= 1:
         raise ValueError(f"--val {val_ratio} and --test {test_ratio} must be in [0, 1) and sum to less than 1")
-    data = load_checked(path, fmt, dataset, rename)
+    data = load_checked(path, fmt, dataset, rename, encoding)
     out = Path(out_dir)
     records = data.records
     if kfold:
@@ -157,11 +162,11 @@ def convert_examples(examples: list[Example], fmt: str) -> list[dict]:
 
 
 def convert_file(path: str | Path, out: str | Path, to: str, fmt: str = "auto", dataset: str | None = None,
-                 rename: dict[str, str] | None = None) -> int:
+                 rename: dict[str, str] | None = None, encoding: str | None = None) -> int:
     """Convert a data file to another format (JSON lines); returns the number of examples written."""
     if to not in TARGETS:
         raise ValueError(f"unknown target format {to!r}; use one of {', '.join(TARGETS)}")
-    data = load_checked(path, fmt, dataset, rename)
+    data = load_checked(path, fmt, dataset, rename, encoding)
     write_jsonl(out, convert_examples(data.examples, to))
     return len(data.examples)
 
@@ -170,7 +175,8 @@ def convert_file(path: str | Path, out: str | Path, to: str, fmt: str = "auto", 
 
 
 def mix_files(domain: str | Path, general: str | Path, out: str | Path, ratio: float | None = None,
-              count: int | None = None, seed: int = 42, rename: dict[str, str] | None = None) -> dict[str, int]:
+              count: int | None = None, seed: int = 42, rename: dict[str, str] | None = None,
+              encoding: str | None = None) -> dict[str, int]:
     """All domain examples plus a seeded sample of general ones, shuffled, as chat messages.
 
     ``ratio`` general examples per domain example (7 means 7:1, a common guard against
@@ -179,8 +185,8 @@ def mix_files(domain: str | Path, general: str | Path, out: str | Path, ratio: f
     """
     if (ratio is None) == (count is None):
         raise ValueError("give exactly one of --ratio (general examples per domain example) or --count")
-    dom = load_checked(domain, rename=rename)
-    gen = load_checked(general)
+    dom = load_checked(domain, rename=rename, encoding=encoding)
+    gen = load_checked(general, encoding=encoding)
     wanted = round(ratio * len(dom.examples)) if ratio is not None else count
     if wanted is None or wanted < 0:
         raise ValueError(f"the number of general examples must be >= 0, got {wanted}")
