@@ -174,7 +174,7 @@ def nested(depth: int, opener: str = "[") -> str:
 @st.composite
 def jsonl_line(draw) -> bytes:
     kind = draw(st.sampled_from(["record", "record", "truncated", "deep", "bytes", "nul", "bom", "blank", "array",
-                                 "scalar", "surrogate", "bigint"]))
+                                 "scalar", "surrogate", "bigint", "gbk"]))
     ascii_only = draw(st.booleans())
     if kind == "record":
         return json.dumps(draw(RECORD), ensure_ascii=ascii_only).encode("utf-8", "surrogatepass")
@@ -195,6 +195,8 @@ def jsonl_line(draw) -> bytes:
         return b'[{"prompt": "a", "completion": "b"}]'
     if kind == "scalar":
         return draw(st.sampled_from([b"1", b'"text"', b"null", b"true", b"NaN", b"-Infinity"]))
+    if kind == "gbk":  # a line from a Chinese Windows tool pasted into a UTF-8 file
+        return json.dumps({"text": "这部电影很好看", "label": "正面"}, ensure_ascii=False).encode("gbk")
     if kind == "surrogate":
         return b'{"prompt": "cut \\ud83d here", "completion": "\\ud83d\\ude00"}'
     return b'{"prompt": ' + b"7" * 5000 + b', "completion": "c"}'
@@ -575,6 +577,16 @@ def test_gbk_file_read_as_utf8_names_the_encoding():
     assert "GBK" in read[0].message and "--encoding gb18030" in read[0].message and "iconv" in read[0].message
     result = clean_accounts(path, path.read_bytes(), {1, 2, 3})
     assert result.kept == []  # never written with replacement characters
+    assert all("\ufffd" not in json.dumps(e.messages[0].content) for e in collect_data(path).examples)
+    # one GBK line in a UTF-8 CSV, the second line of a quoted row: the row is reported where it starts
+    raw = 'text,label\r\nfine,pos\r\n"two\r\n'.encode() + "行文字".encode("gbk") + b'",neg\r\nlast,pos\r\n'
+    table = write(raw, ".csv")
+    data = collect_data(table)
+    assert sorted(data.records) == [2, 5]
+    assert {p.line: p.message[:20] for p in data.problems if p.check == "read"} == {
+        3: "this row holds text ", 4: "not UTF-8 text: the "}
+    result = clean_accounts(table, raw, {2, 3, 4, 5})
+    assert result.kept == [2, 5]
 
 
 @pytest.mark.parametrize("encoding", ["gb18030", "gbk", "auto"])

@@ -93,12 +93,6 @@ def clean_data(path: str | Path, out: str | Path, rejects: str | Path, fmt: str 
     rejected: dict[int, list[str]] = {line: list(reasons) for line, reasons in data.rejected.items()}
     raw = _raw_lines(raw_bytes, codec)
     is_array = "\n".join(raw).lstrip(" \t\r\n").startswith("[")
-    if is_array:  # an undecodable line inside a multi-line element rejects that element
-        starts = sorted(data.records)
-        for line in [n for n in rejected if n not in data.records]:
-            owner = max((s for s in starts if s < line), default=None)
-            if owner is not None and any(_UNDECODABLE.match(r) for r in rejected[line]):
-                rejected.setdefault(owner, []).extend(rejected.pop(line))
     good = {ex.line: ex for ex in data.examples}
     seen: dict[tuple, int] = {}
     for line in sorted(good):

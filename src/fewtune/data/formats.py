@@ -324,6 +324,7 @@ def read_records(path: str | Path, problems: list[DataError] | None = None,
     if not path.is_file():
         yield from _stop(problems, DataError(str(path), None, "file not found"))
         return
+    reported = len(problems) if problems is not None else 0
     try:
         raw = path.read_bytes()
         text = _decode(path, raw, encoding, problems)
@@ -337,12 +338,25 @@ def read_records(path: str | Path, problems: list[DataError] | None = None,
     if not text.strip():
         yield from _stop(problems, DataError(str(path), None, "the file is empty"))
         return
+    # lines with bytes not in the encoding are reported; records holding them are left out, never
+    # read with replacement characters (their raw text is what `data clean` keeps)
+    bad = {e.line for e in problems[reported:]} if problems is not None else set()
     if path.suffix.lower() in (".csv", ".tsv"):
-        yield from _read_csv(path, text, problems)
+        yield from _read_csv(path, text, problems, bad)
     elif text.lstrip().startswith("["):
-        yield from _read_json_array(path, text, problems)
+        yield from _read_json_array(path, text, problems, bad)
     else:
-        yield from _read_jsonl(path, text, problems)
+        yield from _read_jsonl(path, text, problems, bad)
+
+
+def _left_out(path: Path, start: int, end: int, bad: set[int], what: str) -> DataError | None:
+    """The record on lines start..end holds an undecodable line: the error for its first line, if that is not
+    one of them (each undecodable line has its own already)."""
+    inside = sorted(n for n in bad if start <= n <= end)
+    if not inside or start in bad:
+        return None
+    return DataError(str(path), start, f"this {what} holds text that is not in the file's encoding on line "
+                     f"{inside[0]} (reported there); it is left out")
 
 
 def _stop(problems: list[DataError] | None, error: DataError) -> Iterator[tuple[int, dict]]:
@@ -395,9 +409,10 @@ def _parse(text: str, decoder: json.JSONDecoder | None = None, pos: int = 0) -> 
     return (None, end, why, pos) if why else (value, end, None, pos)
 
 
-def _read_jsonl(path: Path, text: str, problems: list[DataError] | None = None) -> Iterator[tuple[int, dict]]:
+def _read_jsonl(path: Path, text: str, problems: list[DataError] | None = None,
+                bad: set[int] = frozenset()) -> Iterator[tuple[int, dict]]:
     for number, line in enumerate(split_lines(text), start=1):
-        if not line.strip():
+        if not line.strip() or number in bad:
             continue
         record, _, why, at = _parse(line)
         if why is None and not isinstance(record, dict):
@@ -426,7 +441,8 @@ class _Lines:
         return pos - self.starts[self.line(pos) - 1] + 1
 
 
-def _read_json_array(path: Path, text: str, problems: list[DataError] | None = None) -> Iterator[tuple[int, dict]]:
+def _read_json_array(path: Path, text: str, problems: list[DataError] | None = None,
+                     bad: set[int] = frozenset()) -> Iterator[tuple[int, dict]]:
     """Decode element by element so each record keeps the line it starts on."""
     decoder = json.JSONDecoder()
     lines = _Lines(text)
@@ -467,9 +483,8 @@ def _read_json_array(path: Path, text: str, problems: list[DataError] | None = N
             if problems is None:
                 raise DataError(str(path), lines.line(at), f"{why} (line {lines.line(at)}, column {lines.column(at)})")
             # collecting: report the element's first line (what a reader of the file looks for)
-            problems.append(DataError(str(path), line, f"{why} in the array element starting on this line "
-                                      f"(line {lines.line(at)}, column {lines.column(at)}); the rest of the file is "
-                                      "not read"))
+            problems.append(DataError(str(path), line, f"{why} (line {lines.line(at)}, column {lines.column(at)}), in "
+                                      "the array element that starts on this line; the rest of the file is not read"))
             return
         pos, expect_element = end, False
         if why is None and not isinstance(record, dict):
@@ -481,28 +496,34 @@ def _read_json_array(path: Path, text: str, problems: list[DataError] | None = N
                    "the file as it is). Write it one record per line, e.g. with "
                    "json.dump(records, f, ensure_ascii=False, indent=1)")
         index += 1
+        previous_line = line
+        if bad and any(line <= n <= lines.line(end - 1) for n in bad):
+            error = _left_out(path, line, lines.line(end - 1), bad, "array element")
+            if error is not None and problems is not None:
+                problems.append(error)
+            continue
         if why is not None:
             error = DataError(str(path), line, why)
             if problems is None:
                 raise error
             problems.append(error)
-            previous_line = line
             continue
-        previous_line = line
         yield line, record
 
 
-def _read_csv(path: Path, text: str, problems: list[DataError] | None = None) -> Iterator[tuple[int, dict]]:
+def _read_csv(path: Path, text: str, problems: list[DataError] | None = None,
+              bad: set[int] = frozenset()) -> Iterator[tuple[int, dict]]:
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     limit = csv.field_size_limit()
     csv.field_size_limit(max(limit, len(text) + 1))  # a long text is for the length check to judge, not csv
     try:
-        yield from _csv_rows(path, text, delimiter, problems)
+        yield from _csv_rows(path, text, delimiter, problems, bad)
     finally:
         csv.field_size_limit(limit)
 
 
-def _csv_rows(path: Path, text: str, delimiter: str, problems: list[DataError] | None) -> Iterator[tuple[int, dict]]:
+def _csv_rows(path: Path, text: str, delimiter: str, problems: list[DataError] | None,
+              bad: set[int]) -> Iterator[tuple[int, dict]]:
     # newline="": quoted fields keep their line breaks; lines break at \n, \r\n and \r as everywhere else
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
 
@@ -543,6 +564,11 @@ def _csv_rows(path: Path, text: str, delimiter: str, problems: list[DataError] |
             continue
         end = reader.line_num
         if not row:
+            continue
+        if bad and any(start <= n <= end for n in bad):
+            error = _left_out(path, start, end, bad, "row")
+            if error is not None:
+                report(error)
             continue
         span = f" (the row runs from line {start} to {end}: an unclosed double quote?)" if end > start else ""
         nul = next((i for i, v in enumerate(row) if "\x00" in v), None)
