@@ -72,6 +72,8 @@ def collect_data(path: str | Path, fmt: str = "auto", dataset: str | None = None
                  fix=None, encoding: str | None = None) -> Collected:
     """:func:`~fewtune.data.collect.collect` reading in ``encoding`` (utf-8, auto or a codec name), never a
     traceback for a file's content: what `data check`, `stats`, `clean`, `split`, `convert` and `mix` read with.
+    A file that cannot be opened at all (missing, a folder, unreadable) raises a DataError: there is
+    nothing to report on.
 
     collect's hint for pretty-printed JSON objects parses the whole file once more with Python's
     json, which stops with a RecursionError at a value nested too deeply for it, or a ValueError
@@ -80,14 +82,22 @@ def collect_data(path: str | Path, fmt: str = "auto", dataset: str | None = None
     """
     with reading_encoding(encoding):
         try:
-            return collect(path, fmt, dataset, rename, fix)
+            data = collect(path, fmt, dataset, rename, fix)
         except DataError:
             raise
         except (RecursionError, ValueError) as err:
             if isinstance(err, ValueError) and "integer string conversion" not in str(err):
                 raise  # a usage error (an unknown format), not the file's content
             log.debug("%s: collected again without the pretty-printed-objects hint (%s)", path, type(err).__name__)
-            return _collect_without_concatenation_hint(path, fmt, dataset, rename, fix)
+            data = _collect_without_concatenation_hint(path, fmt, dataset, rename, fix)
+    unopened = [p for p in data.problems if p.check == "read" and p.line is None and p.message.startswith(UNOPENED)]
+    if unopened:  # no content to report on: one error, as for any path a command cannot open
+        raise DataError(data.path, None, unopened[0].message)
+    return data
+
+
+# read_records' reasons for a file it could not open at all (an empty file is content, and a finding)
+UNOPENED = ("file not found", "is a directory", "cannot be read", "too large to read")
 
 
 def _collect_without_concatenation_hint(path, fmt, dataset, rename, fix) -> Collected:
