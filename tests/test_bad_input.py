@@ -378,13 +378,13 @@ def test_cli_prints_text_from_the_data_as_text(tmp_path):
 
 
 @pytest.mark.parametrize("depth", [101, 1000, 100_000])
-@pytest.mark.parametrize("layout", ["jsonl", "json", "deep line then malformed line"])
+@pytest.mark.parametrize("layout", ["jsonl", "json", "deep_then_broken"])
 def test_deeply_nested_values(depth, layout):
     value = nested(depth)
     raw = {"jsonl": f'{{"prompt": "a", "completion": "b"}}\n{{"prompt": {value}, "completion": "c"}}\n',
            "json": f'[\n{{"prompt": "a", "completion": "b"}},\n{{"prompt": {value}, "completion": "c"}}\n]\n',
            # collect's hint for pretty-printed objects re-parses the file: that must not stop at the deep line
-           "deep line then malformed line": (f'{{"prompt": "a", "completion": "b"}}\n{{"k": {value}}}\n'
+           "deep_then_broken": (f'{{"prompt": "a", "completion": "b"}}\n{{"k": {value}}}\n'
                                              '{broken\n')}[layout]
     raw = raw.encode()
     path = write(raw, ".json" if layout == "json" else ".jsonl")
@@ -528,6 +528,13 @@ def test_unreadable_files_and_bad_dataset_info(tmp_path, monkeypatch):
         load_examples(tmp_path)
     with pytest.raises(DataError, match="is a directory"):
         clean_data(tmp_path, tmp_path / "o.jsonl", tmp_path / "r.jsonl")
+    with pytest.raises(DataError, match="file not found"):  # nothing to report on: an error, not a report
+        check_data(tmp_path / "missing.jsonl", tokens=False, progress=False)
+    for command in (["check", str(tmp_path), "--no-tokens"], ["stats", str(tmp_path / "missing.jsonl")],
+                    ["split", str(tmp_path), "--out-dir", str(tmp_path / "s")]):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 2 and result.output.strip().startswith(f"error: {command[1]}: ")
+        assert len(result.output.strip().splitlines()) == 1
     info = tmp_path / "dataset_info.json"
     for content, match in ((b"{\xff}", "not UTF-8"), (b"[1]", "one JSON object"),
                            (b'{"a": ' * 5000, "nested too deeply"),
