@@ -261,7 +261,7 @@ def _file_cases():
                                                         "--out", str(t / "p")], D),
         ("pseudo-label-config-missing", lambda b, t: ["pseudo-label", str(b["run"]), "-u", str(b["unlabeled"]),
                                                       "--config", str(M(t)), "--no-train", "--out", str(t / "p")], M),
-        # fewtune data ...: another change owns src/fewtune/data; checked here, fixed there
+        # fewtune data ...: src/fewtune/data is another change's; its behaviour is checked here all the same
         ("data-check-missing", lambda b, t: ["data", "check", str(M(t)), "--no-tokens"], M),
         ("data-check-folder", lambda b, t: ["data", "check", str(D(t)), "--no-tokens"], D),
         ("data-stats-missing", lambda b, t: ["data", "stats", str(M(t)), "--model", str(b["tiny"])], M),
@@ -286,21 +286,7 @@ def _file_cases():
         ("data-mix-out-folder", lambda b, t: ["data", "mix", str(b["labeled"]), str(b["labeled"]), "--ratio", "1",
                                               "--out", str(D(t))], D),
     ]
-    # the data commands' own behaviour today (src/fewtune/data is another change's): what does not hold yet
-    pending = {
-        "data-check-missing": "data check reports a missing file on stdout with exit 1 (its report contract)",
-        "data-check-folder": "data check reports a folder on stdout with exit 1 (its report contract)",
-        "data-stats-missing": "data stats prints nothing and exits 0 for a missing file",
-        "data-stats-folder": "data stats prints nothing and exits 0 for a folder",
-        "data-split-missing": "data split answers a missing file with several lines",
-        "data-split-folder": "data split answers a folder with several lines",
-        "data-convert-missing": "data convert answers a missing file with several lines",
-        "data-convert-folder": "data convert answers a folder with several lines",
-        "data-mix-missing": "data mix answers a missing file with several lines",
-        "data-mix-folder": "data mix answers a folder with several lines",
-    }
-    return [pytest.param(build, path, id=name, marks=[pytest.mark.xfail(reason=pending[name], strict=False)]
-                         if name in pending else []) for name, build, path in cases]
+    return [pytest.param(build, path, id=name) for name, build, path in cases]
 
 
 @pytest.mark.parametrize("build,path", _file_cases())
