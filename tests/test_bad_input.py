@@ -276,7 +276,8 @@ def csv_file(draw) -> bytes:
 
 @FAST
 @given(raw=st.binary(max_size=600), suffix=st.sampled_from(SUFFIXES))
-@example(raw=b"\xff\xfe{\x00}\x00", suffix=".jsonl")  # UTF-16 without its header
+@example(raw=b"", suffix=".jsonl")  # an empty file: "the file is empty", a whole-file finding
+@example(raw=b"\xff\xfe{\x00}\x00", suffix=".jsonl")  # UTF-16 with a byte-order mark
 @example(raw=b"\x00" * 10, suffix=".csv")
 @example(raw=b"[" * 3000, suffix=".json")
 @example(raw=b"text\xff,label\n", suffix=".csv")

@@ -233,7 +233,8 @@ def split_lines(text: str) -> list[str]:
 def _decode(path: Path, raw: bytes, encoding: str, problems: list[DataError] | None) -> str:
     """The file's text; undecodable bytes raise (strict) or are reported line by line and replaced."""
     codec = reading_codec(raw, encoding)
-    if encoding == "auto" and codec != "utf-8-sig":
+    if encoding == "auto" and codec != "utf-8-sig" and problems is None:
+        # the strict reader (training) says so here; the data commands, which collect, report it themselves
         log.warning("%s: read as %s (detected by --encoding auto)", path, encoding_name(codec, raw))
     if codec != "utf-8-sig" and _utf8_read_as_other(raw, codec):
         first = _NON_ASCII_BYTES.search(raw)
@@ -312,8 +313,8 @@ def read_records(path: str | Path, problems: list[DataError] | None = None,
     for (UTF-16 read as UTF-8, say), because there are no lines to report on.
 
     ``encoding``: ``utf-8`` (None means that too, unless :func:`reading_encoding` set another),
-    a Python codec name such as ``gb18030``, or ``auto`` (detect; a log warning names what was
-    found). A file that is not in the encoding is an error naming the encoding it looks like,
+    a Python codec name such as ``gb18030``, or ``auto`` (detect; without ``problems``, a log
+    warning names what was found). A file that is not in the encoding is an error naming the encoding it looks like,
     never text read with replacement characters.
     """
     path = Path(path)
