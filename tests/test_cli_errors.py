@@ -148,8 +148,6 @@ READERS = {
     "train --resume": ["missing", "file", "config_garbage", "config_missing", "config_invalid", "format_newer",
                        "marker_damaged"],
 }
-# resuming is the training code's (another change checks the run format there); until then these xfail
-RESUME_PENDING = {"format_newer", "marker_damaged"}
 
 
 def _args(command: str, run: Path, base, tmp_path: Path) -> tuple[list[str], str | None]:
@@ -171,10 +169,7 @@ def _args(command: str, run: Path, base, tmp_path: Path) -> tuple[list[str], str
 RUN_CASES = []
 for _command, _faults in READERS.items():
     for _fault in _faults:
-        marks = [pytest.mark.xfail(reason="train --resume does not check the run format yet (src/fewtune/train, "
-                                          "another change)", strict=False)] \
-            if _command == "train --resume" and _fault in RESUME_PENDING else []
-        RUN_CASES.append(pytest.param(_command, _fault, id=f"{_command.replace(' --', '-')}-{_fault}", marks=marks))
+        RUN_CASES.append(pytest.param(_command, _fault, id=f"{_command.replace(' --', '-')}-{_fault}"))
 
 
 @pytest.mark.parametrize("command,fault", RUN_CASES)

@@ -254,3 +254,16 @@ def test_damaged_best_weights_end_the_run_on_its_last_weights_with_a_warning(mak
     with caplog.at_level(logging.WARNING, logger="fewtune.train.loop"):
         assert train(cfg, resume=True).steps == 6
     assert "the best weights in" in caplog.text and "are damaged (trainable.safetensors does not match" in caplog.text
+
+
+def test_resume_refuses_a_run_directory_a_newer_fewtune_wrote(make_config, tmp_path):
+    from fewtune.runinfo import MARKER, RUN_FORMAT
+
+    cfg = make_config(train__max_steps=4, train__output_dir=str(tmp_path / "run"))
+    with pytest.raises(Interrupted):
+        train(cfg, stop_after=2)
+    marker = tmp_path / "run" / MARKER
+    assert json.loads(marker.read_text())["run_format"] == RUN_FORMAT  # training writes the marker
+    marker.write_text(json.dumps({"run_format": RUN_FORMAT + 1, "fewtune_version": "9.0"}))
+    with pytest.raises(TrainingError, match=r"written by fewtune 9.0 .*upgrade fewtune"):
+        train(cfg, resume=True)

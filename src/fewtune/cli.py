@@ -128,6 +128,9 @@ def train(
         overrides.insert(0, str(config))
         config = None
     if resume is not None:
+        from fewtune.runinfo import check_run_format
+
+        _run(check_run_format, resume)  # before its config: a newer fewtune's config may have other keys
         config_path = config or resume / "config.yaml"
         cfg = _run(load_config, config_path, overrides + [f"train.output_dir={resume}", "train.resume=true"])
     elif config is None:

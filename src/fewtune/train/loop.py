@@ -27,7 +27,7 @@ from fewtune.data.cache import cached_render_set
 from fewtune.data.dataset import RenderedSet, load_train_val
 from fewtune.data.render import Template
 from fewtune.models import load_tokenizer
-from fewtune.runinfo import write_marker
+from fewtune.runinfo import RunFormatError, check_run_format, write_marker
 from fewtune.train import checkpoint as ckpt
 from fewtune.train import fingerprint, runtime
 from fewtune.train.batching import batch_weight, collate, pack, setup_packing
@@ -132,6 +132,11 @@ class Trainer:
 
         self.cfg = cfg
         self.run_dir = Path(run_dir or cfg.train.output_dir)
+        if resume:
+            try:  # a run directory a newer fewtune wrote (or whose marker is damaged) is not continued
+                check_run_format(self.run_dir)
+            except RunFormatError as err:
+                raise TrainingError(str(err)) from None
         launched = int(os.environ.get("WORLD_SIZE", "1"))
         # without cpu=True accelerate sees no distributed setup on a machine without GPUs, and
         # torchrun's processes would each train alone on all the data, into the same folder
@@ -308,7 +313,7 @@ class Trainer:
         import random
 
         from fewtune.eval.evaluate import expected_label, task_metrics
-        from fewtune.generate import Loaded
+        from fewtune.generate import Loaded, PromptError
 
         examples = self.val_set.examples
         if cfg.eval_sample and cfg.eval_sample < len(examples):
@@ -323,6 +328,9 @@ class Trainer:
                 metrics, _ = task_metrics(Loaded(model, self.tokenizer, self.template, self.cfg, str(self.run_dir)),
                                           examples, cfg.eval_task, labels, cfg.eval_mode, cfg.batch_size,
                                           self.cfg.generate, progress=False)
+        except PromptError as err:  # a validation prompt that leaves no room for generate.max_new_tokens
+            raise TrainingError(f"train.eval_task={cfg.eval_task} cannot generate for the validation set: {err}. "
+                                "Lower generate.max_new_tokens or data.max_length, or set train.eval_mode=choice") from None
         finally:
             model.train()
         return {k: float(metrics[k]) for k in TASK_METRICS[cfg.eval_task] if k in metrics}
