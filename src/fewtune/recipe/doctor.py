@@ -52,15 +52,8 @@ class Curves:
     selected_by: str | None = None  # the metric that chose the best checkpoint (train.eval_metric), when logged
 
 
-def read_curves(path: str | Path) -> Curves:
-    path = Path(path)
-    if path.is_dir():
-        path = path / "metrics.jsonl"
-    if (path.parent / MARKER).exists():  # a run a newer fewtune wrote may log other records
-        check_run_format(path.parent)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: doctor reads the metrics.jsonl a training run writes")
-    train, grad, val, metrics, selected_by = [], [], [], {}, None
+def _json_objects(path: Path):
+    """(line number, object) for each non-blank line of a JSON-lines file; ValueError naming the bad line."""
     for number, line in enumerate(_read_text(path).splitlines(), 1):
         if not line.strip():
             continue
@@ -70,6 +63,19 @@ def read_curves(path: str | Path) -> Curves:
             raise ValueError(f"{path}:{number}: not a JSON line ({err.msg})") from None
         if not isinstance(rec, dict):
             raise ValueError(f"{path}:{number}: not a JSON object")
+        yield number, rec
+
+
+def read_curves(path: str | Path) -> Curves:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    if (path.parent / MARKER).exists():  # a run a newer fewtune wrote may log other records
+        check_run_format(path.parent)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: doctor reads the metrics.jsonl a training run writes")
+    train, grad, val, metrics, selected_by = [], [], [], {}, None
+    for number, rec in _json_objects(path):
         if "event" in rec:
             selected_by = rec.get("eval_metric", selected_by)
             continue
@@ -253,15 +259,7 @@ def check_label_collapse(predictions: str | Path | None) -> list[Finding]:
     if not Path(predictions).is_file():
         raise FileNotFoundError(f"{predictions} not found: --predictions is a JSONL file with 'prediction' and 'reference'")
     preds, refs = [], []
-    for number, line in enumerate(_read_text(Path(predictions)).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{predictions}:{number}: not a JSON line ({err.msg})") from None
-        if not isinstance(rec, dict):
-            raise ValueError(f"{predictions}:{number}: not a JSON object")
+    for number, rec in _json_objects(Path(predictions)):
         # fewtune eval writes predicted/expected; other tools prediction/reference (or label)
         pred = rec.get("prediction", rec.get("predicted"))
         if pred is None:
