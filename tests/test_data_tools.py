@@ -100,6 +100,27 @@ def test_kfold(tmp_path):
     assert sorted(held) == sorted(r["text"] for r in rows)  # every example validated exactly once
 
 
+def test_kfold_stratifies_only_when_every_label_fills_the_folds(caplog):
+    from fewtune.data.formats import Example, Message
+    from fewtune.data.tools import kfold_examples
+
+    def examples(labels):
+        return [Example([Message("user", f"t{i}"), Message("assistant", str(label))], "d.jsonl", i + 1, label)
+                for i, label in enumerate(labels)]
+
+    stratified = kfold_examples(examples(["a"] * 15 + ["b"] * 5), 5, seed=3)
+    assert all(Counter(e.label for e in fold) == {"a": 3, "b": 1} for fold in stratified)
+    assert [[e.line for e in f] for f in kfold_examples(examples(["a"] * 15 + ["b"] * 5), 5, seed=3)] == \
+        [[e.line for e in f] for f in stratified]  # seeded
+    with caplog.at_level("WARNING", logger="fewtune.data.tools"):
+        plain = kfold_examples(examples(["a"] * 17 + ["b"] * 3), 5, seed=3)  # b has 3 < 5: KFold
+    assert "not stratified" in caplog.text and "b: 3" in caplog.text
+    assert [len(f) for f in plain] == [4] * 5
+    assert sorted(e.line for f in plain for e in f) == list(range(1, 21))
+    with pytest.raises(ValueError, match="2 <= K"):
+        kfold_examples(examples(["a"] * 3), 4, seed=0)
+
+
 def test_split_refuses_a_file_with_errors(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "a", "completion": "b"}, {"prompt": "c"}])
     with pytest.raises(DataError, match="(?s)d.jsonl:2.*data check"):

@@ -134,6 +134,21 @@ def test_kfold_folds_are_disjoint_cover_the_set_and_are_stratified(intents, pc_d
         kfold_split(unlabeled, 50, seed=0)
 
 
+def test_sweep_and_data_split_make_the_same_folds(intents, pc_data, tmp_path):
+    """One k-fold implementation: the sweep's folds are `fewtune data split --kfold`'s, whatever the data."""
+    from fewtune.data.tools import split_file
+
+    few = write_jsonl(tmp_path / "few.jsonl", [{"text": f"t{i}", "label": "rare" if i < 2 else "common"}
+                                              for i in range(12)])  # 2 < K examples of one label: not stratified
+    for path, k in ((intents, 3), (pc_data, 4), (few, 3)):
+        for seed in (0, 7):
+            split_file(path, tmp_path / "split", kfold=k, seed=seed)
+            folds = kfold_split(load_examples(path), k, seed)
+            for i, fold in enumerate(folds, start=1):
+                written = load_examples(tmp_path / "split" / f"fold_{i}" / "validation.jsonl")
+                assert [e.messages for e in written] == [e.messages for e in fold], (path.name, k, seed, i)
+
+
 # ---------------------------------------------------------------- whole sweeps
 
 
@@ -230,6 +245,14 @@ def test_cli_kfold_sweep(base, tmp_path):
     accs = [r["metrics"]["accuracy"] for r in records]
     assert f"{statistics.fmean(accs):.4f} ± {statistics.stdev(accs):.4f}" in res.output
     assert "held-out fold of 3" in (out / "sweep.md").read_text()
+
+    # `fewtune data split --kfold` with the same seed (the sweep's data.seed) writes the same folds
+    split = CliRunner().invoke(app, ["data", "split", str(base.data.train), "--out-dir", str(tmp_path / "split"),
+                                     "--kfold", "3", "--seed", str(base.data.seed)])
+    assert split.exit_code == 0, split.output
+    for i in range(3):
+        written = [e.messages[0].content for e in load_examples(tmp_path / "split" / f"fold_{i + 1}" / "validation.jsonl")]
+        assert written == [e.messages[0].content for e in held_out[i]]
 
     bad = CliRunner().invoke(app, ["sweep", str(config), "--grid", "method.lora.rr=4,8", "--out", str(out)])
     assert bad.exit_code == 2 and "did you mean 'method.lora.r'" in bad.output

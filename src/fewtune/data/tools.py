@@ -8,14 +8,17 @@ randomness is seeded.
 from __future__ import annotations
 
 import json
+import logging
 import random
-from collections import defaultdict
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from fewtune.data.collect import Collected
 from fewtune.data.dataset import split_examples
 from fewtune.data.formats import DataError, Example, Message
+
+log = logging.getLogger(__name__)
 
 TARGETS = ("messages", "sharegpt", "alpaca", "prompt_completion", "classification", "qa")
 SHAREGPT_TAGS = {"user": "human", "assistant": "gpt", "tool": "observation", "system": "system"}
@@ -82,23 +85,29 @@ def split_file(path: str | Path, out_dir: str | Path, val_ratio: float = 0.1, te
 
 
 def kfold_examples(examples: list[Example], k: int, seed: int) -> list[list[Example]]:
-    """K folds of (nearly) equal size; dealt per label when every example is labelled."""
+    """K disjoint folds covering the examples, shuffled with ``seed`` (scikit-learn).
+
+    ``StratifiedKFold`` when every example is labelled and every label has at least K
+    examples, so each fold keeps the class proportions; ``KFold`` otherwise. The one fold
+    split of fewtune: `fewtune data split --kfold` and `fewtune sweep --kfold` give the
+    same folds for the same examples and seed. Each fold lists its examples in file order.
+    """
+    from sklearn.model_selection import KFold, StratifiedKFold
+
     if k < 2 or k > len(examples):
         raise ValueError(f"--kfold needs 2 <= K <= the number of examples ({len(examples)}), got {k}")
-    rng = random.Random(seed)
-    groups: dict[Any, list[Example]] = defaultdict(list)
-    stratify = all(e.label is not None for e in examples)
-    for e in examples:
-        groups[e.label if stratify else None].append(e)
-    folds: list[list[Example]] = [[] for _ in range(k)]
-    turn = 0
-    for label in sorted(groups, key=str):
-        members = groups[label][:]
-        rng.shuffle(members)
-        for e in members:  # dealing continues across labels, so fold sizes differ by at most one
-            folds[turn % k].append(e)
-            turn += 1
-    return [sorted(f, key=lambda e: e.line) for f in folds]
+    labels = [e.label for e in examples]
+    counts = Counter(labels)
+    index = list(range(len(examples)))
+    if None not in counts and min(counts.values()) >= k:
+        splits = StratifiedKFold(k, shuffle=True, random_state=seed).split(index, labels)
+    else:
+        if None not in counts:
+            small = sorted((n, str(label)) for label, n in counts.items() if n < k)
+            log.warning("--kfold %d: the folds are not stratified by label, as %d label(s) have fewer than %d "
+                        "examples (%s)", k, len(small), k, ", ".join(f"{label}: {n}" for n, label in small[:5]))
+        splits = KFold(k, shuffle=True, random_state=seed).split(index)
+    return [[examples[i] for i in sorted(held_out)] for _, held_out in splits]
 
 
 # ---------------------------------------------------------------- convert

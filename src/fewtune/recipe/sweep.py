@@ -24,7 +24,6 @@ import re
 import shutil
 import statistics
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -153,26 +152,15 @@ def resolve_seeds(seeds: int | list[int] | None, base_seed: int, kfold: int | No
 
 
 def kfold_split(examples: list[Example], k: int, seed: int) -> list[list[Example]]:
-    """K disjoint folds covering the examples; stratified by label when every example has one."""
-    from sklearn.model_selection import KFold, StratifiedKFold
+    """The folds of `fewtune data split --kfold` (:func:`fewtune.data.tools.kfold_examples`), with the sweep's errors."""
+    from fewtune.data.tools import kfold_examples
 
     if k < 2:
         raise ConfigError(f"--kfold must be at least 2, got {k}")
     if len(examples) < k:
         source = examples[0].source if examples else "the training file"
         raise DataError(source, None, f"--kfold {k} needs at least {k} examples, there are {len(examples)}")
-    labels = [e.label for e in examples]
-    index = list(range(len(examples)))
-    if all(label is not None for label in labels):
-        splitter = StratifiedKFold(k, shuffle=True, random_state=seed)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            folds = [test for _, test in splitter.split(index, labels)]
-        for w in caught:
-            log.warning("--kfold %d: %s", k, w.message)
-    else:
-        folds = [test for _, test in KFold(k, shuffle=True, random_state=seed).split(index)]
-    return [[examples[i] for i in sorted(fold)] for fold in folds]
+    return kfold_examples(examples, k, seed)
 
 
 def _write_examples(path: Path, examples: list[Example]) -> str:
