@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from fewtune.eval.metrics import (UNPARSEABLE, classification_metrics, confused_pairs, json_fields, json_metrics,
+from fewtune.eval.metrics import (UNPARSEABLE, classification_metrics, confused_pairs, json_fields,
                                   json_task_metrics, map_to_label, normalize_text)
 from fewtune.eval.stats import bootstrap_interval, f1_codes, mcnemar, paired_difference
 from fewtune.eval.text_metrics import (CJKTokenizer, bleu_from_statistics, bleu_statistics, exact_matches,
@@ -91,8 +91,23 @@ def test_json_field_metrics_by_hand():
     assert m["per_field"]["actions"]["f1"] == 1.0 and m["per_field"]["conditions"]["recall"] == 0.0
     assert m["invalid"] == [{"index": 1, "output": "not json"}] and m["invalid_count"] == 1
     assert json_fields({"a": {"b": 1}, "c": ["x", "x", "y"]}) == {("a.b", "1"), ("c", '"x"'), ("c", '"y"')}
-    # the demo's metric keeps its shape
-    assert json_metrics(['{"a": [2, 1]}', "{"], ['{"a": [1, 2]}', '{"a": 1}']) == {"json_valid": 0.5, "exact_match": 0.5, "n": 2}
+
+
+def test_the_demo_prints_the_eval_json_metrics():
+    """`make demo`'s exact match and JSON valid are `fewtune eval`'s, with the shape the demo always had."""
+    from fewtune.demo.run import demo_metrics
+
+    assert demo_metrics(['{"a": [2, 1]}', "{"], ['{"a": [1, 2]}', '{"a": 1}']) == {"json_valid": 0.5, "exact_match": 0.5, "n": 2}
+    refs = ['{"conditions": ["上车"], "actions": ["播放QQ音乐"]}'] * 4
+    preds = [' {"actions": ["播放QQ音乐"], "conditions": ["上车"]}\n',  # whitespace and key order: exact
+             '{"conditions": [], "actions": ["播放QQ音乐"]}',  # valid, not exact
+             '{"conditions": ["上车"], "actions": ["播放QQ音乐"]} trailing',  # not one JSON value: invalid
+             '']
+    m = demo_metrics(preds, refs)
+    assert m == {"json_valid": 0.5, "exact_match": 0.25, "n": 4}
+    assert {k: json_task_metrics(preds, refs)[k] for k in m} == m
+    with pytest.raises(ValueError, match="reference is not valid JSON"):
+        demo_metrics(["{}"], ["not json"])
 
 
 def test_mcnemar_exact_by_hand():

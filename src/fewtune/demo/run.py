@@ -16,7 +16,7 @@ from rich.table import Table
 from fewtune.config import Config, build_config
 from fewtune.data.formats import load_examples
 from fewtune.demo.car_commands import SYSTEM_PROMPT
-from fewtune.eval.metrics import json_metrics
+from fewtune.eval.metrics import json_task_metrics
 from fewtune.generate import generate, load_for_inference
 from fewtune.models import DEFAULT_MODEL
 from fewtune.train.loop import train
@@ -44,11 +44,17 @@ def demo_config(output_dir: str, overrides: list[str] | None = None) -> Config:
     return build_config(settings, overrides, source="demo settings")
 
 
+def demo_metrics(predictions: list[str], references: list[str]) -> dict:
+    """What the demo prints and saves: JSON validity and exact match (list order ignored), as `fewtune eval` scores them."""
+    metrics = json_task_metrics(predictions, references)
+    return {key: metrics[key] for key in ("json_valid", "exact_match", "n")}
+
+
 def _evaluate(target: str, test_examples, cfg: Config, system_prompt: str | None) -> tuple[dict, list[str]]:
     loaded = load_for_inference(target, system_prompt=system_prompt, merge=True)
     outputs = generate(loaded, [e.prompt_messages for e in test_examples], cfg.generate)
     predictions = [o[0] for o in outputs]
-    return json_metrics(predictions, [e.reference for e in test_examples]), predictions
+    return demo_metrics(predictions, [e.reference for e in test_examples]), predictions
 
 
 def run_demo(output_dir: str = "runs/demo", overrides: list[str] | None = None, console: Console | None = None) -> dict:

@@ -123,24 +123,6 @@ def _canonical(value: Any) -> Any:
     return value
 
 
-def json_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
-    """JSON validity rate and exact match of the parsed objects (list order ignored)."""
-    if len(predictions) != len(references):
-        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
-    if not predictions:
-        raise ValueError("no predictions to score")
-    valid = exact = 0
-    for pred, ref in zip(predictions, references):
-        ok, value = parse_json(pred)
-        ref_ok, ref_value = parse_json(ref)
-        if not ref_ok:
-            raise ValueError(f"reference is not valid JSON: {ref[:80]!r}")
-        valid += ok
-        exact += ok and _canonical(value) == _canonical(ref_value)
-    n = len(predictions)
-    return {"json_valid": valid / n, "exact_match": exact / n, "n": n}
-
-
 def json_fields(value: Any, path: str = "") -> set[tuple[str, str]]:
     """An object as a set of (field path, value) facts; a list field gives one fact per element.
 
