@@ -231,27 +231,30 @@ def run_fewtune(args, spec: dict) -> dict:
     trainer = Trainer(cfg)
     marks: list[tuple[float, int]] = []  # (time after the step, peak memory so far)
     device = trainer.accelerator.device.type
-    original = trainer._train_step
     timed = args.warmup + args.steps
     profiler = StepProfiler(args.profile, timed)
     counter = FlopCount()
-    calls = [0]
 
-    def timed_step(micro):
-        step = calls[0]
-        profiler.begin(step)
-        counter.begin(step)
-        result = original(micro)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        counter.end(step)
-        profiler.end(step)
-        if step < timed:
-            marks.append((time.perf_counter(), peak_memory(device)))
-        calls[0] += 1
-        return result
+    class TimeSteps:
+        """The loop's public step callbacks: profile, count FLOPs and time each optimizer step."""
 
-    trainer._train_step = timed_step
+        def __init__(self):
+            self.step = 0
+
+        def on_step_begin(self, trainer):
+            profiler.begin(self.step)
+            counter.begin(self.step)
+
+        def on_step_end(self, trainer):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            counter.end(self.step)
+            profiler.end(self.step)
+            if self.step < timed:
+                marks.append((time.perf_counter(), peak_memory(device)))
+            self.step += 1
+
+    trainer.callbacks.append(TimeSteps())
     trainer.fit()
     records = [json.loads(l) for l in (Path(spec["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     tokens = [r["tokens"] for r in records if "train_loss" in r][:len(marks)]
@@ -270,8 +273,8 @@ def run_baseline(args, spec: dict) -> dict:
     from fewtune.data.dataset import load_train_val, render_set
     from fewtune.data.render import Template
     from fewtune.models import load_model, load_tokenizer
-    from fewtune.train.adapters import lora_config
-    from fewtune.train.methods import apply_method
+    from fewtune.methods.lora import lora_config
+    from fewtune.methods import apply_method
 
     cfg = make_config(args, spec["data"], "baseline", spec["run_dir"])
     tokenizer = load_tokenizer(cfg.model.name)

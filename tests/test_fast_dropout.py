@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from fewtune.train.fast_dropout import FastDropout, fast_dropout, keep_mask
+from fewtune.methods.fast_dropout import FastDropout, fast_dropout, keep_mask
 from fewtune.train.loop import Trainer
 
 

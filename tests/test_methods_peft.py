@@ -11,7 +11,8 @@ from fewtune.config import GenerateSection
 from fewtune.data.formats import Message
 from fewtune.export import export_merged
 from fewtune.generate import generate, load_for_inference
-from fewtune.train.adapters import MethodError, check_qlora_supported
+from fewtune.methods import MethodError
+from fewtune.methods.lora import check_qlora_supported
 from fewtune.train.loop import Trainer, collate, train
 
 PROMPTS = [[Message("user", "打开车窗 1")], [Message("user", "a much longer prompt than the first one, with words")]]

@@ -77,18 +77,20 @@ def test_adversarial_step_restores_embeddings_and_adds_gradient(kind, method, ma
     def grads_after(adversarial: bool):
         trainer.optimizer.zero_grad(set_to_none=True)
         loss_sum, _ = trainer.loss_module(**batch)
-        if adversarial:
-            trainer.extras.backward(loss_sum / gw, batch, gw)
+        if adversarial:  # what the training step does at its named points
+            trainer._global_weight = gw
+            trainer.accelerator.backward(loss_sum / gw)
+            trainer.regularisers.after_backward(batch)
         else:
             trainer.accelerator.backward(loss_sum / gw)
         return {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
 
     with_adv = grads_after(True)
     assert torch.equal(emb.weight, weight_before)  # bit-identical: the perturbation never touched the weights
-    assert trainer.extras.hook.delta is None and trainer.extras.hook.captured is None
-    trainer.extras.hook.capture = False  # the same forward/backward without the adversarial part
+    assert trainer.regularisers.hook.delta is None and trainer.regularisers.hook.captured is None
+    trainer.regularisers.hook.capture = False  # the same forward/backward without the adversarial part
     clean = grads_after(False)
-    trainer.extras.hook.capture = True
+    trainer.regularisers.hook.capture = True
     assert with_adv.keys() == clean.keys()
     assert any(not torch.allclose(with_adv[n], clean[n]) for n in clean)
     result = train(make_config(train__max_steps=2, **settings))
@@ -109,7 +111,7 @@ def test_pgd_perturbation_stays_within_epsilon():
 def test_ewc_penalty_zero_at_anchor_positive_away(make_config, general_data):
     trainer = Trainer(make_config(regularise__ewc__weight=100.0, regularise__ewc__general=str(general_data),
                                   regularise__ewc__samples=8))
-    ewc = trainer.extras.ewc
+    ewc = trainer.regularisers.ewc
     assert ewc.penalty().item() == 0.0
     fisher = torch.cat([f.flatten() for f in ewc.fisher.values()])
     assert (fisher >= 0).all() and fisher.sum() > 0
@@ -156,7 +158,7 @@ def test_curriculum_order_easy_to_hard_shuffled_within_buckets():
 def test_trainer_uses_curriculum_in_first_epoch_only(order, make_config):
     trainer = Trainer(make_config(regularise__curriculum__order=order, regularise__curriculum__buckets=2,
                                   train__batch_size=4))
-    difficulty = trainer.extras.difficulty
+    difficulty = trainer.regularisers.difficulty
     if order == "length":
         assert difficulty == [float(len(r)) for r in trainer.train_set.items]
     else:
@@ -165,10 +167,10 @@ def test_trainer_uses_curriculum_in_first_epoch_only(order, make_config):
         with torch.no_grad():
             s, w = trainer.loss_module(**batch)
         assert difficulty[0] == pytest.approx((s / w).item(), rel=1e-5)
-    batches = trainer.extras.curriculum_batches(0)
+    batches = trainer.regularisers.batch_order(0)
     flat = [i for b in batches for i in b]
     half = len(flat) // 2
     assert max(difficulty[i] for i in flat[:half]) <= min(difficulty[i] for i in flat[half:])
-    assert trainer.extras.curriculum_batches(1) is None  # later epochs: the usual shuffled batches
+    assert trainer.regularisers.batch_order(1) is None  # later epochs: the usual shuffled batches
     result = trainer.fit()
     assert result.steps > 0

@@ -304,3 +304,26 @@ def test_validation_split_is_stratified_and_seeded(tmp_path, make_config):
     again = split_examples(examples, 0.2, seed=7)[1]
     assert [e.line for e in again] == [e.line for e in val]
     assert [e.line for e in split_examples(examples, 0.2, seed=8)[1]] != [e.line for e in val]
+
+
+def test_each_epoch_has_its_own_order_and_a_resume_across_epochs_matches(make_config, tmp_path):
+    """Epoch 2 follows epoch_batches(epoch=1), not epoch 1's order again; so a run resumed in epoch 2 (which
+    computes that order afresh) ends where the uninterrupted run does."""
+    from fewtune.train.loop import epoch_batches
+
+    settings = dict(train__epochs=2, train__batch_size=4, train__group_by_length=False,
+                    train__early_stopping__enabled=False, method__lora__dropout=0.1)
+    straight = train(make_config(train__output_dir=str(tmp_path / "straight"), **settings))
+    trainer = Trainer(make_config(train__output_dir=str(tmp_path / "probe"), **settings))
+    per_epoch = trainer.batches_per_epoch
+    assert straight.steps == 2 * per_epoch
+    expected = [sum(trainer.lengths[i] for i in batch) for epoch in (0, 1)
+                for batch in epoch_batches(trainer.lengths, 4, 1, 0, seed=3, epoch=epoch)]
+    assert [m["tokens"] for m in metrics(straight.run_dir) if "train_loss" in m] == expected
+    cfg = make_config(train__output_dir=str(tmp_path / "resumed"), **settings)
+    with pytest.raises(Interrupted):
+        train(cfg, stop_after=per_epoch + 2)  # two steps into the second epoch
+    train(cfg, resume=True)
+    a = [m["train_loss"] for m in metrics(straight.run_dir) if "train_loss" in m]
+    b = [m["train_loss"] for m in metrics(tmp_path / "resumed") if "train_loss" in m]
+    assert b == pytest.approx(a, rel=1e-6)

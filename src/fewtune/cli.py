@@ -72,7 +72,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from fewtune.generate import PromptError, RunDirError
     from fewtune.models import ModelNotFoundError
     from fewtune.runinfo import RunFormatError
-    from fewtune.train.adapters import MethodError
+    from fewtune.methods import MethodError
     from fewtune.train.loop import TrainingError
 
     return (ConfigError, DataError, RenderError, ModelNotFoundError, TrainingError, EvalError, RunFormatError,

@@ -13,6 +13,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from fewtune.methods import DEFAULT_LR, METHOD_NAMES
+
 
 class ConfigError(ValueError):
     """A configuration problem, worded for the user (key path, what is wrong, what to use)."""
@@ -89,7 +91,7 @@ class FullSection(Section):
 
 
 class MethodSection(Section):
-    name: Literal["lora", "full", "qlora", "prompt_tuning", "p_tuning", "prefix_tuning", "ia3"] = "lora"
+    name: Literal[METHOD_NAMES] = "lora"  # the entries of fewtune.methods.METHODS
     lora: LoraSection = LoraSection()
     full: FullSection = FullSection()
     prompt: PromptSection = PromptSection()
@@ -160,10 +162,6 @@ class TrainSection(Section):
         return self.lr if self.lr is not None else DEFAULT_LR.get(method, 1e-4)
 
 
-# learning rates that suit each method when train.lr is not set: full fine-tuning moves
-# every weight, so it needs a small step; virtual tokens and IA3 vectors need large ones
-DEFAULT_LR = {"full": 1e-5, "lora": 1e-4, "qlora": 1e-4, "ia3": 3e-3,
-              "prompt_tuning": 1e-2, "p_tuning": 1e-2, "prefix_tuning": 1e-2}
 
 
 class AdversarialSection(Section):

@@ -24,7 +24,7 @@ def export_merged(run_dir: str | Path, out_dir: str | Path) -> Path:
     check_run_dir(run_dir)  # format, config.yaml, template.json, tokenizer/: before the weights are loaded
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"--merged {out_dir} is a file: give a folder for the merged model")
-    from fewtune.train.adapters import check_mergeable
+    from fewtune.methods import check_mergeable
 
     loaded = load_for_inference(str(run_dir))
     model = loaded.model

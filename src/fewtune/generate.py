@@ -149,7 +149,7 @@ def load_for_inference(path_or_model: str, template_kind: str = "auto", system_p
             except Exception as err:
                 raise _damaged(run / "adapter", err) from None
             if merge:
-                from fewtune.train.adapters import is_prompt_learning
+                from fewtune.methods import is_prompt_learning
 
                 if not is_prompt_learning(model):
                     model = model.merge_and_unload()

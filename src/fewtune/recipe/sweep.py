@@ -38,9 +38,6 @@ log = logging.getLogger(__name__)
 RESERVED = ("train.seed", "data.seed", "train.output_dir", "train.resume", "data.train", "data.validation",
             "data.val_ratio", "data.format", "data.dataset")
 DEFAULT_METRIC = {"classification": "accuracy", "generation": "rougeL", "json": "field_f1", "perplexity": "perplexity"}
-SHOWN = {"classification": ("accuracy", "macro_f1"), "generation": ("rougeL", "bleu", "exact_match"),
-         "json": ("field_f1", "exact_match", "json_valid"), "perplexity": ("perplexity",)}
-LOWER_IS_BETTER = {"val_loss", "perplexity", "mean_nll"}
 
 
 class SweepInterrupted(Exception):

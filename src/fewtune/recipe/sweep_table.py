@@ -9,7 +9,11 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from fewtune.recipe.sweep import Plan, SweepResult
 
-from fewtune.recipe.sweep import LOWER_IS_BETTER, SHOWN
+
+# the metrics shown per task beside the ranking one, and those where lower is better
+SHOWN = {"classification": ("accuracy", "macro_f1"), "generation": ("rougeL", "bleu", "exact_match"),
+         "json": ("field_f1", "exact_match", "json_valid"), "perplexity": ("perplexity",)}
+LOWER_IS_BETTER = {"val_loss", "perplexity", "mean_nll"}
 
 
 def mean_std(values: list[float]) -> tuple[float | None, float | None]:

@@ -11,12 +11,12 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from fewtune.train.batching import collate
+
 
 @torch.no_grad()
 def base_losses(loss_module, items, pad_id: int, device, batch_size: int = 8, progress: bool = True) -> list[float]:
     """Mean completion-token loss of each rendered example under the model as it is now."""
-    from fewtune.train.loop import collate
-
     was_training = loss_module.training
     loss_module.eval()
     out = []

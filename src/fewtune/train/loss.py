@@ -41,7 +41,7 @@ class WeightedLMLoss(torch.nn.Module):
     """forward(...) -> (sum of weight * cross-entropy, sum of weights) over a batch."""
 
     def __init__(self, model, selective: bool = True, chunk_size: int | None = None, label_smoothing: float = 0.0):
-        from fewtune.train.adapters import is_prompt_learning, virtual_tokens
+        from fewtune.methods import is_prompt_learning, virtual_tokens
 
         super().__init__()
         self.model = model

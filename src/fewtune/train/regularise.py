@@ -1,7 +1,11 @@
-"""Regularisers that run inside a training step: NEFTune, adversarial training (FGM, PGD) and EWC.
+"""Regularisers, each attached to the training loop at a named point and given only what it needs.
 
-All act through one forward hook on the input embedding layer and one call in place of
-the step's backward (:meth:`StepExtras.backward`), so the training loop stays as it is.
+| point | regulariser | what the loop does there |
+|---|---|---|
+| embedding hook | NEFTune, FGM/PGD | a forward hook on the input embedding layer (installed once) |
+| batch order | curriculum | ``batch_order(epoch)`` replaces the shuffled order in the first epochs |
+| loss penalty | EWC | ``penalty(step)`` is added to the first micro-batch's loss of each step |
+| after backward | FGM/PGD | ``after_backward(batch, scale)`` adds the gradient at the perturbed embeddings |
 
 - NEFTune adds uniform noise of size alpha / sqrt(length * width) to the embeddings while
   training (never in evaluation or generation).
@@ -20,7 +24,8 @@ import logging
 import torch
 from tqdm.auto import tqdm
 
-from fewtune.config import RegulariseSection
+from fewtune.config import AdversarialSection, CurriculumSection, DataSection, RegulariseSection
+from fewtune.train.batching import collate
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +96,6 @@ class EWC:
 
 def estimate_fisher(loss_module, items, device, pad_id: int, progress: bool = True) -> dict[str, torch.Tensor]:
     """Diagonal Fisher information: the mean squared gradient of each example's mean token loss."""
-    from fewtune.train.loop import collate
-
     model = loss_module.model
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     fisher = {n: torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()}
@@ -109,75 +112,25 @@ def estimate_fisher(loss_module, items, device, pad_id: int, progress: bool = Tr
     return {n: f / max(len(items), 1) for n, f in fisher.items()}
 
 
-class StepExtras:
-    """What a training step does besides forward, backward and the optimizer step."""
+class Adversarial:
+    """FGM (one step) or PGD (K projected steps) on the embedding layer's output, after the clean backward.
 
-    def __init__(self, trainer):
-        self.trainer = trainer
-        self.reg: RegulariseSection = trainer.cfg.regularise
-        adv = self.reg.adversarial.kind != "none"
-        self.hook = None
-        if adv or self.reg.neftune_alpha > 0:
-            self.hook = EmbeddingHook(input_embeddings(trainer.model), self.reg.neftune_alpha, capture=adv)
-        self.ewc = None
-        if self.reg.ewc.weight > 0:
-            self.ewc = EWC(trainer.model, self.reg.ewc.weight, self._fisher())
-        self._penalised_step = None
-        self.difficulty = self._difficulty()
+    ``loss`` computes a micro-batch's scaled loss (the hook adds ``delta`` inside it); ``backward`` is the
+    accelerator's.
+    """
 
-    def _difficulty(self) -> list[float] | None:
-        order, t = self.reg.curriculum.order, self.trainer
-        if order == "none":
-            return None
-        if order == "length":
-            return [float(n) for n in t.lengths]
-        from fewtune.train.curriculum import base_losses
+    def __init__(self, settings: AdversarialSection, hook: EmbeddingHook, loss, backward):
+        self.settings, self.hook, self.loss, self.backward = settings, hook, loss, backward
 
-        log.info("curriculum: measuring the base model's loss on %d training examples", len(t.train_set.items))
-        return base_losses(t.loss_module, t.train_set.items, t.tokenizer.pad_token_id, t.accelerator.device,
-                           progress=t.main)
-
-    def curriculum_batches(self, epoch: int) -> list[list[int]] | None:
-        """The epoch's batches in easy-to-hard order, or None once the curriculum epochs are over."""
-        if self.difficulty is None or epoch >= self.reg.curriculum.epochs:
-            return None
-        from fewtune.train.curriculum import curriculum_batches
-
-        t = self.trainer
-        return curriculum_batches(self.difficulty, self.reg.curriculum.buckets, t.cfg.train.batch_size,
-                                  t.accelerator.num_processes, t.accelerator.process_index, t.cfg.train.seed, epoch)
-
-    def _fisher(self) -> dict[str, torch.Tensor]:
-        from fewtune.data.dataset import render_set
-        from fewtune.data.formats import load_examples
-
-        t, ewc = self.trainer, self.reg.ewc
-        examples = load_examples(ewc.general)
-        generator = torch.Generator().manual_seed(t.cfg.train.seed)
-        picked = [examples[i] for i in torch.randperm(len(examples), generator=generator)[:ewc.samples].tolist()]
-        rendered = render_set(picked, t.tokenizer, t.template, t.cfg.data.model_copy(update={"on_bad_example": "drop"}),
-                              "EWC general")
-        if not rendered.items:
-            raise ValueError(f"regularise.ewc.general={ewc.general}: no usable example for the Fisher estimate")
-        log.info("EWC: estimating the Fisher information on %d general examples", len(rendered.items))
-        return estimate_fisher(t.loss_module, rendered.items, t.accelerator.device, t.tokenizer.pad_token_id,
-                               progress=t.main)
-
-    # ------------------------------------------------------------------ the step
-
-    def _loss(self, batch, global_weight: float, delta: torch.Tensor) -> torch.Tensor:
-        acc = self.trainer.accelerator
+    def _loss_at(self, batch, delta: torch.Tensor) -> torch.Tensor:
         self.hook.delta = delta
         try:
-            with acc.autocast():
-                loss_sum, _ = self.trainer.loss_module(**batch)
+            return self.loss(batch)
         finally:
             self.hook.delta = None
-        return loss_sum / global_weight * acc.num_processes
 
-    def adversarial(self, batch, global_weight: float) -> None:
-        """After the clean backward: add the gradient of the loss at the adversarial embeddings."""
-        adv = self.reg.adversarial
+    def after_backward(self, batch) -> None:
+        adv = self.settings
         captured = self.hook.captured
         self.hook.captured = None
         if captured is None or captured.grad is None:
@@ -194,20 +147,99 @@ class StepExtras:
             delta = _project(adv.alpha * _per_example_unit(grad), adv.epsilon)
             for _ in range(adv.steps - 1):
                 delta = delta.detach().requires_grad_(True)
-                (g,) = torch.autograd.grad(self._loss(batch, global_weight, delta), delta)
+                (g,) = torch.autograd.grad(self._loss_at(batch, delta), delta)
                 delta = _project(delta.detach() + adv.alpha * _per_example_unit(g * mask), adv.epsilon)
-        self.trainer.accelerator.backward(self._loss(batch, global_weight, delta.detach()))
+        self.backward(self._loss_at(batch, delta.detach()))
 
-    def backward(self, loss: torch.Tensor, batch, global_weight: float) -> None:
-        """Replaces the step's ``accelerator.backward(loss)`` for one micro-batch."""
-        step = self.trainer.state["step"]
-        if self.ewc is not None and self._penalised_step != step:  # once per optimizer step
-            self._penalised_step = step
-            loss = loss + self.ewc.penalty()
-        self.trainer.accelerator.backward(loss)
-        if self.hook is not None and self.hook.capture:
-            self.adversarial(batch, global_weight)
+
+class Curriculum:
+    """Easy-to-hard batches in the first ``settings.epochs`` epochs (difficulty: one number per example)."""
+
+    def __init__(self, settings: CurriculumSection, difficulty: list[float], batch_size: int, world: int,
+                 rank: int, seed: int):
+        self.settings, self.difficulty = settings, difficulty
+        self.batch_size, self.world, self.rank, self.seed = batch_size, world, rank, seed
+
+    def batch_order(self, epoch: int) -> list[list[int]] | None:
+        """The epoch's batches in easy-to-hard order, or None once the curriculum epochs are over."""
+        if epoch >= self.settings.epochs:
+            return None
+        from fewtune.train.curriculum import curriculum_batches
+
+        return curriculum_batches(self.difficulty, self.settings.buckets, self.batch_size, self.world, self.rank,
+                                  self.seed, epoch)
+
+
+class Regularisers:
+    """The regularisers of one run, at their named points; each point is a no-op when nothing uses it."""
+
+    def __init__(self, hook: EmbeddingHook | None = None, adversarial: Adversarial | None = None,
+                 ewc: EWC | None = None, curriculum: Curriculum | None = None):
+        self.hook, self.adversarial, self.ewc, self.curriculum = hook, adversarial, ewc, curriculum
+        self._penalised_step: int | None = None
+
+    @property
+    def difficulty(self) -> list[float] | None:
+        return self.curriculum.difficulty if self.curriculum else None
+
+    def batch_order(self, epoch: int) -> list[list[int]] | None:
+        return self.curriculum.batch_order(epoch) if self.curriculum else None
+
+    def penalty(self, step: int) -> torch.Tensor | None:
+        """EWC's penalty, once per optimizer step (the first micro-batch of ``step`` gets it)."""
+        if self.ewc is None or self._penalised_step == step:
+            return None
+        self._penalised_step = step
+        return self.ewc.penalty()
+
+    def after_backward(self, batch) -> None:
+        if self.adversarial is not None:
+            self.adversarial.after_backward(batch)
 
     def close(self) -> None:
+        """Take the embedding hook off the model (NEFTune and adversarial leave no trace after training)."""
         if self.hook is not None:
             self.hook.remove()
+
+
+def general_items(ewc, tokenizer, template, data: DataSection, seed: int) -> list:
+    """``ewc.samples`` seeded examples of the general data, rendered as training renders."""
+    from fewtune.data.dataset import render_set
+    from fewtune.data.formats import load_examples
+
+    examples = load_examples(ewc.general)
+    generator = torch.Generator().manual_seed(seed)
+    picked = [examples[i] for i in torch.randperm(len(examples), generator=generator)[:ewc.samples].tolist()]
+    rendered = render_set(picked, tokenizer, template, data.model_copy(update={"on_bad_example": "drop"}), "EWC general")
+    if not rendered.items:
+        raise ValueError(f"regularise.ewc.general={ewc.general}: no usable example for the Fisher estimate")
+    return rendered.items
+
+
+def build_regularisers(reg: RegulariseSection, *, model, loss_module, accelerator, lengths: list[int], train_items,
+                       tokenizer, template, data: DataSection, batch_size: int, seed: int, step_loss,
+                       progress: bool) -> Regularisers:
+    """The run's regularisers. ``step_loss(batch)`` is the scaled micro-batch loss the step backpropagates."""
+    adv_on = reg.adversarial.kind != "none"
+    hook = EmbeddingHook(input_embeddings(model), reg.neftune_alpha, capture=adv_on) \
+        if adv_on or reg.neftune_alpha > 0 else None
+    adversarial = Adversarial(reg.adversarial, hook, step_loss, accelerator.backward) if adv_on else None
+    ewc = None
+    if reg.ewc.weight > 0:
+        items = general_items(reg.ewc, tokenizer, template, data, seed)
+        log.info("EWC: estimating the Fisher information on %d general examples", len(items))
+        ewc = EWC(model, reg.ewc.weight, estimate_fisher(loss_module, items, accelerator.device,
+                                                         tokenizer.pad_token_id, progress=progress))
+    curriculum = None
+    if reg.curriculum.order != "none":
+        if reg.curriculum.order == "length":
+            difficulty = [float(n) for n in lengths]
+        else:
+            from fewtune.train.curriculum import base_losses
+
+            log.info("curriculum: measuring the base model's loss on %d training examples", len(train_items))
+            difficulty = base_losses(loss_module, train_items, tokenizer.pad_token_id, accelerator.device,
+                                     progress=progress)
+        curriculum = Curriculum(reg.curriculum, difficulty, batch_size, accelerator.num_processes,
+                                accelerator.process_index, seed)
+    return Regularisers(hook, adversarial, ewc, curriculum)

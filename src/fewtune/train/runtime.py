@@ -139,3 +139,46 @@ def enable_gradient_checkpointing(model) -> None:
         base.activation_checkpointing_enable({"use_reentrant": False})
     else:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def run_precision(setting: str, checkpoints: list, resume: bool) -> str:
+    """The run's mixed precision. A resumed ``auto`` run keeps what its first session chose (``checkpoints``:
+    the run's checkpoint folders, newest first): the probe behind ``auto`` is a timing, and a busy machine
+    could tip it the other way halfway through a run. ValueError for a setting this machine cannot run."""
+    import json
+
+    if setting == "auto" and resume and forced_precision() is None:
+        for folder in checkpoints:
+            try:
+                chosen = json.loads((folder / "loop.json").read_text()).get("mixed_precision")
+            except (OSError, ValueError):
+                continue
+            if chosen:
+                log.info("mixed precision auto: %s, as the run's first session chose", chosen)
+                return chosen
+    return resolve_mixed_precision(setting)
+
+
+def make_accelerator(precision: str, num_threads: int | None):
+    """accelerate's Accelerator for this launch: the processes torchrun/accelerate started, this precision,
+    and on a CPU the threads each process should use. ValueError when the launch and accelerate disagree."""
+    from accelerate import Accelerator
+
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched == 1:
+        reset_accelerate_precision(precision)
+    # without cpu=True accelerate sees no distributed setup on a machine without GPUs, and
+    # torchrun's processes would each train alone on all the data, into the same folder
+    accelerator = Accelerator(mixed_precision=precision, cpu=launched > 1 and not torch.cuda.is_available())
+    for kind in ("FSDP", "DEEPSPEED"):
+        if os.environ.get(f"ACCELERATE_USE_{kind}", "").lower() == "true" and accelerator.distributed_type.value != kind:
+            log.warning("the accelerate config asks for %s but this run is %s (accelerate uses %s with GPUs only)",
+                        kind, accelerator.distributed_type.value, kind)
+    if accelerator.num_processes != launched:
+        raise ValueError(f"launched as {launched} processes but accelerate set up {accelerator.num_processes}: "
+                         "check the launcher and its environment")
+    if accelerator.device.type == "cpu":
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+        threads = configure_threads(num_threads, local)
+        log.info("CPU threads per process: %d (mixed precision: %s)", threads, accelerator.mixed_precision)
+    return accelerator

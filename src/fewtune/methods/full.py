@@ -1,4 +1,4 @@
-"""What gets trained: a LoRA adapter (through peft) or the model itself with parts frozen."""
+"""Full fine-tuning, with the embeddings, the lower blocks, or named parameters frozen."""
 
 from __future__ import annotations
 
@@ -17,18 +17,7 @@ def decoder_layers(model) -> torch.nn.ModuleList:
     return layers
 
 
-def apply_lora(model, method: MethodSection):
-    from peft import get_peft_model
-
-    from fewtune.train.adapters import lora_config
-    from fewtune.train.fast_dropout import use_fast_lora_dropout
-
-    model = get_peft_model(model, lora_config(method))
-    use_fast_lora_dropout(model)  # same dropout, a quarter of the random numbers (fast_dropout.py)
-    return model
-
-
-def apply_freezing(model, method: MethodSection):
+def apply_freezing(model, method: MethodSection, model_name: str | None = None):
     """Full fine-tuning, with the embeddings, the lower blocks, or named parameters frozen."""
     full = method.full
     for p in model.parameters():
@@ -56,35 +45,3 @@ def apply_freezing(model, method: MethodSection):
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("the freezing settings leave no parameter to train")
     return model
-
-
-def apply_method(model, method: MethodSection, tokenizer_path: str | None = None):
-    from fewtune.train.adapters import PEFT_METHODS, apply_peft
-
-    if method.name == "lora":
-        return apply_lora(model, method)
-    if method.name == "full":
-        return apply_freezing(model, method)
-    if method.name in PEFT_METHODS:
-        return apply_peft(model, method, tokenizer_path)
-    raise ValueError(f"unknown method.name '{method.name}'")
-
-
-def parameter_counts(model) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    return trainable, total
-
-
-def trainable_state(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def load_trainable_state(model, state: dict[str, torch.Tensor]) -> None:
-    params = dict(model.named_parameters())
-    missing = [n for n, p in params.items() if p.requires_grad and n not in state]
-    if missing:
-        raise ValueError(f"checkpoint lacks {len(missing)} trainable tensors (e.g. {missing[0]}): was it written with another method?")
-    with torch.no_grad():
-        for name, value in state.items():
-            params[name].copy_(value)
