@@ -4,65 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fewtune.config import TASK_METRICS
-from fewtune.plots import _pyplot
-
-BLUE, ORANGE, GREEN, GREY = "#3182bd", "#e6550d", "#31a354", "#969696"
-
-
-def _save(fig, plt, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, bbox_inches="tight")  # long label names must not be cut at the edges
-    plt.close(fig)
-    return path
+from fewtune.plots import BLUE, GREEN, GREY, ORANGE, _pyplot, _save, plot_learning_curve
 
 
 def learning_curves(records: list[dict], path: Path) -> Path | None:
-    """Train loss per step (+ running mean), validation loss and, on a second axis, the task metric."""
-    train = [(r["step"], r["train_loss"]) for r in records if "train_loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    logged = {k for r in records if "val_loss" in r for k in r if k.startswith("val_") and k != "val_loss"}
-    order = [f"val_{m}" for metrics in TASK_METRICS.values() for m in metrics]
-    metric_keys = [k for k in dict.fromkeys(order) if k in logged][:2]  # e.g. accuracy and macro-F1
-    if not train and not val:
-        return None
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 4.8), dpi=110)
-    if train:
-        steps, losses = zip(*train)
-        ax.plot(steps, losses, color="#9ecae1", linewidth=1, label="train loss (per step)")
-        window = max(1, len(losses) // 15)
-        if window > 1:
-            smooth = [sum(losses[max(0, i - window + 1):i + 1]) / (i + 1 - max(0, i - window + 1)) for i in range(len(losses))]
-            ax.plot(steps, smooth, color=BLUE, linewidth=2, label=f"train loss ({window}-step mean)")
-    if val:
-        vs, vl = zip(*val)
-        ax.plot(vs, vl, "o-", color=ORANGE, linewidth=2, label="validation loss")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss per weighted token")
-    ax.grid(alpha=0.3)
-    handles, labels = ax.get_legend_handles_labels()
-    if metric_keys:
-        ax2 = ax.twinx()
-        colors = [GREEN, "#756bb1", "#636363", "#d6616b"]
-        for key, color in zip(metric_keys, colors):
-            points = [(r["step"], r[key]) for r in records if key in r]
-            s, v = zip(*points)
-            ax2.plot(s, v, "s--", color=color, linewidth=1.8, label=key.replace("val_", "validation "))
-        ax2.set_ylabel("validation task metric")
-        if all(0 <= r.get(k, 0) <= 1 for r in records for k in metric_keys):
-            ax2.set_ylim(0, 1.05)
-        h2, l2 = ax2.get_legend_handles_labels()
-        handles, labels = handles + h2, labels + l2
-    best = [r for r in records if r.get("best")]
-    if best:
-        b = best[-1]
-        ax.axvline(b["step"], color=GREY, linestyle=":", linewidth=1)
-        handles.append(plt.Line2D([], [], color=GREY, linestyle=":"))
-        labels.append(f"best checkpoint (step {b['step']})")
-    ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=3, fontsize=8, frameon=False)
-    ax.set_title("Learning curves")
-    return _save(fig, plt, path)
+    """The run's learning curves (:func:`fewtune.plots.plot_learning_curve`, also the run's loss.png)."""
+    return plot_learning_curve(records, path)
 
 
 def confusion_matrix(confusion: dict, path: Path, title: str = "Confusion matrix") -> Path:
