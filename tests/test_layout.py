@@ -80,3 +80,20 @@ def test_no_import_cycles():
     graph = import_graph()
     assert "fewtune.train.loop" in graph and graph["fewtune.train.loop"]  # the graph was really read
     assert cycles(graph) == []
+
+
+def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for dep in graph[todo.pop()] - seen:
+            seen.add(dep)
+            todo.append(dep)
+    return seen
+
+
+def test_inference_imports_no_training_code():
+    """generate and export (and the server to come) load a trained model without the training package."""
+    graph = import_graph()
+    for module in ("fewtune.generate", "fewtune.export"):
+        training = sorted(m for m in _reachable(graph, module) if m.startswith("fewtune.train"))
+        assert training == [], f"{module} reaches {training}"

@@ -20,7 +20,7 @@ class RunFormatError(ValueError):
 
 
 def write_marker(run_dir: Path) -> None:
-    from fewtune.train.checkpoint import atomic_write_text
+    from fewtune.files import atomic_write_text
 
     try:
         from importlib.metadata import version

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from fewtune.files import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
@@ -36,19 +38,6 @@ FILES = ("trainable.safetensors", "state.pt", "loop.json")
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be written (disk full) or read (damaged), worded for the user."""
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
