@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from fewtune.data.snips import INTENTS, SYSTEM_PROMPT, read_snips  # noqa: E402  (the one SNIPS reader)
+
 SNIPS_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "snips"
-INTENTS = ("AddToPlaylist", "BookRestaurant", "GetWeather", "PlayMusic", "RateBook", "SearchCreativeWork",
-           "SearchScreeningEvent")
-SYSTEM_PROMPT = ("Classify the user's request into exactly one of these intents: " + ", ".join(INTENTS) +
-                 ". Answer with the intent name only.")
 
 
 def find_snips(explicit: str | None = None) -> Path:
@@ -29,15 +29,8 @@ def find_snips(explicit: str | None = None) -> Path:
 
 
 def read_split(snips: Path, split: str, intent: str) -> list[str]:
-    path = snips / f"{split}_{intent}.json"
-    records = json.loads(path.read_text(encoding="utf-8"))[intent]
-    texts = []
-    for i, record in enumerate(records):
-        text = "".join(piece["text"] for piece in record["data"]).strip()
-        if not text:
-            raise ValueError(f"{path}: record {i} has no text")
-        texts.append(text)
-    return texts
+    """The utterances of one intent's file of one split (``train`` or ``validate``)."""
+    return [text for text, label, _, _ in read_snips(snips / f"{split}_{intent}.json") if label == intent]
 
 
 def example(text: str, intent: str) -> dict:

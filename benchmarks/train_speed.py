@@ -23,7 +23,6 @@ count for every arm) over the machine's measured matrix-multiply peak.
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import platform
@@ -36,11 +35,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+from fewtune.data.formats import DataError  # noqa: E402
+from fewtune.data.snips import SYSTEM_PROMPT, snips_records  # noqa: E402  (the one SNIPS reader and prompt)
 
 SNIPS = ROOT.parent / "shared" / "data" / "snips"
-SYSTEM_PROMPT = ("Classify the user request into exactly one of these intents: AddToPlaylist, BookRestaurant, "
-                 "GetWeather, PlayMusic, RateBook, SearchCreativeWork (movies, shows, songs, books), "
-                 "SearchScreeningEvent (movie showtimes). Reply with the intent name only.")
 PROFILE_STEPS = 2  # with --profile: extra steps after the timed ones, run under torch.profiler
 CATEGORIES = (  # (label, substrings of aten op names), for the "where the time goes" line
     ("matrix multiplies", ("aten::mm", "aten::addmm", "aten::bmm")),
@@ -60,15 +58,12 @@ ARMS = {
 # ------------------------------------------------------------------ data and configuration
 
 def snips_rows(snips_dir: Path, limit: int | None) -> list[dict]:
-    files = sorted(glob.glob(str(snips_dir / "train_*.json")))
-    if not files:
-        sys.exit(f"SNIPS data not found under {snips_dir} (expected train_<Intent>.json files from "
+    try:
+        records = snips_records(snips_dir, "intent", "train")
+    except DataError as err:
+        sys.exit(f"SNIPS data not read: {err} (expected the train_<Intent>.json files of "
                  "snipsco/nlu-benchmark; pass --snips DIR)")
-    rows = []
-    for path in files:
-        for intent, items in json.loads(Path(path).read_text(encoding="utf-8")).items():
-            for item in items:
-                rows.append({"text": "".join(p["text"] for p in item["data"]).strip(), "label": intent})
+    rows = [{"text": r["text"], "label": r["label"]} for r in records]
     if limit:  # an even spread over the intents, not the first intent only
         rows = rows[::max(1, len(rows) // limit)][:limit]
     return rows

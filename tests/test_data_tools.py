@@ -214,6 +214,12 @@ def test_snips_to_classification_and_slots(tmp_path):
         snips_records(folder, "intent", "train")
 
 
+def test_one_snips_system_prompt_names_every_intent():
+    from fewtune.data.snips import INTENTS, SYSTEM_PROMPT
+
+    assert len(INTENTS) == 7 and all(intent in SYSTEM_PROMPT for intent in INTENTS)
+
+
 # ---------------------------------------------------------------- mix
 
 

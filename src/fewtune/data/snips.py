@@ -8,6 +8,9 @@ pieces; pieces with an ``entity`` are slot values. Two tasks come out of it:
 - ``intent``: classification records ``{"text", "label"}``;
 - ``slots``: prompt/completion records whose completion is the JSON
   ``{"intent": ..., "slots": {slot: value}}`` (a slot named twice gets a list of values).
+
+``SYSTEM_PROMPT`` is the one system message the SNIPS benchmarks give intent classification,
+so the base model and the fine-tuned run see identical prompts.
 """
 
 from __future__ import annotations
@@ -18,6 +21,10 @@ from pathlib import Path
 from fewtune.data.formats import DataError
 
 TASKS = ("intent", "slots")
+INTENTS = ("AddToPlaylist", "BookRestaurant", "GetWeather", "PlayMusic", "RateBook", "SearchCreativeWork",
+           "SearchScreeningEvent")  # the 2017 custom intent engines
+SYSTEM_PROMPT = ("Classify the user's request into exactly one of these intents: " + ", ".join(INTENTS) +
+                 ". Answer with the intent name only.")
 
 
 def snips_files(path: str | Path, split: str = "train") -> list[Path]:
