@@ -24,8 +24,15 @@ def export_merged(run_dir: str | Path, out_dir: str | Path) -> Path:
     check_run_dir(run_dir)  # format, config.yaml, template.json, tokenizer/: before the weights are loaded
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"--merged {out_dir} is a file: give a folder for the merged model")
-    from fewtune.methods import check_mergeable
+    from fewtune.config import load_config
+    from fewtune.methods import check_mergeable, get_method
 
+    method = load_config(run_dir / "config.yaml").method.name
+    if not get_method(method).mergeable:  # said before the model is loaded, from the method's registry entry
+        from fewtune.methods import MethodError
+
+        raise MethodError(f"a {method} run cannot be merged into a plain model: its virtual tokens are not weights "
+                          "of the base. Use the run directory itself with `fewtune generate RUN_DIR`.")
     loaded = load_for_inference(str(run_dir))
     model = loaded.model
     check_mergeable(model)
