@@ -97,3 +97,14 @@ def test_inference_imports_no_training_code():
     for module in ("fewtune.generate", "fewtune.export"):
         training = sorted(m for m in _reachable(graph, module) if m.startswith("fewtune.train"))
         assert training == [], f"{module} reaches {training}"
+
+
+def test_the_readme_layout_names_every_folder():
+    root = SRC.parent
+    readme = (root / "README.md").read_text(encoding="utf-8")
+    layout = readme[readme.index("## Layout"):]
+    folders = [p for p in (SRC / "fewtune").rglob("*") if p.is_dir() and "__pycache__" not in p.parts
+               and any(p.glob("*.py"))]
+    folders += [root / name for name in ("tests", "examples", "benchmarks", "docs")]
+    missing = [str(p.relative_to(root)) for p in folders if f"{p.relative_to(root).as_posix()}/" not in layout]
+    assert missing == []
