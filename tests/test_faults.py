@@ -254,6 +254,8 @@ def test_damaged_best_weights_end_the_run_on_its_last_weights_with_a_warning(mak
     with caplog.at_level(logging.WARNING, logger="fewtune.train.loop"):
         assert train(cfg, resume=True).steps == 6
     assert "the best weights in" in caplog.text and "are damaged (trainable.safetensors does not match" in caplog.text
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["best_weights_damaged"] and summary["best_step"] == 6  # it says which weights it kept
 
 
 def test_resume_refuses_a_run_directory_a_newer_fewtune_wrote(make_config, tmp_path):

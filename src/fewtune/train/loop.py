@@ -430,6 +430,7 @@ class Trainer:
         if damaged:  # e.g. a run directory copied in half between two sessions
             log.warning("the best weights in %s are damaged (%s): the run ends with the weights of its last step, %d",
                         best, damaged, s.step)
+            s.best_step = s.step  # what the run keeps, as summary.json and the curve's marked point say
         elif s.best_val is not None and best.exists():
             load_trainable_state(self.model, ckpt.load_weights(best))
             log.info("loaded the best weights (validation loss %.4f at step %d)", s.best_val, s.best_step)
@@ -443,7 +444,8 @@ class Trainer:
                        "trainable_params": self.trainable, "total_params": self.total,
                        "train_examples": len(self.train_set.items), "val_examples": len(self.val_set.items),
                        "dropped_examples": len(self.train_set.dropped) + len(self.val_set.dropped),
-                       "partly_truncated": self.train_set.partly_truncated, "train_tokens_seen": s.tokens}
+                       "partly_truncated": self.train_set.partly_truncated, "train_tokens_seen": s.tokens,
+                       "best_weights_damaged": bool(damaged)}
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             self._log({"step": s.step, "event": "end", **summary})
             from fewtune.plots import plot_loss_curve
