@@ -99,3 +99,72 @@ def test_non_utf8_and_empty(tmp_path):
     empty.write_text("  \n")
     with pytest.raises(DataError, match="empty"):
         load_examples(empty)
+
+
+# ---------------------------------------------------------------- the format registry
+
+from fewtune.data import formats  # noqa: E402
+from fewtune.data.collect import collect  # noqa: E402
+from fewtune.data.formats import (  # noqa: E402
+    FORMAT_REGISTRY,
+    FORMATS,
+    DataFormat,
+    Message,
+    detect_format,
+    prompt_conversation,
+    register_format,
+    to_record,
+)
+
+
+def test_formats_are_the_registry_and_detection_goes_by_priority():
+    assert FORMATS == ("prompt_completion", "messages", "alpaca", "sharegpt", "classification", "qa")
+    assert FORMATS == tuple(FORMAT_REGISTRY)
+    both = {"messages": [], "conversations": [], "instruction": "i", "output": "o", "prompt": "p", "completion": "c",
+            "question": "q", "answer": "a", "text": "t", "label": "l"}
+    for expected in ("messages", "sharegpt", "alpaca", "prompt_completion", "qa", "classification"):
+        assert detect_format(both) == expected
+        del both[next(k for k in FORMAT_REGISTRY[expected].fields)]
+    assert detect_format(both) is None
+    with pytest.raises(ValueError, match="registered already"):
+        register_format(DataFormat("qa", ("question", "answer"), prompt=formats._qa_prompt, reply="answer"))
+
+
+def test_a_record_that_is_only_a_prompt_is_read_as_its_format_reads_it():
+    def conv(record):
+        return [(m.role, m.content) for m in prompt_conversation(record, "p.jsonl", 3)]
+
+    assert conv({"prompt": "p"}) == [("user", "p")]
+    assert conv({"text": "t"}) == [("user", "t")]
+    assert conv({"question": "q", "context": "c"}) == [("user", "c\n\nq")]
+    assert conv({"instruction": "i", "input": "x", "system": "s", "history": [["u", "a"]]}) == [
+        ("system", "s"), ("user", "u"), ("assistant", "a"), ("user", "i\nx")]
+    assert conv({"input": "only"}) == [("user", "only")]
+    assert conv({"messages": [{"role": "user", "content": "m"}]}) == [("user", "m")]
+    full = {"question": "q", "context": "c", "answer": "a"}
+    assert conv(full) == conv({"question": "q", "context": "c"})
+    with pytest.raises(DataError, match=r"^p\.jsonl:3: field 'history': entry 0 must be"):
+        prompt_conversation({"instruction": "i", "history": [["u"]]}, "p.jsonl", 3)
+    with pytest.raises(DataError, match=r"^p\.jsonl:3: no prompt field found among \['foo'\]"):
+        prompt_conversation({"foo": 1}, "p.jsonl", 3)
+
+
+def test_a_new_format_is_one_entry(tmp_path):
+    """Registered, a format is detected, read, checked (with its own field names), written and prompted."""
+    entry = register_format(DataFormat("text_pair", ("input", "target"), prompt=formats._user_field("input"),
+                                       reply="target"))
+    try:
+        path = write_jsonl(tmp_path / "pairs.jsonl", [{"input": "a", "target": "b"}, {"input": "c", "target": " "}])
+        assert detect_format({"input": "a", "target": "b"}) == "text_pair"
+        data = collect(path)
+        assert data.fmt == "text_pair" and [roles(e) for e in data.examples] == [[("user", "a"), ("assistant", "b")]]
+        assert [(p.line, p.field, p.message) for p in data.problems] == [(2, "target", "is empty")]
+        with pytest.raises(DataError, match="field 'target': is empty"):
+            load_examples(path)
+        assert to_record(data.examples[0], "text_pair") == {"input": "a", "target": "b"}
+        assert to_record(data.examples[0], "qa") == {"question": "a", "answer": "b"}
+        assert prompt_conversation({"input": "a"}) == [Message("user", "a")]
+        assert entry.sources(data.examples[0], {}) == ["input", "target"]
+    finally:
+        del FORMAT_REGISTRY["text_pair"]
+    assert detect_format({"input": "a", "target": "b"}) is None

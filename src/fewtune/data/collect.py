@@ -3,7 +3,8 @@
 The strict loader (:func:`fewtune.data.formats.load_examples`) stops at the first problem,
 which is right for training. Checking needs the opposite: read everything that can be read,
 and say what is wrong with each of the rest. This module does that on top of the same
-functions (``read_records`` in collecting mode, ``detect_format``, ``convert_record``), so a
+functions (``read_records`` in collecting mode, ``detect_format``, ``convert_record``, and each
+format's registry entry for the fields it needs and the field each message came from), so a
 file that passes here loads the same way for training.
 """
 
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from fewtune.data.formats import (
-    FORMATS,
+    FORMAT_REGISTRY,
     DataError,
     Example,
     _apply_mapping,
@@ -27,18 +28,6 @@ from fewtune.data.formats import (
     detect_format,
     read_records,
 )
-
-# the fields each format needs; used to name what is missing when a record fits no format
-REQUIRED = {
-    "prompt_completion": ("prompt", "completion"),
-    "messages": ("messages",),
-    "alpaca": ("instruction", "output"),
-    "sharegpt": ("conversations",),
-    "classification": ("text", "label"),
-    "qa": ("question", "answer"),
-}
-OPTIONAL = {"alpaca": ("input", "system", "history"), "sharegpt": ("system", "tools"), "qa": ("context",),
-            "messages": ("label",)}
 
 
 @dataclass
@@ -112,8 +101,8 @@ def collect(path: str | Path, fmt: str = "auto", dataset: str | None = None,
         return out
     if mapped_fmt:
         fmt = mapped_fmt
-    if fmt != "auto" and fmt not in FORMATS:  # a usage error, not a problem of the file
-        raise ValueError(f"unknown format {fmt!r}; known formats: auto, {', '.join(FORMATS)}")
+    if fmt != "auto" and fmt not in FORMAT_REGISTRY:  # a usage error, not a problem of the file
+        raise ValueError(f"unknown format {fmt!r}; known formats: auto, {', '.join(FORMAT_REGISTRY)}")
     out = Collected(str(source), None if fmt == "auto" else fmt, their_names=dict(rename or {}))
     errors: list[DataError] = []
     rows = [(line, record) for line, record in read_records(source, errors)]
@@ -180,8 +169,13 @@ def _read_hint(reason: str) -> str:
 def _guess_format(records: list[dict]) -> str | None:
     """The format whose required fields the records share most (to name what is missing)."""
     keys = Counter(k for r in records for k in r)
-    best = max(FORMATS, key=lambda f: (sum(keys[k] for k in REQUIRED[f]), -len(REQUIRED[f])))
-    return best if any(keys[k] for k in REQUIRED[best]) else None
+    best = max(FORMAT_REGISTRY, key=lambda f: (sum(keys[k] for k in _fields(f)), -len(_fields(f))))
+    return best if any(keys[k] for k in _fields(best)) else None
+
+
+def _fields(fmt: str) -> tuple[str, ...]:
+    """The fields a record of the format needs (from its registry entry)."""
+    return FORMAT_REGISTRY[fmt].fields
 
 
 def _convert_all(out: Collected, rows: list[tuple[int, dict]], fmt: str, mapping: dict | None,
@@ -198,7 +192,7 @@ def _convert_all(out: Collected, rows: list[tuple[int, dict]], fmt: str, mapping
     if out.fmt is None:
         out.add("error", "schema", None, None, "no record looks like any supported format; fields seen: "
                 f"{sorted({k for _, r in renamed for k in r})}; expected e.g. "
-                + "; ".join(f"{f}: {', '.join(REQUIRED[f])}" for f in FORMATS))
+                + "; ".join(f"{f}: {', '.join(_fields(f))}" for f in FORMAT_REGISTRY))
         for line, _ in renamed:
             out.rejected.setdefault(line, []).append("no supported format")
         return
@@ -214,7 +208,7 @@ def _convert_all(out: Collected, rows: list[tuple[int, dict]], fmt: str, mapping
             out.add("error", "schema", line, err.field, err.reason + _missing_hint(err, record, out.fmt))
             continue
         raw = _apply_mapping(record, out.fmt, mapping) if mapping else record
-        example.meta["fields"] = _message_fields(example, raw, out.fmt)
+        example.meta["fields"] = FORMAT_REGISTRY[out.fmt].sources(example, raw)
         if not _structure_ok(out, example, line):
             continue
         out.examples.append(example)
@@ -223,34 +217,13 @@ def _convert_all(out: Collected, rows: list[tuple[int, dict]], fmt: str, mapping
 def _missing_hint(err: DataError, record: dict, fmt: str) -> str:
     if err.reason != "missing" or not err.field:
         return ""
-    known = set(REQUIRED.get(fmt, ())) | set(OPTIONAL.get(fmt, ()))
+    entry = FORMAT_REGISTRY[fmt]
+    known = set(entry.fields) | set(entry.optional)
     strangers = [k for k in record if k not in known]
     near = difflib.get_close_matches(err.field, strangers, n=1, cutoff=0.6)
     if near:
         return f" (the record has {near[0]!r}: a misspelling of {err.field!r}?)"
-    return f" ({fmt} records need {', '.join(REQUIRED[fmt])}; this one has {', '.join(sorted(record)) or 'no fields'})"
-
-
-def _message_fields(example: Example, raw: dict, fmt: str) -> list[str]:
-    """The field each message came from, so later checks can name it (``messages[2].content``)."""
-    n = len(example.messages)
-    if fmt == "prompt_completion":
-        return ["prompt", "completion"]
-    if fmt == "classification":
-        return ["text", "label"]
-    if fmt == "qa":
-        return ["question", "answer"]
-    if fmt == "messages":
-        return [f"messages[{i}].content" for i in range(n)]
-    if fmt == "sharegpt":
-        offset = n - len(raw.get("conversations") or [])  # a system turn made from `system`/`tools`
-        return ["system" if i < offset else f"conversations[{i - offset}].value" for i in range(n)]
-    names = []  # alpaca: [system] + history pairs + instruction/input + output
-    if example.messages[0].role == "system":
-        names.append("system")
-    for k in range(len(raw.get("history") or [])):
-        names += [f"history[{k}][0]", f"history[{k}][1]"]
-    return names + ["instruction", "output"]
+    return f" ({fmt} records need {', '.join(entry.fields)}; this one has {', '.join(sorted(record)) or 'no fields'})"
 
 
 def _role_field(example: Example, index: int) -> str:

@@ -9,6 +9,9 @@ Formats (detected from the fields of each record, or forced with ``format``):
 - ``classification``: ``{"text", "label"}``
 - ``qa``: ``{"question", "answer", "context"?}``
 
+Each format is one entry of ``FORMAT_REGISTRY`` (:func:`register_format`): its fields, reader,
+writer and detection priority; ``FORMATS`` lists the names.
+
 Files: JSON lines, a JSON array, or CSV; or a LLaMA-Factory ``dataset_info.json`` with a
 dataset name, whose column mapping is honoured. Every problem is reported with the file,
 the 1-based line and the field.
@@ -26,16 +29,17 @@ import json
 import logging
 import re
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
-FORMATS = ("prompt_completion", "messages", "alpaca", "sharegpt", "classification", "qa")
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {
     "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
     "function_call": "assistant", "observation": "tool", "tool": "tool", "function": "tool",
 }
+SHAREGPT_TAGS = {"user": "human", "assistant": "gpt", "tool": "observation", "system": "system"}
 log = logging.getLogger(__name__)
 
 
@@ -587,24 +591,154 @@ def _csv_rows(path: Path, text: str, delimiter: str, problems: list[DataError] |
         yield start, dict(zip(header, row))
 
 
-# ---------------------------------------------------------------- detecting and converting
+# ---------------------------------------------------------------- the formats: one registry entry each
+#
+# A format is one ``DataFormat`` entry: the fields that identify it, how a record of it is read
+# (record -> Example) and written (Example -> record, for `data convert --to`), and where it
+# stands when a record fits more than one format. Detection, reading, the strict loader, `data
+# check`'s field names, `data convert` and `generate --input` all read this table.
+
+PromptReader = Callable[[dict, str, int], list[Message]]
+
+
+@dataclass(frozen=True)
+class DataFormat:
+    """One data format.
+
+    Reading is ``read`` (record, file, line -> Example, a DataError naming the field), or, for a
+    format of one prompt and one reply, ``prompt`` (record, file, line -> the messages before the
+    reply) with ``reply`` (the field holding the reply): the reader is then the prompt plus the
+    reply as the assistant turn, and a record without the reply is a prompt that ``generate
+    --input`` reads with ``prompt`` alone, so inference is given exactly what training renders.
+    """
+
+    name: str
+    fields: tuple[str, ...]  # a record holding all of them is of this format; each one is required
+    read: Callable[[dict, str, int], Example] | None = None
+    prompt: PromptReader | None = None
+    reply: str | None = None
+    label: bool = False  # the reply is a class label (kept as Example.label for stratified splits and metrics)
+    write: Callable[[Example], dict] | None = None  # default for prompt/reply formats: one field each
+    optional: tuple[str, ...] = ()  # fields read when present (named in hints for misspelt fields)
+    priority: int = 100  # a record holding the fields of several formats is of the lowest
+    sources: Callable[[Example, dict], list[str]] | None = None  # the field each message came from, for `data check`
+    columns: Callable[[dict, dict], dict] | None = None  # a LLaMA-Factory dataset_info entry's renames
+
+    @property
+    def prompt_fields(self) -> tuple[str, ...]:
+        """The fields a record that is only a prompt holds (all of them for chat formats)."""
+        return tuple(f for f in self.fields if f != self.reply)
+
+
+FORMAT_REGISTRY: dict[str, DataFormat] = {}
+
+
+def register_format(fmt: DataFormat) -> DataFormat:
+    """Add a format to the table (filling in the reader, writer and field names a prompt/reply format implies)."""
+    if fmt.name in FORMAT_REGISTRY:
+        raise ValueError(f"data format {fmt.name!r} is registered already")
+    if fmt.read is None and (fmt.prompt is None or fmt.reply not in fmt.fields):
+        raise ValueError(f"data format {fmt.name!r} needs a reader, or a prompt reader and a reply among its fields")
+    if fmt.prompt is not None and fmt.reply is not None:
+        fmt = replace(fmt, read=fmt.read or partial(_read_prompt_reply, fmt),
+                      write=fmt.write or partial(_write_prompt_reply, fmt),
+                      sources=fmt.sources or partial(_prompt_reply_sources, fmt))
+    elif fmt.sources is None:
+        fmt = replace(fmt, sources=partial(_first_field_sources, fmt))
+    FORMAT_REGISTRY[fmt.name] = fmt
+    return fmt
+
+
+def get_format(fmt: str, file: str = "", line: int = 0) -> DataFormat:
+    """The registry entry of a format name; DataError (at ``file``:``line``) for an unknown one."""
+    if fmt not in FORMAT_REGISTRY:
+        raise DataError(file, line, f"unknown format '{fmt}'; known formats: {', '.join(FORMAT_REGISTRY)}")
+    return FORMAT_REGISTRY[fmt]
+
+
+def _by_priority() -> list[DataFormat]:
+    return sorted(FORMAT_REGISTRY.values(), key=lambda f: f.priority)  # stable: registration order breaks ties
 
 
 def detect_format(record: dict) -> str | None:
-    keys = set(record)
-    if "messages" in keys:
-        return "messages"
-    if "conversations" in keys:
-        return "sharegpt"
-    if "instruction" in keys and "output" in keys:
-        return "alpaca"
-    if "prompt" in keys and "completion" in keys:
-        return "prompt_completion"
-    if "question" in keys and "answer" in keys:
-        return "qa"
-    if "text" in keys and "label" in keys:
-        return "classification"
-    return None
+    """The format whose fields the record holds (the highest in priority when several fit), else None."""
+    return next((f.name for f in _by_priority() if all(k in record for k in f.fields)), None)
+
+
+def convert_record(record: dict, fmt: str, file: str = "", line: int = 0, mapping: dict | None = None) -> Example:
+    """Convert one record of a known format to an Example (DataError on schema problems)."""
+    if mapping:
+        record = _apply_mapping(record, fmt, mapping)
+    return get_format(fmt, file, line).read(record, file, line)
+
+
+def prompt_conversation(record: dict, file: str = "", line: int = 0) -> list[Message]:
+    """A record as the conversation a model continues at inference: what training renders, less the reply.
+
+    A record of a format is read as training reads it (its final assistant turn dropped); a
+    record that lacks only its reply (``prompt`` without ``completion``, ``text`` without
+    ``label``, a QA ``question`` and ``context`` without ``answer``, an alpaca ``instruction``
+    with ``system``/``history`` but no ``output``) is read by that format's prompt reader, the
+    one training uses too. A record holding only ``input`` is that text as the user turn.
+    """
+    fmt = detect_format(record)
+    if fmt is not None:
+        return convert_record(record, fmt, file, line).prompt_messages
+    for entry in _by_priority():
+        if entry.prompt is not None and all(k in record for k in entry.prompt_fields):
+            return entry.prompt(record, file, line)
+    if isinstance(record.get("input"), str):  # an alpaca input with no instruction: what `generate` always took
+        return [Message("user", record["input"])]
+    raise DataError(file, line, f"no prompt field found among {sorted(record)}")
+
+
+def get_writer(fmt: str) -> Callable[[Example], dict]:
+    """The format's writer (Example -> record), or ValueError naming the formats that can be written."""
+    entry = FORMAT_REGISTRY.get(fmt)
+    if entry is None or entry.write is None:
+        known = [name for name, e in FORMAT_REGISTRY.items() if e.write is not None]
+        raise ValueError(f"unknown target format {fmt!r}; use one of {', '.join(known)}")
+    return entry.write
+
+
+def to_record(example: Example, fmt: str) -> dict:
+    """One Example in a format; DataError when the format cannot hold the conversation."""
+    return get_writer(fmt)(example)
+
+
+def _apply_mapping(record: dict, fmt: str, mapping: dict) -> dict:
+    """Rename a LLaMA-Factory dataset_info entry's columns and tags to this module's names."""
+    entry = FORMAT_REGISTRY.get(fmt)
+    return entry.columns(record, mapping) if entry is not None and entry.columns else dict(record)
+
+
+def _read_prompt_reply(fmt: DataFormat, record: dict, file: str, line: int) -> Example:
+    msgs = fmt.prompt(record, file, line)
+    reply = _text(record, fmt.reply, file, line)
+    return Example([*msgs, Message("assistant", reply)], file, line, label=reply if fmt.label else None)
+
+
+def _prompt_reply_sources(fmt: DataFormat, example: Example, raw: dict) -> list[str]:
+    return [fmt.prompt_fields[0]] * (len(example.messages) - 1) + [fmt.reply]
+
+
+def _first_field_sources(fmt: DataFormat, example: Example, raw: dict) -> list[str]:
+    return [fmt.fields[0]] * len(example.messages)
+
+
+def _single_turn(example: Example, what: str) -> tuple[str, str]:
+    roles = [m.role for m in example.messages]
+    if roles != ["user", "assistant"]:
+        raise DataError(example.source, example.line, f"{what} holds one prompt and one reply; this example has the "
+                        f"turns {'/'.join(roles)} (use messages, sharegpt or alpaca)")
+    return example.messages[0].content, example.messages[1].content
+
+
+def _write_prompt_reply(fmt: DataFormat, example: Example) -> dict:
+    prompt, reply = _single_turn(example, fmt.name)
+    if fmt.label and example.label is not None:
+        reply = example.label
+    return {fmt.prompt_fields[0]: prompt, fmt.reply: reply}
 
 
 def _text(record: dict, key: str, file: str, line: int, required: bool = True) -> str:
@@ -639,59 +773,6 @@ def _content(value: Any, file: str, line: int, where: str) -> str:
     raise DataError(file, line, f"content must be a string, got {type(value).__name__}", where)
 
 
-def convert_record(record: dict, fmt: str, file: str = "", line: int = 0, mapping: dict | None = None) -> Example:
-    """Convert one record of a known format to an Example (DataError on schema problems)."""
-    if mapping:
-        record = _apply_mapping(record, fmt, mapping)
-    if fmt == "prompt_completion":
-        msgs = [Message("user", _text(record, "prompt", file, line)),
-                Message("assistant", _text(record, "completion", file, line))]
-        return Example(msgs, file, line)
-    if fmt == "classification":
-        text = _text(record, "text", file, line)
-        label = _text(record, "label", file, line)
-        return Example([Message("user", text), Message("assistant", label)], file, line, label=label)
-    if fmt == "qa":
-        question = _text(record, "question", file, line)
-        context = _text(record, "context", file, line, required=False)
-        prompt = f"{context}\n\n{question}" if context.strip() else question
-        return Example([Message("user", prompt), Message("assistant", _text(record, "answer", file, line))], file, line)
-    if fmt == "alpaca":
-        msgs = []
-        system = _text(record, "system", file, line, required=False)
-        if system.strip():
-            msgs.append(Message("system", system))
-        history = record.get("history") or []
-        if not isinstance(history, list):
-            raise DataError(file, line, "must be a list of [user, assistant] pairs", "history")
-        for i, pair in enumerate(history):
-            if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(t, str) for t in pair)):
-                raise DataError(file, line, f"entry {i} must be a [user, assistant] pair of strings", "history")
-            msgs += [Message("user", pair[0]), Message("assistant", pair[1])]
-        instruction = _text(record, "instruction", file, line)
-        extra = _text(record, "input", file, line, required=False)
-        msgs.append(Message("user", f"{instruction}\n{extra}" if extra.strip() else instruction))
-        msgs.append(Message("assistant", _text(record, "output", file, line)))
-        return Example(msgs, file, line)
-    if fmt == "messages":
-        label = record.get("label")
-        if isinstance(label, (dict, list)):  # a label is one class name; a structure cannot be counted or split by
-            raise DataError(file, line, f"must be a string, got {type(label).__name__}", "label")
-        return Example(_messages(record.get("messages"), "messages", "role", "content", None, file, line), file, line,
-                       label=label)
-    if fmt == "sharegpt":
-        msgs = _messages(record.get("conversations"), "conversations", "from", "value", SHAREGPT_ROLES, file, line)
-        system = record.get("system")
-        tools = record.get("tools")
-        if tools:
-            tools_text = tools if isinstance(tools, str) else json.dumps(tools, ensure_ascii=False)
-            system = (f"{system}\n\n" if system else "") + f"Available tools:\n{tools_text}"
-        if system and not (msgs and msgs[0].role == "system"):
-            msgs.insert(0, Message("system", system))
-        return Example(msgs, file, line)
-    raise DataError(file, line, f"unknown format '{fmt}'; known formats: {', '.join(FORMATS)}")
-
-
 def _messages(turns: Any, key: str, role_key: str, content_key: str, roles: dict | None, file: str, line: int) -> list[Message]:
     if not isinstance(turns, list) or not turns:
         raise DataError(file, line, "must be a non-empty list of turns", key)
@@ -718,31 +799,146 @@ def _messages(turns: Any, key: str, role_key: str, content_key: str, roles: dict
     return msgs
 
 
-def _apply_mapping(record: dict, fmt: str, mapping: dict) -> dict:
-    """Rename a LLaMA-Factory dataset_info entry's columns and tags to this module's names."""
-    columns = mapping.get("columns", {})
-    tags = mapping.get("tags", {})
-    out = dict(record)
-    if fmt == "alpaca":
-        for ours, default in (("instruction", "prompt"), ("input", "query"), ("output", "response"),
-                              ("system", "system"), ("history", "history")):
-            source = columns.get(default)
-            if source and source in record:
-                out[ours] = record[source]
-    elif fmt == "sharegpt":
-        source = columns.get("messages", "conversations")
-        role_tag, content_tag = tags.get("role_tag", "from"), tags.get("content_tag", "value")
-        role_names = {tags.get("user_tag", "human"): "human", tags.get("assistant_tag", "gpt"): "gpt",
-                      tags.get("system_tag", "system"): "system", tags.get("observation_tag", "observation"): "observation",
-                      tags.get("function_tag", "function_call"): "function_call"}
-        out["conversations"] = [
-            {"from": role_names.get(t.get(role_tag), t.get(role_tag)), "value": t.get(content_tag)} if isinstance(t, dict) else t
-            for t in (record.get(source) or [])
-        ]
-        for key in ("system", "tools"):
-            if columns.get(key) in record:
-                out[key] = record[columns[key]]
+def _user_field(key: str) -> PromptReader:
+    """The prompt reader of a format whose prompt is one field, as the user turn."""
+    return lambda record, file, line: [Message("user", _text(record, key, file, line))]
+
+
+# qa
+
+def _qa_prompt(record: dict, file: str, line: int) -> list[Message]:
+    question = _text(record, "question", file, line)
+    context = _text(record, "context", file, line, required=False)
+    return [Message("user", f"{context}\n\n{question}" if context.strip() else question)]
+
+
+# messages
+
+def _read_messages(record: dict, file: str, line: int) -> Example:
+    label = record.get("label")
+    if isinstance(label, (dict, list)):  # a label is one class name; a structure cannot be counted or split by
+        raise DataError(file, line, f"must be a string, got {type(label).__name__}", "label")
+    return Example(_messages(record.get("messages"), "messages", "role", "content", None, file, line), file, line,
+                   label=label)
+
+
+def _messages_sources(example: Example, raw: dict) -> list[str]:
+    return [f"messages[{i}].content" for i in range(len(example.messages))]
+
+
+# alpaca
+
+def _alpaca_prompt(record: dict, file: str, line: int) -> list[Message]:
+    msgs = []
+    system = _text(record, "system", file, line, required=False)
+    if system.strip():
+        msgs.append(Message("system", system))
+    history = record.get("history") or []
+    if not isinstance(history, list):
+        raise DataError(file, line, "must be a list of [user, assistant] pairs", "history")
+    for i, pair in enumerate(history):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(t, str) for t in pair)):
+            raise DataError(file, line, f"entry {i} must be a [user, assistant] pair of strings", "history")
+        msgs += [Message("user", pair[0]), Message("assistant", pair[1])]
+    instruction = _text(record, "instruction", file, line)
+    extra = _text(record, "input", file, line, required=False)
+    msgs.append(Message("user", f"{instruction}\n{extra}" if extra.strip() else instruction))
+    return msgs
+
+
+def _write_alpaca(example: Example) -> dict:
+    msgs = example.messages
+    body: list[Message] = msgs[1:] if msgs and msgs[0].role == "system" else msgs
+    pairs = [body[i: i + 2] for i in range(0, len(body), 2)]
+    if not pairs or any([m.role for m in p] != ["user", "assistant"] for p in pairs):
+        raise DataError(example.source, example.line, "alpaca holds user/assistant pairs (after an optional system "
+                        f"turn); this example has the turns {'/'.join(m.role for m in msgs)} (use messages or sharegpt)")
+    row: dict[str, Any] = {"instruction": pairs[-1][0].content, "input": "", "output": pairs[-1][1].content}
+    if body is not msgs:
+        row["system"] = msgs[0].content
+    if len(pairs) > 1:
+        row["history"] = [[u.content, a.content] for u, a in pairs[:-1]]
+    return row
+
+
+def _alpaca_sources(example: Example, raw: dict) -> list[str]:
+    names = ["system"] if example.messages[0].role == "system" else []
+    for k in range(len(raw.get("history") or [])):
+        names += [f"history[{k}][0]", f"history[{k}][1]"]
+    return names + ["instruction", "output"]
+
+
+def _alpaca_columns(record: dict, mapping: dict) -> dict:
+    columns, out = mapping.get("columns", {}), dict(record)
+    for ours, default in (("instruction", "prompt"), ("input", "query"), ("output", "response"),
+                          ("system", "system"), ("history", "history")):
+        source = columns.get(default)
+        if source and source in record:
+            out[ours] = record[source]
     return out
+
+
+# sharegpt
+
+def _read_sharegpt(record: dict, file: str, line: int) -> Example:
+    msgs = _messages(record.get("conversations"), "conversations", "from", "value", SHAREGPT_ROLES, file, line)
+    system = record.get("system")
+    tools = record.get("tools")
+    if tools:
+        tools_text = tools if isinstance(tools, str) else json.dumps(tools, ensure_ascii=False)
+        system = (f"{system}\n\n" if system else "") + f"Available tools:\n{tools_text}"
+    if system and not (msgs and msgs[0].role == "system"):
+        msgs.insert(0, Message("system", system))
+    return Example(msgs, file, line)
+
+
+def _write_sharegpt(example: Example) -> dict:
+    msgs = example.messages
+    system = msgs[0].content if msgs and msgs[0].role == "system" else None
+    turns = msgs[1:] if system is not None else msgs
+    row = {"conversations": [{"from": SHAREGPT_TAGS[m.role], "value": m.content} for m in turns]}
+    return {**row, "system": system} if system is not None else row
+
+
+def _sharegpt_sources(example: Example, raw: dict) -> list[str]:
+    n = len(example.messages)
+    offset = n - len(raw.get("conversations") or [])  # a system turn made from `system`/`tools`
+    return ["system" if i < offset else f"conversations[{i - offset}].value" for i in range(n)]
+
+
+def _sharegpt_columns(record: dict, mapping: dict) -> dict:
+    columns, tags, out = mapping.get("columns", {}), mapping.get("tags", {}), dict(record)
+    source = columns.get("messages", "conversations")
+    role_tag, content_tag = tags.get("role_tag", "from"), tags.get("content_tag", "value")
+    role_names = {tags.get("user_tag", "human"): "human", tags.get("assistant_tag", "gpt"): "gpt",
+                  tags.get("system_tag", "system"): "system", tags.get("observation_tag", "observation"): "observation",
+                  tags.get("function_tag", "function_call"): "function_call"}
+    out["conversations"] = [
+        {"from": role_names.get(t.get(role_tag), t.get(role_tag)), "value": t.get(content_tag)} if isinstance(t, dict) else t
+        for t in (record.get(source) or [])
+    ]
+    for key in ("system", "tools"):
+        if columns.get(key) in record:
+            out[key] = record[columns[key]]
+    return out
+
+
+for _entry in (  # FORMATS keeps this order; detection goes by priority
+    DataFormat("prompt_completion", ("prompt", "completion"), prompt=_user_field("prompt"), reply="completion",
+               priority=40),
+    DataFormat("messages", ("messages",), read=_read_messages, write=Example.to_dict, optional=("label",),
+               priority=10, sources=_messages_sources),
+    DataFormat("alpaca", ("instruction", "output"), prompt=_alpaca_prompt, reply="output", write=_write_alpaca,
+               optional=("input", "system", "history"), priority=30, sources=_alpaca_sources, columns=_alpaca_columns),
+    DataFormat("sharegpt", ("conversations",), read=_read_sharegpt, write=_write_sharegpt, optional=("system", "tools"),
+               priority=20, sources=_sharegpt_sources, columns=_sharegpt_columns),
+    DataFormat("classification", ("text", "label"), prompt=_user_field("text"), reply="label", label=True,
+               priority=60),
+    DataFormat("qa", ("question", "answer"), prompt=_qa_prompt, reply="answer", optional=("context",), priority=50),
+):
+    register_format(_entry)
+
+FORMATS = tuple(FORMAT_REGISTRY)  # the names (config's data.format); code here reads the registry itself
 
 
 def _resolve_source(path: Path, dataset: str | None,
@@ -769,9 +965,9 @@ def _resolve_source(path: Path, dataset: str | None,
         if key in entry and not isinstance(entry[key], kind):
             raise DataError(where, None, f"dataset {dataset!r}: {key!r} must be "
                             f"{'a string' if kind is str else 'an object'}, got {type(entry[key]).__name__}")
-    if fmt not in FORMATS:
+    if fmt not in FORMAT_REGISTRY:
         raise DataError(where, None, f"dataset {dataset!r}: unknown formatting {fmt!r}; fewtune reads "
-                        f"{', '.join(FORMATS)}")
+                        f"{', '.join(FORMAT_REGISTRY)}")
     return path.parent / entry["file_name"], fmt, entry
 
 
@@ -804,7 +1000,7 @@ def load_examples(path: str | Path, fmt: str = "auto", dataset: str | None = Non
         record_fmt = fmt if fmt != "auto" else detect_format(record)
         if record_fmt is None:
             raise DataError(str(source), line, f"cannot tell the format from the fields {sorted(record)}; "
-                            f"set data.format to one of {', '.join(FORMATS)}")
+                            f"set data.format to one of {', '.join(FORMAT_REGISTRY)}")
         seen_formats.add(record_fmt)
         if len(seen_formats) > 1:
             raise DataError(str(source), line, f"mixed formats in one file: {' and '.join(sorted(seen_formats))}")

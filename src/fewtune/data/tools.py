@@ -12,16 +12,12 @@ import logging
 import random
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 from fewtune.data.collect import Collected
 from fewtune.data.dataset import split_examples
-from fewtune.data.formats import DataError, Example, Message
+from fewtune.data.formats import DataError, Example, get_writer, to_record
 
 log = logging.getLogger(__name__)
-
-TARGETS = ("messages", "sharegpt", "alpaca", "prompt_completion", "classification", "qa")
-SHAREGPT_TAGS = {"user": "human", "assistant": "gpt", "tool": "observation", "system": "system"}
 
 
 def load_checked(path: str | Path, fmt: str = "auto", dataset: str | None = None,
@@ -113,49 +109,6 @@ def kfold_examples(examples: list[Example], k: int, seed: int) -> list[list[Exam
 # ---------------------------------------------------------------- convert
 
 
-def to_record(example: Example, fmt: str) -> dict:
-    """One Example in a target format; DataError when the format cannot hold the conversation."""
-    msgs = example.messages
-    roles = [m.role for m in msgs]
-    where = (example.source, example.line)
-
-    def single_turn(what: str) -> tuple[str, str]:
-        if roles != ["user", "assistant"]:
-            raise DataError(*where, f"{what} holds one prompt and one reply; this example has the turns "
-                            f"{'/'.join(roles)} (use messages, sharegpt or alpaca)")
-        return msgs[0].content, msgs[1].content
-
-    if fmt == "messages":
-        return example.to_dict()
-    if fmt == "sharegpt":
-        system = msgs[0].content if msgs and msgs[0].role == "system" else None
-        turns = msgs[1:] if system is not None else msgs
-        row = {"conversations": [{"from": SHAREGPT_TAGS[m.role], "value": m.content} for m in turns]}
-        return {**row, "system": system} if system is not None else row
-    if fmt == "alpaca":
-        body: list[Message] = msgs[1:] if msgs and msgs[0].role == "system" else msgs
-        pairs = [body[i: i + 2] for i in range(0, len(body), 2)]
-        if not pairs or any([m.role for m in p] != ["user", "assistant"] for p in pairs):
-            raise DataError(*where, f"alpaca holds user/assistant pairs (after an optional system turn); this "
-                            f"example has the turns {'/'.join(roles)} (use messages or sharegpt)")
-        row: dict[str, Any] = {"instruction": pairs[-1][0].content, "input": "", "output": pairs[-1][1].content}
-        if body is not msgs:
-            row["system"] = msgs[0].content
-        if len(pairs) > 1:
-            row["history"] = [[u.content, a.content] for u, a in pairs[:-1]]
-        return row
-    if fmt == "prompt_completion":
-        prompt, completion = single_turn("prompt_completion")
-        return {"prompt": prompt, "completion": completion}
-    if fmt == "qa":
-        question, answer = single_turn("qa")
-        return {"question": question, "answer": answer}
-    if fmt == "classification":
-        text, reply = single_turn("classification")
-        return {"text": text, "label": example.label if example.label is not None else reply}
-    raise ValueError(f"unknown target format {fmt!r}; use one of {', '.join(TARGETS)}")
-
-
 def convert_examples(examples: list[Example], fmt: str) -> list[dict]:
     rows, unfit = [], []
     for example in examples:
@@ -173,8 +126,7 @@ def convert_examples(examples: list[Example], fmt: str) -> list[dict]:
 def convert_file(path: str | Path, out: str | Path, to: str, fmt: str = "auto", dataset: str | None = None,
                  rename: dict[str, str] | None = None, encoding: str | None = None) -> int:
     """Convert a data file to another format (JSON lines); returns the number of examples written."""
-    if to not in TARGETS:
-        raise ValueError(f"unknown target format {to!r}; use one of {', '.join(TARGETS)}")
+    get_writer(to)  # an unknown --to stops before the input is read
     data = load_checked(path, fmt, dataset, rename, encoding)
     write_jsonl(out, convert_examples(data.examples, to))
     return len(data.examples)
