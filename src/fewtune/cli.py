@@ -149,22 +149,6 @@ def train(
         typer.echo(f"report: {_run(build_report, result.run_dir)}")
 
 
-def _prompt_conversation(record: dict, path: str, line: int):
-    """An input record as the conversation to continue: any data format, or just a prompt."""
-    from fewtune.data.formats import DataError, Message, convert_record, detect_format
-
-    fmt = detect_format(record)
-    if fmt is not None:
-        return convert_record(record, fmt, path, line).prompt_messages
-    for key in ("prompt", "text", "question", "instruction", "input"):
-        if isinstance(record.get(key), str):
-            text = record[key]
-            if key == "instruction" and record.get("input"):
-                text = f"{text}\n{record['input']}"
-            return [Message("user", text)]
-    raise DataError(path, line, f"no prompt field found among {sorted(record)}")
-
-
 @app.command()
 def generate(
     target: Annotated[str, typer.Argument(help="run directory, model folder, .gguf file or model name")],
@@ -185,7 +169,7 @@ def generate(
 ):
     """Batched generation with the run's own template."""
     _setup_logging()
-    from fewtune.data.formats import Message, read_records
+    from fewtune.data.formats import Message, prompt_conversation, read_records
     from fewtune.generate import check_prompts, check_target, generate as run_generate, load_for_inference
 
     gen = _run(_generate_section, config, dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
@@ -206,7 +190,7 @@ def generate(
     if input:
         for line, record in _run(lambda: list(read_records(input))):
             records.append(record)
-            conversations.append(_run(_prompt_conversation, record, str(input), line))
+            conversations.append(_run(prompt_conversation, record, str(input), line))  # as training reads it
             names.append(f"{input} line {line}")
     _run(check_prompts, None, conversations, gen.max_new_tokens, names)  # empty ones: before loading the model
     loaded = _run(load_for_inference, target, system_prompt=system, merge=True)
