@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from fewtune.data.formats import FORMATS
 from fewtune.methods import DEFAULT_LR, METHOD_NAMES
 
 
@@ -45,7 +46,7 @@ class DataSection(Section):
     train: str | None = None
     validation: str | None = None  # a file; when empty, val_ratio of train is held out
     val_ratio: float = Field(0.1, ge=0.0, lt=1.0)
-    format: Literal["auto", "prompt_completion", "messages", "alpaca", "sharegpt", "classification", "qa"] = "auto"
+    format: Literal[("auto", *FORMATS)] = "auto"  # the entries of fewtune.data.formats' table
     dataset: str | None = None  # name inside a LLaMA-Factory dataset_info.json given as `train`
     system_prompt: str | None = None  # used when an example has no system message of its own
     max_length: int = Field(512, gt=8)
