@@ -273,8 +273,7 @@ def run_baseline(args, spec: dict) -> dict:
 
     cfg = make_config(args, spec["data"], "baseline", spec["run_dir"])
     tokenizer = load_tokenizer(cfg.model.name)
-    template = Template.for_tokenizer(tokenizer, cfg.model.template, cfg.model.separator, cfg.model.stop,
-                                      cfg.data.system_prompt)
+    template = Template.from_config(tokenizer, cfg)
     examples, _ = load_train_val(cfg.data)
     rendered = render_set(examples, tokenizer, template, cfg.data, "training").items
     rows = [{"input_ids": r.input_ids, "attention_mask": [1] * len(r),
@@ -421,8 +420,7 @@ def main() -> None:
     from fewtune.models import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model.name)
-    template = Template.for_tokenizer(tokenizer, cfg.model.template, cfg.model.separator, cfg.model.stop,
-                                      cfg.data.system_prompt)
+    template = Template.from_config(tokenizer, cfg)
     rendered = cached_render_set(load_train_val(cfg.data)[0], tokenizer, template, cfg.data, "training").items
     mean_len = sum(len(r) for r in rendered) / len(rendered)
     model_config = AutoConfig.from_pretrained(resolve_model_path(cfg.model.name))

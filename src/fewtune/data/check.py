@@ -148,8 +148,7 @@ def load_template(cfg: Config, model: str | None = None, tokenizer=None, kind: s
         except Exception as err:  # any failure to load only costs the token counts
             return None, None, f"token counts skipped: could not load the tokenizer of {model or cfg.model.name!r} ({err})"
     try:
-        template = Template.for_tokenizer(tokenizer, kind or cfg.model.template, cfg.model.separator, cfg.model.stop,
-                                          cfg.data.system_prompt)
+        template = Template.from_config(tokenizer, cfg, kind)
     except RenderError as err:
         return None, None, f"token counts skipped: {err}"
     return tokenizer, template, None

@@ -46,6 +46,13 @@ class Template:
             raise RenderError("the plain template needs a non-empty separator and stop")
         return cls(kind, separator, stop, system_prompt, tokenizer.chat_template if kind == "chat" else None)
 
+    @classmethod
+    def from_config(cls, tokenizer, cfg, kind: str | None = None) -> "Template":
+        """The template a config trains with: model.template (or ``kind``), its separator and stop, and
+        data.system_prompt. Every stage that renders from a config builds it here."""
+        return cls.for_tokenizer(tokenizer, kind or cfg.model.template, cfg.model.separator, cfg.model.stop,
+                                 cfg.data.system_prompt)
+
     def stop_strings(self, tokenizer) -> list[str]:
         """Strings that end a completion at inference (cut from the output)."""
         if self.kind == "plain":

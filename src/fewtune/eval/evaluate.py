@@ -312,16 +312,10 @@ def read_json(path: Path):
 
 def read_json_lines(path: Path) -> list:
     """A JSONL file a fewtune stage wrote (predictions, metrics), or EvalError naming the bad line."""
+    from fewtune.runlog import RunLogError, read_log
+
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise EvalError(f"{path} is damaged: not UTF-8 text") from None
-    rows = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise EvalError(f"{path}:{number} is damaged: not a JSON line ({err.msg})") from None
-    return rows
+        return read_log(path)
+    except RunLogError as err:
+        raise EvalError(str(err)) from None
 

@@ -9,7 +9,6 @@ the numbers it rests on.
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from collections import Counter
@@ -17,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fewtune.runinfo import MARKER, check_run_format
+from fewtune.runlog import numbered_records
 
 # thresholds, named so the report can quote them
 SPIKE_FACTOR = 2.0  # a train loss above this many times the median of the previous window
@@ -53,17 +53,7 @@ class Curves:
 
 
 def _json_objects(path: Path):
-    """(line number, object) for each non-blank line of a JSON-lines file; ValueError naming the bad line."""
-    for number, line in enumerate(_read_text(path).splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{number}: not a JSON line ({err.msg})") from None
-        if not isinstance(rec, dict):
-            raise ValueError(f"{path}:{number}: not a JSON object")
-        yield number, rec
+    return numbered_records(path)  # (RunLogError is a ValueError, as doctor's callers expect)
 
 
 def read_curves(path: str | Path) -> Curves:
@@ -241,13 +231,6 @@ def check_loss_metric_gap(c: Curves) -> list[Finding]:
                     {"metric": name, "best_loss_step": best_loss_step, "best_metric_step": best_step,
                      "best_metric": best, "metric_at_best_loss": at_loss_best, "selected_by": c.selected_by,
                      "others": {m: g[0] for m, g in gaps.items() if m != name}})]
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise ValueError(f"{path}: not UTF-8 text") from None
 
 
 def check_label_collapse(predictions: str | Path | None) -> list[Finding]:

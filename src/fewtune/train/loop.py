@@ -33,6 +33,7 @@ from fewtune.data.render import Template
 from fewtune.models import load_tokenizer
 from fewtune.methods import (apply_method, get_method, load_base, load_trainable_state, parameter_counts,
                              trainable_state)
+from fewtune import runlog
 from fewtune.runinfo import RunFormatError, check_run_format, write_marker
 from fewtune.train import checkpoint as ckpt
 from fewtune.train import fingerprint, runtime, validate
@@ -98,8 +99,7 @@ class Trainer:
     def _setup_data(self) -> None:
         cfg = self.cfg
         self.tokenizer = load_tokenizer(cfg.model.name)
-        self.template = Template.for_tokenizer(self.tokenizer, cfg.model.template, cfg.model.separator,
-                                               cfg.model.stop, cfg.data.system_prompt)
+        self.template = Template.from_config(self.tokenizer, cfg)
         train_examples, val_examples = load_train_val(cfg.data)
         train_examples = add_replay(train_examples, cfg, self.run_dir)
         cache = cfg.train.cache_tokenized
@@ -158,8 +158,7 @@ class Trainer:
 
     def _log(self, record: dict) -> None:
         if self.main:
-            with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(record) + "\n")
+            runlog.append(self.run_dir / "metrics.jsonl", record)
 
     def _wall_s(self) -> float:
         """Training time of the whole run: the earlier sessions (to their last checkpoint) plus this one."""
@@ -219,10 +218,8 @@ class Trainer:
                         f"{runtime.PRECISION_ENV} is set" if runtime.forced_precision() else "train.mixed_precision")
         self.state.mixed_precision = now
         # metrics written after that checkpoint belong to the lost tail of the interrupted run
-        path = self.run_dir / "metrics.jsonl"
-        if self.main and path.exists():
-            kept = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= self.state.step]
-            path.write_text("".join(line + "\n" for line in kept))
+        if self.main:
+            runlog.keep_until(self.run_dir / "metrics.jsonl", self.state.step)
         log.info("resumed from %s (step %d)", folder, self.state.step)
         return True
 
