@@ -11,6 +11,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from fewtune.cli_errors import fail as _fail, run_stage as _run
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Supervised fine-tuning for small data sets.")
 
@@ -33,64 +35,6 @@ def _setup_logging(verbose: bool = False) -> None:
         root.setLevel(logging.DEBUG if verbose else logging.INFO)
     for noisy in ("httpx", "urllib3", "accelerate", "transformers", "peft"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def _one_line(err: BaseException) -> str:
-    """What went wrong in one line, whatever raised it (OS errors as 'PATH: what', several lines joined)."""
-    import json as _json
-
-    if isinstance(err, OSError) and err.filename is not None and err.strerror:
-        text = f"{err.filename}: {err.strerror[:1].lower()}{err.strerror[1:]}"
-    elif isinstance(err, _json.JSONDecodeError):
-        text = f"not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})"
-    elif isinstance(err, UnicodeDecodeError):
-        text = f"not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start})"
-    else:
-        text = str(err) or type(err).__name__
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    out = lines[0] if lines else type(err).__name__
-    for line in lines[1:]:
-        out += (" " if out.endswith(":") else "; ") + line
-    return out
-
-
-def _fail(err: BaseException, code: int = 2) -> None:
-    typer.secho(f"error: {_one_line(err)}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code)
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """The errors bad input causes (a file missing, damaged or of the wrong kind, a bad value): one line, exit 2."""
-    import json as _json
-
-    import yaml
-
-    from fewtune.config import ConfigError
-    from fewtune.data.formats import DataError
-    from fewtune.data.render import RenderError
-    from fewtune.eval.evaluate import EvalError
-    from fewtune.generate import PromptError, RunDirError
-    from fewtune.models import ModelNotFoundError
-    from fewtune.runinfo import RunFormatError
-    from fewtune.methods import MethodError
-    from fewtune.train.loop import TrainingError
-
-    return (ConfigError, DataError, RenderError, ModelNotFoundError, TrainingError, EvalError, RunFormatError,
-            RunDirError, PromptError, MethodError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
-            PermissionError, FileExistsError, UnicodeDecodeError, yaml.YAMLError, _json.JSONDecodeError)
-
-
-def _run(fn, *args, **kwargs):
-    """Call a stage function, turning the errors users cause into one clear line."""
-    from fewtune.train.loop import Interrupted
-
-    try:
-        return fn(*args, **kwargs)
-    except Interrupted as err:
-        typer.secho(str(err), fg=typer.colors.YELLOW, err=True)
-        raise typer.Exit(err.exit_code)  # 130 after Ctrl-C, 143 after SIGTERM
-    except _user_errors() as err:
-        _fail(err)
 
 
 def _generate_section(config: Optional[Path], overrides: dict):

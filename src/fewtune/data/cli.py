@@ -24,16 +24,9 @@ EncodingOpt = Annotated[str, typer.Option(help="the input files' text encoding: 
 
 def _call(fn, *args, **kwargs):
     """Run a stage function; the errors users cause become one red line and exit code 2."""
-    from fewtune.config import ConfigError
-    from fewtune.data.formats import DataError
-    from fewtune.data.render import RenderError
-    from fewtune.models import ModelNotFoundError
+    from fewtune.cli_errors import run_stage
 
-    try:
-        return fn(*args, **kwargs)
-    except (ConfigError, DataError, RenderError, ModelNotFoundError, OSError, ValueError) as err:
-        typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2)
+    return run_stage(fn, *args, broad=True, **kwargs)
 
 
 def _note_encoding(encoding: str, *files: Path) -> None:
