@@ -25,7 +25,8 @@ from typer.testing import CliRunner
 from fewtune.data.check import check_data, collect_data
 from fewtune.data.clean import clean_data
 from fewtune.data.cli import app
-from fewtune.data.formats import DataError, detect_encoding, load_examples, read_records, split_lines
+from fewtune.data.encoding import detect_encoding, split_lines
+from fewtune.data.formats import DataError, load_examples, read_records
 
 FAST = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                         HealthCheck.data_too_large])

@@ -19,16 +19,8 @@ from fewtune.config import Config
 from fewtune.data import collect as _collect
 from fewtune.data.collect import Collected, Problem, collect
 from fewtune.data.duplicates import duplicate_problems, leakage_problems
-from fewtune.data.formats import (
-    ENCODING_NAMES,
-    DataError,
-    _resolve_source,
-    check_encoding,
-    encoding_name,
-    file_encoding,
-    read_records,
-    reading_encoding,
-)
+from fewtune.data.encoding import ENCODING_NAMES, check_encoding, encoding_name, file_encoding, reading_encoding
+from fewtune.data.formats import DataError, _resolve_source, read_records
 from fewtune.data.render import RenderError, Template
 from fewtune.data.stats import Measure, Settings, label_stats, length_stats, measure, size_stats
 from fewtune.data.textstats import has_cjk

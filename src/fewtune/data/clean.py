@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from fewtune.data.duplicates import exact_key
-from fewtune.data.formats import DataError, encoding_name, reading_codec, split_lines, without_bom
+from fewtune.data.encoding import encoding_name, reading_codec, split_lines, without_bom
+from fewtune.data.formats import DataError
 
 SAME_LINE = "starts on the same line as the one before it"  # the reader's reason for a one-line JSON array
 _UNDECODABLE = re.compile(r"not \S+ text")  # the reader's reason for bytes not in the file's encoding

@@ -33,7 +33,7 @@ def _note_encoding(encoding: str, *files: Path) -> None:
     """With --encoding auto, say which input was not UTF-8 and what it was read as."""
     if encoding.lower() != "auto":
         return
-    from fewtune.data.formats import encoding_name, file_encoding
+    from fewtune.data.encoding import encoding_name, file_encoding
 
     for file in files:
         codec = file_encoding(file)

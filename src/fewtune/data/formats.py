@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import bisect
 import codecs
-import contextlib
-import contextvars
 import csv
 import io
 import json
@@ -33,6 +31,10 @@ from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator
+
+from fewtune.data.encoding import (ENCODING_NAMES, LINE_BREAK, LINE_BREAK_BYTES, NON_ASCII_BYTES, ascii_compatible,
+                                   chosen_encoding, detect_encoding, encoding_name, read_hint, reading_codec, split_lines,
+                                   utf8_read_as_other, without_bom)
 
 ROLES = ("system", "user", "assistant", "tool")
 SHAREGPT_ROLES = {
@@ -96,142 +98,8 @@ class Example:
 # ---------------------------------------------------------------- reading files
 
 MAX_DEPTH = 100  # lists and objects inside each other; no data format nests anywhere near this deep
-_LINE_BREAK = re.compile(r"\r\n|\r|\n")  # what editors count as a line; str.splitlines also splits on U+2028 etc.
-_LINE_BREAK_BYTES = re.compile(rb"\r\n|\r|\n")
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abAB]|\\u[dD][c-fC-F]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
-_NON_ASCII = re.compile(r"[^\x00-\x7f]")
-_HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff]")
-_encoding: contextvars.ContextVar[str] = contextvars.ContextVar("fewtune_data_encoding", default="utf-8")
-
-ENCODING_NAMES = {  # where files in an encoding come from, to go with its name in messages
-    "gb18030": "Chinese text as Windows tools and Excel save it, code page 936",
-    "utf-16": "what Windows calls \"Unicode\", e.g. Excel's \"Unicode Text\"",
-    "utf-16-le": "what Windows calls \"Unicode\", here without a byte-order mark",
-    "utf-16-be": "without a byte-order mark",
-    "utf-32": "four bytes per character",
-}
-
-
-def check_encoding(encoding: str) -> str:
-    """``auto``, or the canonical name of a Python codec (``gbk`` -> ``gbk``); ValueError for an unknown one."""
-    if encoding.lower() == "auto":
-        return "auto"
-    try:
-        return codecs.lookup(encoding).name
-    except LookupError:
-        raise ValueError(f"unknown encoding {encoding!r}: use utf-8 (the default), auto (detect), or a Python codec "
-                         "name such as gb18030, gbk, utf-16, cp1252") from None
-
-
-@contextlib.contextmanager
-def reading_encoding(encoding: str | None) -> Iterator[None]:
-    """Inside the block, :func:`read_records` calls that name no ``encoding`` use this one.
-
-    The collecting reader (:func:`fewtune.data.collect.collect`) calls ``read_records``
-    without an encoding; ``data check``/``clean``/``split``/... set it around that call.
-    """
-    if not encoding:
-        yield
-        return
-    token = _encoding.set(check_encoding(encoding))
-    try:
-        yield
-    finally:
-        _encoding.reset(token)
-
-
-def _decodes(raw: bytes, codec: str) -> bool:
-    try:
-        raw.decode(codec)
-    except (UnicodeDecodeError, LookupError):
-        return False
-    return True
-
-
-def detect_encoding(raw: bytes) -> str | None:
-    """The encoding of a file's bytes when it can be told, else None.
-
-    ``utf-8``; ``utf-16``/``utf-32`` with a byte-order mark, ``utf-16-le``/``-be`` without one
-    (text that is mostly ASCII has a NUL byte in every other place); ``gb18030`` when the bytes
-    decode strictly as GB18030 (a superset of GBK) and the result is plausibly Chinese: the
-    non-ASCII characters are nearly all in GB2312, the common simplified set, with at least
-    one ideograph. (Latin-1 text also decodes as GB18030 now and then, but into rare
-    characters outside GB2312.)
-    """
-    if raw.startswith(codecs.BOM_UTF8):
-        return "utf-8" if _decodes(raw, "utf-8-sig") else None
-    if raw.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)) and _decodes(raw, "utf-32"):
-        return "utf-32"
-    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
-        return "utf-16" if _decodes(raw, "utf-16") else None
-    if _decodes(raw, "utf-8"):
-        return "utf-8"
-    head = raw[: 1 << 20]
-    if len(head) >= 4 and b"\x00" in head:
-        even, odd = head[0::2].count(0), head[1::2].count(0)
-        half = len(head) / 2
-        for nuls, other, codec in ((odd, even, "utf-16-le"), (even, odd, "utf-16-be")):
-            if nuls > 0.3 * half and other < 0.05 * half and _decodes(raw[: len(raw) // 2 * 2], codec):
-                return codec
-    try:
-        text = raw.decode("gb18030")
-    except UnicodeDecodeError:
-        return None
-    sample = _NON_ASCII.findall(text[: 1 << 20])
-    common = sum(_decodes_to(ch, "gb2312") for ch in sample)
-    if sample and common >= 0.9 * len(sample) and _HAN.search("".join(sample)):
-        return "gb18030"
-    return None
-
-
-def _decodes_to(ch: str, codec: str) -> bool:
-    try:
-        ch.encode(codec)
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def encoding_name(codec: str, raw: bytes = b"") -> str:
-    """How to name a detected encoding to a user (GBK when the bytes are GBK, GB18030 otherwise)."""
-    if codec == "gb18030":
-        return "GBK" if raw and _decodes(raw, "gbk") else "GB18030"
-    return codec.upper().replace("-LE", " little-endian").replace("-BE", " big-endian")
-
-
-def file_encoding(path: str | Path) -> str | None:
-    """:func:`detect_encoding` of a file (None when it cannot be read or told)."""
-    try:
-        return detect_encoding(Path(path).read_bytes())
-    except (OSError, MemoryError):
-        return None
-
-
-def _ascii_compatible(codec: str) -> bool:
-    try:
-        return "\n{}[],\"a".encode(codec) == b"\n{}[],\"a"
-    except (UnicodeEncodeError, LookupError):
-        return False
-
-
-def _read_hint(codec: str) -> str:
-    if codec == "utf-8":
-        return "leave out --encoding (UTF-8 is the default)"
-    return (f"read it with `--encoding {codec}` (or `--encoding auto`), or convert it to UTF-8: "
-            f"iconv -f {codec.upper()} -t UTF-8 FILE > FILE.utf8")
-
-
-def reading_codec(raw: bytes, encoding: str | None) -> str:
-    """The codec the readers decode ``raw`` with for ``encoding`` (UTF-8 as ``utf-8-sig``: a BOM is skipped)."""
-    encoding = check_encoding(encoding) if encoding else _encoding.get()
-    codec = (detect_encoding(raw) or "utf-8") if encoding == "auto" else encoding
-    return "utf-8-sig" if codec in ("utf-8", "utf-8-sig") else codec
-
-
-def split_lines(text: str) -> list[str]:
-    """The lines of a text as the readers number them: \\n, \\r\\n and a lone \\r end a line, nothing else."""
-    return _LINE_BREAK.split(text)
 
 
 def _decode(path: Path, raw: bytes, encoding: str, problems: list[DataError] | None) -> str:
@@ -240,9 +108,9 @@ def _decode(path: Path, raw: bytes, encoding: str, problems: list[DataError] | N
     if encoding == "auto" and codec != "utf-8-sig" and problems is None:
         # the strict reader (training) says so here; the data commands, which collect, report it themselves
         log.warning("%s: read as %s (detected by --encoding auto)", path, encoding_name(codec, raw))
-    if codec != "utf-8-sig" and _utf8_read_as_other(raw, codec):
-        first = _NON_ASCII_BYTES.search(raw)
-        line = len(_LINE_BREAK_BYTES.findall(raw, 0, first.start())) + 1 if first else 1
+    if codec != "utf-8-sig" and utf8_read_as_other(raw, codec):
+        first = NON_ASCII_BYTES.search(raw)
+        line = len(LINE_BREAK_BYTES.findall(raw, 0, first.start())) + 1 if first else 1
         raise DataError(str(path), line, f"the file is valid UTF-8 but it was to be read as {encoding_name(codec)}, "
                         "which would garble its text" + (" (the first non-ASCII character is on this line)" if first
                                                          else "") + ": leave out --encoding (UTF-8 is the default) or "
@@ -254,38 +122,17 @@ def _decode(path: Path, raw: bytes, encoding: str, problems: list[DataError] | N
     return without_bom(text, codec)
 
 
-def _utf8_read_as_other(raw: bytes, codec: str) -> bool:
-    """Whether valid UTF-8 would be garbled, without a trace, by reading it as ``codec``: never done.
-
-    For codecs that keep ASCII as it is (GB18030, cp1252), that is a file with non-ASCII bytes;
-    for UTF-16/32, any UTF-8 file without NUL bytes (their ASCII characters all hold one)."""
-    if not _decodes(raw, "utf-8"):
-        return False
-    if _ascii_compatible(codec):
-        return _NON_ASCII_BYTES.search(raw) is not None
-    return b"\x00" not in raw
-
-
-def without_bom(text: str, codec: str) -> str:
-    """The decoded text less a byte-order mark the codec keeps (utf-8-sig, utf-16 and utf-32 drop theirs)."""
-    keeps = codec.endswith(("-le", "-be"))
-    return text[1:] if keeps and text.startswith("\ufeff") else text
-
-
-_NON_ASCII_BYTES = re.compile(rb"[\x80-\xff]")
-
-
 def _undecodable(path: Path, raw: bytes, codec: str, err: UnicodeDecodeError,
                  problems: list[DataError] | None) -> str:
     utf8 = codec == "utf-8-sig"
     what = "UTF-8" if utf8 else encoding_name(codec)
     detected = detect_encoding(raw)
     hint = (f": the file looks like {encoding_name(detected, raw)} ({ENCODING_NAMES.get(detected, detected)}); "
-            f"{_read_hint(detected)}") if detected else ""
+            f"{read_hint(detected)}") if detected else ""
     # utf-8-sig counts positions after the byte-order mark
     at = err.start + (len(codecs.BOM_UTF8) if utf8 and raw.startswith(codecs.BOM_UTF8) else 0)
-    line = len(_LINE_BREAK_BYTES.findall(raw, 0, at)) + 1
-    if detected and not _ascii_compatible(detected) or not _ascii_compatible(codec.replace("-sig", "")):
+    line = len(LINE_BREAK_BYTES.findall(raw, 0, at)) + 1
+    if detected and not ascii_compatible(detected) or not ascii_compatible(codec.replace("-sig", "")):
         # UTF-16 read as UTF-8 (or the reverse) has no lines worth reporting one by one
         raise DataError(str(path), line, f"not {what} text (byte 0x{raw[at]:02x} at offset {at})"
                         + (hint or "; name the file's encoding with --encoding")) from None
@@ -294,7 +141,7 @@ def _undecodable(path: Path, raw: bytes, codec: str, err: UnicodeDecodeError,
         raise DataError(str(path), line, f"not {what} text (byte 0x{raw[at]:02x} at column {at - start + 1})"
                         + (hint or "; if the file is in another encoding, name it with --encoding (e.g. cp1252)")
                         ) from None
-    for number, chunk in enumerate(_LINE_BREAK_BYTES.split(raw), start=1):
+    for number, chunk in enumerate(LINE_BREAK_BYTES.split(raw), start=1):
         try:
             chunk.decode(codec if number == 1 else codec.replace("-sig", ""))
         except UnicodeDecodeError as bad:
@@ -322,7 +169,7 @@ def read_records(path: str | Path, problems: list[DataError] | None = None,
     never text read with replacement characters.
     """
     path = Path(path)
-    encoding = check_encoding(encoding) if encoding else _encoding.get()
+    encoding = chosen_encoding(encoding)
     if path.is_dir():
         yield from _stop(problems, DataError(str(path), None, "is a directory, not a data file"))
         return
@@ -404,8 +251,8 @@ def _parse(text: str, decoder: json.JSONDecoder | None = None, pos: int = 0) -> 
     except json.JSONDecodeError as err:
         return None, pos, f"malformed JSON: {err.msg}", err.pos
     except RecursionError:
-        return None, pos, (f"nested too deeply for the JSON parser (about 1,000 levels of [ ] and {{ }}; no data "
-                           f"format nests more than a few)"), pos
+        return None, pos, ("nested too deeply for the JSON parser (about 1,000 levels of [ ] and { }; no data "
+                           "format nests more than a few)"), pos
     except ValueError as err:  # an integer with more digits than Python converts
         limit = sys.get_int_max_str_digits()
         why = f"a number has more than {limit:,} digits" if "digits" in str(err) else str(err)
@@ -437,7 +284,7 @@ class _Lines:
     """1-based line and column of a position in a text, with \\n, \\r\\n and a lone \\r as line breaks."""
 
     def __init__(self, text: str):
-        self.starts = [0] + [m.end() for m in _LINE_BREAK.finditer(text)]
+        self.starts = [0] + [m.end() for m in LINE_BREAK.finditer(text)]
 
     def line(self, pos: int) -> int:
         return bisect.bisect_right(self.starts, pos)
@@ -977,7 +824,7 @@ def _whole_json(path: Path, encoding: str | None) -> Any:
         raw = path.read_bytes()
     except OSError as err:
         raise DataError(str(path), None, f"cannot be read: {err.strerror or err}") from None
-    text = _decode(path, raw, check_encoding(encoding) if encoding else _encoding.get(), None)
+    text = _decode(path, raw, chosen_encoding(encoding), None)
     value, _, why, at = _parse(text)
     if why is not None:
         lines = _Lines(text)
