@@ -284,7 +284,8 @@ def test_crash_while_writing_a_checkpoint_keeps_the_last_good_one(make_config, t
     with pytest.raises(OSError, match="disk full"):
         trainer.fit()
     monkeypatch.setattr(ckpt.torch, "save", real_torch_save)
-    latest = ckpt.latest_checkpoint(tmp_path / "crash")
+    assert (tmp_path / "crash" / "checkpoints" / "latest").read_text() == "step-0000002"
+    latest = ckpt.newest_intact_checkpoint(tmp_path / "crash")
     assert latest is not None and latest.name == "step-0000002"
     weights, state, loop_state = ckpt.load_checkpoint(latest)
     assert loop_state["step"] == 2 and weights

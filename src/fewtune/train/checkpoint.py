@@ -15,7 +15,6 @@ space a checkpoint needs.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -28,7 +27,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from fewtune.files import atomic_write_text
+from fewtune.files import atomic_write_text, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +37,6 @@ FILES = ("trainable.safetensors", "state.pt", "loop.json")
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be written (disk full) or read (damaged), worded for the user."""
-
-
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _write_manifest(folder: Path) -> None:
@@ -184,14 +175,6 @@ def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.Tensor], 
     for stray in root.glob("*.tmp-*"):
         shutil.rmtree(stray, ignore_errors=True)
     return final
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    pointer = run_dir / "checkpoints" / "latest"
-    if not pointer.exists():
-        return None
-    folder = run_dir / "checkpoints" / pointer.read_text().strip()
-    return folder if (folder / "loop.json").exists() else None
 
 
 def checkpoints_newest_first(run_dir: Path) -> list[Path]:

@@ -14,6 +14,7 @@ import struct
 from pathlib import Path
 
 from fewtune.config import Config
+from fewtune.files import file_sha256
 
 # keys that may differ on resume without changing what the finished run means: where it is written,
 # how long it goes on (extending a run is what resume is for), how often it logs and saves, threads
@@ -33,12 +34,6 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
         else:
             out[f"{prefix}{key}"] = value
     return out
-
-
-def _sha256(path: Path) -> str:
-    from fewtune.train.checkpoint import file_sha256
-
-    return file_sha256(path)
 
 
 def model_fingerprint(name: str) -> str:
@@ -76,7 +71,7 @@ def rendered_hash(*sets) -> str:
 
 def run_inputs(cfg: Config, train_set, val_set) -> dict:
     flat = _flatten(cfg.model_dump(mode="json"))
-    files = {key: _sha256(Path(flat[key])) for key in FILE_KEYS if flat.get(key) and Path(flat[key]).is_file()}
+    files = {key: file_sha256(Path(flat[key])) for key in FILE_KEYS if flat.get(key) and Path(flat[key]).is_file()}
     config = {k: v for k, v in flat.items()
               if k not in FILE_KEYS and k != "model.name" and not k.startswith(RESUME_MAY_CHANGE)}
     return {"files": files, "rendered": rendered_hash(train_set, val_set), "model": model_fingerprint(cfg.model.name),
