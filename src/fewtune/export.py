@@ -21,13 +21,12 @@ def export_merged(run_dir: str | Path, out_dir: str | Path) -> Path:
         what = "does not exist" if not run_dir.exists() else "is a file" if not run_dir.is_dir() else \
             "holds no config.yaml or template.json"
         raise FileNotFoundError(f"{run_dir} is not a fewtune run directory ({what}): give the folder `fewtune train` wrote")
-    check_run_dir(run_dir)  # format, config.yaml, template.json, tokenizer/: before the weights are loaded
+    cfg, _ = check_run_dir(run_dir)  # format, config.yaml, template.json, tokenizer/: before the weights are loaded
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"--merged {out_dir} is a file: give a folder for the merged model")
-    from fewtune.config import load_config
     from fewtune.methods import check_mergeable, get_method
 
-    method = load_config(run_dir / "config.yaml").method.name
+    method = cfg.method.name
     if not get_method(method).mergeable:  # said before the model is loaded, from the method's registry entry
         from fewtune.methods import MethodError
 

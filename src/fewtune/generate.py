@@ -130,10 +130,9 @@ def load_for_inference(path_or_model: str, template_kind: str = "auto", system_p
     the same outputs (within float rounding) without the adapter's extra matrix products,
     which matters on a CPU. Prompt-learning adapters (virtual tokens) stay as they are.
     """
-    check_target(path_or_model)
     if looks_like_run_dir(path_or_model):
         run = Path(path_or_model)
-        cfg, template = check_run_dir(run)
+        cfg, template = check_run_dir(run)  # (what check_target does for a run directory)
         # the run's own folders failing to load (a damaged JSON or weights file, whatever the library
         # raises for it) is a damaged run directory; the base model named in the config is not caught
         try:
@@ -162,6 +161,7 @@ def load_for_inference(path_or_model: str, template_kind: str = "auto", system_p
             raise FileNotFoundError(f"{run} has no adapter/ or model/ folder: the run did not finish. "
                                     f"Resume it with: fewtune train --resume {run}")
         return Loaded(model.eval(), tokenizer, template, cfg, str(run))
+    check_target(path_or_model)
     tokenizer = load_tokenizer(path_or_model)
     saved = Path(path_or_model) / "template.json"  # a merged export carries its template too
     template = read_template(saved) if saved.is_file() else Template.for_tokenizer(
