@@ -92,6 +92,6 @@ def pytest_collection_modifyitems(config, items):
     not pin one itself): these are the tests a bf16 machine and an fp32 machine run differently, so .ci/run
     runs them again under each forced precision (FEWTUNE_MIXED_PRECISION=no and =bf16)."""
     for item in items:
-        pinned = "precision" in getattr(item, "callspec", None).params if hasattr(item, "callspec") else False
+        pinned = "precision" in getattr(getattr(item, "callspec", None), "params", {})
         if "make_config" in getattr(item, "fixturenames", ()) and not pinned:
             item.add_marker(pytest.mark.precision)
