@@ -16,8 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from fewtune.data.check import check_data
-from fewtune.data.snips import snips_records
+from fewtune.quality.check import check_data
+from fewtune.datasets.snips import snips_records
 from fewtune.data.tools import write_jsonl
 from fewtune.models import load_tokenizer
 

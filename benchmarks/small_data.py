@@ -56,7 +56,7 @@ from snips_data import convert as convert_snips, find_snips, write_jsonl  # noqa
 
 from fewtune.config import build_config  # noqa: E402
 from fewtune.eval.evaluate import evaluate  # noqa: E402
-from fewtune.recipe.suggest import suggest  # noqa: E402
+from fewtune.advice.suggest import suggest  # noqa: E402
 from fewtune.train.loop import train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

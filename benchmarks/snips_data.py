@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-from fewtune.data.snips import INTENTS, SYSTEM_PROMPT, read_snips  # noqa: E402  (the one SNIPS reader)
+from fewtune.datasets.snips import INTENTS, SYSTEM_PROMPT, read_snips  # noqa: E402  (the one SNIPS reader)
 
 SNIPS_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "snips"
 

@@ -36,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 from fewtune.data.formats import DataError  # noqa: E402
-from fewtune.data.snips import SYSTEM_PROMPT, snips_records  # noqa: E402  (the one SNIPS reader and prompt)
+from fewtune.datasets.snips import SYSTEM_PROMPT, snips_records  # noqa: E402  (the one SNIPS reader and prompt)
 
 SNIPS = ROOT.parent / "shared" / "data" / "snips"
 PROFILE_STEPS = 2  # with --profile: extra steps after the timed ones, run under torch.profiler

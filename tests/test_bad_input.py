@@ -22,8 +22,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from fewtune.data.check import check_data, collect_data
-from fewtune.data.clean import clean_data
+from fewtune.quality.check import check_data, collect_data
+from fewtune.quality.clean import clean_data
 from fewtune.data.cli import app
 from fewtune.data.encoding import detect_encoding, split_lines
 from fewtune.data.formats import DataError, load_examples, read_records

@@ -3,11 +3,11 @@
 import json
 
 from fewtune.config import build_config
-from fewtune.data.check import check_data, common_ending
+from fewtune.quality.check import check_data, common_ending
 from fewtune.data.collect import collect
 from fewtune.data.render import Template, render_conversation
-from fewtune.data.stats import Settings
-from fewtune.data.textstats import language, normalize, words
+from fewtune.quality.stats import Settings
+from fewtune.quality.textstats import language, normalize, words
 from tests.conftest import write_jsonl
 
 

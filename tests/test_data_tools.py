@@ -7,10 +7,10 @@ import pytest
 from typer.testing import CliRunner
 
 from fewtune.cli import app
-from fewtune.data.check import check_data, data_stats
-from fewtune.data.clean import clean_data
+from fewtune.quality.check import check_data, data_stats
+from fewtune.quality.clean import clean_data
 from fewtune.data.formats import DataError, load_examples
-from fewtune.data.snips import snips_records
+from fewtune.datasets.snips import snips_records
 from fewtune.data.tools import convert_examples, convert_file, mix_files, split_file, to_record
 from tests.conftest import write_jsonl
 
@@ -215,7 +215,7 @@ def test_snips_to_classification_and_slots(tmp_path):
 
 
 def test_one_snips_system_prompt_names_every_intent():
-    from fewtune.data.snips import INTENTS, SYSTEM_PROMPT
+    from fewtune.datasets.snips import INTENTS, SYSTEM_PROMPT
 
     assert len(INTENTS) == 7 and all(intent in SYSTEM_PROMPT for intent in INTENTS)
 

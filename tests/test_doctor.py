@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from fewtune.recipe.doctor import diagnose, read_curves
+from fewtune.advice.doctor import diagnose, read_curves
 from tests.conftest import write_jsonl
 
 

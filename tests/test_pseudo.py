@@ -14,7 +14,7 @@ from fewtune.data.formats import DataError, Message, load_examples
 from fewtune.data.render import Template, render_conversation
 from fewtune.eval.scoring import ChoiceScore, choice_scores
 from fewtune.generate import load_for_inference
-from fewtune.recipe.pseudo import (PseudoError, Scored, class_targets, label_probabilities, pseudo_label,
+from fewtune.workflows.pseudo import (PseudoError, Scored, class_targets, label_probabilities, pseudo_label,
                                    read_unlabeled, score_to_label, select, shared_system)
 from fewtune.train.loop import train
 from tests.conftest import write_jsonl
@@ -152,16 +152,16 @@ def test_unlabeled_prompts_render_like_the_labeled_ones(tmp_path, tokenizer):
 
 
 def test_prompt_wording_mismatch_is_warned(tmp_path, caplog):
-    from fewtune.recipe.pseudo import check_prompt_shape
+    from fewtune.workflows.pseudo import check_prompt_shape
 
     examples = load_examples(write_jsonl(tmp_path / "l.jsonl", [{"text": f"评论：{t}", "label": "P"} for t in POSITIVE]))
     pool, _ = read_unlabeled(write_jsonl(tmp_path / "u.jsonl", [{"text": t} for t in UNLABELED]))
-    with caplog.at_level(logging.WARNING, logger="fewtune.recipe.pseudo"):
+    with caplog.at_level(logging.WARNING, logger="fewtune.workflows.pseudo"):
         check_prompt_shape(examples, pool, "{text}")
     assert "starts with '评论：'" in caplog.text
     caplog.clear()
     pool, _ = read_unlabeled(write_jsonl(tmp_path / "u.jsonl", [{"text": t} for t in UNLABELED]), prompt_format="评论：{text}")
-    with caplog.at_level(logging.WARNING, logger="fewtune.recipe.pseudo"):
+    with caplog.at_level(logging.WARNING, logger="fewtune.workflows.pseudo"):
         check_prompt_shape(examples, pool, "评论：{text}")
     assert caplog.text == ""
 

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from fewtune.cli import app
 from fewtune.config import load_config
-from fewtune.recipe.suggest import epochs_rule, suggest
+from fewtune.advice.suggest import epochs_rule, suggest
 from tests.conftest import write_jsonl
 
 INTENTS = ["music", "weather", "book", "rate"]

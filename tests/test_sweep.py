@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from fewtune.cli import app
 from fewtune.config import ConfigError
 from fewtune.data.formats import DataError, load_examples
-from fewtune.recipe.sweep import (expand_grid, kfold_split, parse_grid, parse_seeds, read_sweep, resolve_seeds,
+from fewtune.workflows.sweep import (expand_grid, kfold_split, parse_grid, parse_seeds, read_sweep, resolve_seeds,
                                   sweep)
 from tests.conftest import write_jsonl
 
@@ -260,7 +260,7 @@ def test_cli_kfold_sweep(base, tmp_path):
 
 def test_interrupted_run_continues_from_its_checkpoint(base, tmp_path, monkeypatch):
     import fewtune.train.loop as loop
-    from fewtune.recipe.sweep import SweepInterrupted
+    from fewtune.workflows.sweep import SweepInterrupted
 
     out, real, calls = tmp_path / "sw", loop.train, []
 

@@ -340,7 +340,7 @@ def suggest(
     """Read the data and write a complete config for it, printing every rule applied and the number behind it."""
     _setup_logging()
     from fewtune.models import DEFAULT_MODEL
-    from fewtune.recipe.suggest import suggest as suggest_config
+    from fewtune.advice.suggest import suggest as suggest_config
 
     if task not in ("auto", "classification", "generation"):
         _fail(ValueError(f"--task must be auto, classification or generation, got {task!r}"))
@@ -369,8 +369,8 @@ def sweep(
     """Train each grid combination over several seeds (or K folds) and rank them by mean ± std of the task metric."""
     _setup_logging()
     from fewtune.config import load_config
-    from fewtune.recipe.sweep import SweepInterrupted, parse_seeds, sweep as run_sweep
-    from fewtune.recipe.sweep_table import print_sweep
+    from fewtune.workflows.sweep import SweepInterrupted, parse_seeds, sweep as run_sweep
+    from fewtune.workflows.sweep_table import print_sweep
 
     cfg = _run(load_config, config, list(overrides or []))
     try:
@@ -390,7 +390,7 @@ def doctor(
     as_json: Annotated[bool, typer.Option("--json", help="print the findings as JSON")] = False,
 ):
     """Read a run's curves and say what happened (overfitting, underfitting, instability...) and what to change."""
-    from fewtune.recipe.doctor import diagnose, format_findings
+    from fewtune.advice.doctor import diagnose, format_findings
 
     try:
         findings = _run(diagnose, run_dir, predictions)
@@ -423,7 +423,7 @@ def pseudo_label(
     _setup_logging()
     from fewtune.data.cli import _rename
     from fewtune.generate import check_run_dir, looks_like_run_dir
-    from fewtune.recipe.pseudo import PseudoError, pseudo_label as run_pseudo
+    from fewtune.workflows.pseudo import PseudoError, pseudo_label as run_pseudo
 
     if looks_like_run_dir(run_dir):  # its format, config, template and tokenizer, before any data is read
         _run(check_run_dir, run_dir)

@@ -71,7 +71,7 @@ def _rename(pairs: list[str] | None) -> dict[str, str] | None:
 
 
 def _settings(cfg, max_length, min_examples, min_per_class, max_imbalance):
-    from fewtune.data.check import settings_from_config
+    from fewtune.quality.check import settings_from_config
 
     s = settings_from_config(cfg)
     for key, value in (("max_length", max_length), ("min_examples", min_examples), ("min_per_class", min_per_class),
@@ -110,8 +110,8 @@ def check(
     """Report every problem in a data set (file, line, field, reason). Exit 1 on errors."""
     from rich.console import Console
 
-    from fewtune.data.check import check_data
-    from fewtune.data.report import print_problems, print_stats, summary_table, write_json
+    from fewtune.quality.check import check_data
+    from fewtune.quality.report import print_problems, print_stats, summary_table, write_json
 
     cfg = _config(config)
     settings = _settings(cfg, max_length, min_examples, min_per_class, max_imbalance)
@@ -147,8 +147,8 @@ def stats(
     """Lengths (tokens, characters, words), labels and size, with a histogram of token lengths."""
     from rich.console import Console
 
-    from fewtune.data.check import data_stats
-    from fewtune.data.report import print_stats, write_json
+    from fewtune.quality.check import data_stats
+    from fewtune.quality.report import print_stats, write_json
 
     cfg = _config(config)
     settings = _settings(cfg, max_length, None, None, None)
@@ -177,7 +177,7 @@ def clean(
     encoding: EncodingOpt = "utf-8",
 ):
     """Safe fixes (strip, line endings, exact duplicates, schema failures set aside); nothing is lost."""
-    from fewtune.data.clean import clean_data
+    from fewtune.quality.clean import clean_data
 
     result = _call(clean_data, file, out, rejects, fmt, dataset, _rename(rename),
                    keep_leading_space, encoding)
@@ -226,7 +226,7 @@ def convert(
     from fewtune.data.tools import convert_file, write_jsonl
 
     if source_format == "snips":
-        from fewtune.data.snips import snips_records
+        from fewtune.datasets.snips import snips_records
 
         task = {"classification": "intent", "intent": "intent", "slots": "slots"}.get(to)
         if task is None:

@@ -26,7 +26,7 @@ def load_checked(path: str | Path, fmt: str = "auto", dataset: str | None = None
 
     ``encoding``: utf-8 (the default), auto (detect) or a codec name such as gb18030.
     """
-    from fewtune.data.check import collect_data
+    from fewtune.quality.check import collect_data
 
     data = collect_data(path, fmt, dataset, rename, encoding=encoding)
     errors = [p for p in data.problems if p.severity == "error"]

@@ -8,7 +8,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from fewtune.data.check import Report
+from fewtune.quality.check import Report
 from fewtune.data.collect import Problem
 
 CHECK_ORDER = ("read", "schema", "template", "duplicates", "length", "labels", "size")

@@ -390,7 +390,7 @@ def sweep(cfg: Config, grid: list[str] | None = None, random_n: int | None = Non
         records[_run_key(params, seed, fold)] = record
         _free_memory()
 
-    from fewtune.recipe.sweep_table import rank, write_table
+    from fewtune.workflows.sweep_table import rank, write_table
 
     mine = [records[_run_key(*run)] for run in runs]
     result = SweepResult(out, metric, plan.task, list(values), rank(combos, mine, metric, plan.task), mine, len(todo))

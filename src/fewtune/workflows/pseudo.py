@@ -45,7 +45,7 @@ from fewtune.data.dataset import load_train_val
 from fewtune.data.formats import DataError, Example, Message, read_records
 from fewtune.data.tools import write_jsonl
 from fewtune.eval.scoring import ChoiceScore
-from fewtune.recipe.pseudo_report import fmt, mean, overview_markdown, round_markdown, write_summary
+from fewtune.workflows.pseudo_report import fmt, mean, overview_markdown, round_markdown, write_summary
 
 log = logging.getLogger(__name__)
 

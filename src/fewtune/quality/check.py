@@ -2,8 +2,8 @@
 
 Checks, in order: unreadable input and schema (:mod:`fewtune.data.collect`), separators
 and stop sequences for the plain template, duplicates, conflicts and leakage
-(:mod:`fewtune.data.duplicates`), lengths in the model's tokens with truncation verdicts,
-labels, and size (:mod:`fewtune.data.stats`). Errors are problems that break training or
+(:mod:`fewtune.quality.duplicates`), lengths in the model's tokens with truncation verdicts,
+labels, and size (:mod:`fewtune.quality.stats`). Errors are problems that break training or
 make its results wrong; warnings are worth a look. :func:`check_data` returns a
 :class:`Report`; the command prints it and exits 1 when it holds errors.
 """
@@ -18,12 +18,12 @@ from pathlib import Path
 from fewtune.config import Config
 from fewtune.data import collect as _collect
 from fewtune.data.collect import Collected, Problem, collect
-from fewtune.data.duplicates import duplicate_problems, leakage_problems
+from fewtune.quality.duplicates import duplicate_problems, leakage_problems
 from fewtune.data.encoding import ENCODING_NAMES, check_encoding, encoding_name, file_encoding, reading_encoding
 from fewtune.data.formats import DataError, _resolve_source, read_records
 from fewtune.data.render import RenderError, Template
-from fewtune.data.stats import Measure, Settings, label_stats, length_stats, measure, size_stats
-from fewtune.data.textstats import has_cjk
+from fewtune.quality.stats import Measure, Settings, label_stats, length_stats, measure, size_stats
+from fewtune.quality.textstats import has_cjk
 
 log = logging.getLogger(__name__)
 
@@ -357,7 +357,7 @@ def data_stats(path: str | Path, cfg: Config | None = None, *, model: str | None
                              "lengths": length_stats(measures, settings.max_length), "labels": labels,
                              "size": size_stats(measures, settings)}
     if plot is not None:
-        from fewtune.data.stats import plot_token_lengths
+        from fewtune.quality.stats import plot_token_lengths
 
         written = plot_token_lengths(measures, plot, settings.max_length,
                                      f"{Path(data.path).name}: {len(measures)} examples, "

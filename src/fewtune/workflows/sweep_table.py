@@ -7,7 +7,7 @@ import statistics
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from fewtune.recipe.sweep import Plan, SweepResult
+    from fewtune.workflows.sweep import Plan, SweepResult
 
 
 # the metrics shown per task beside the ranking one, and those where lower is better

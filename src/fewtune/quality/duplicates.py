@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from fewtune.data.collect import Collected
 from fewtune.data.formats import Example
-from fewtune.data.textstats import normalize
+from fewtune.quality.textstats import normalize
 
 
 def exact_key(example: Example) -> tuple:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fewtune.data.duplicates import exact_key
+from fewtune.quality.duplicates import exact_key
 from fewtune.data.encoding import encoding_name, reading_codec, split_lines, without_bom
 from fewtune.data.formats import DataError
 
@@ -73,7 +73,7 @@ def clean_data(path: str | Path, out: str | Path, rejects: str | Path, fmt: str 
     ``encoding``: the input's (utf-8, the default; auto; or a codec name such as gb18030); the
     output is always UTF-8 without a byte-order mark.
     """
-    from fewtune.data.check import collect_data
+    from fewtune.quality.check import collect_data
 
     result = CleanResult()
     data = collect_data(path, fmt, dataset, rename, fix=lambda r: fix_record(r, result.fixed, keep_leading_space),

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from fewtune.data.formats import Example
 from fewtune.data.render import RenderError, Template, render_conversation
-from fewtune.data.textstats import language, summary, words
+from fewtune.quality.textstats import language, summary, words
 
 
 @dataclass
