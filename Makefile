@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 PIP := $(BIN)/python -m pip -q --disable-pip-version-check
 STAMP := $(VENV)/.fewtune-installed
 
-.PHONY: setup setup-gemma demo test test-fast test-precision bench-speed clean
+.PHONY: setup setup-gemma demo test test-fast test-precision bench-speed config-reference clean
 
 setup: $(STAMP)
 
@@ -47,6 +47,11 @@ test-fast: setup
 # benchmarks/results/train_speed.md. About 10 minutes on 2 CPU cores.
 bench-speed: setup
 	$(BIN)/python benchmarks/train_speed.py --profile
+
+# The README's config reference (between its config-reference markers), rewritten from the schema in
+# src/fewtune/config.py; tests/test_config_reference.py fails until this is run after a schema change.
+config-reference: setup
+	$(BIN)/python -m fewtune.config_reference README.md
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
