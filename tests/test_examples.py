@@ -3,8 +3,9 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
-from fewtune.config import load_config
+from fewtune.config import load_config, schema_paths
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -13,6 +14,32 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 def test_every_example_config_loads(path):
     cfg = load_config(path)
     assert cfg.data.train is None or Path(cfg.data.train).is_file()  # relative paths resolve from the file
+
+
+def _key_paths(data: dict, sections: set[tuple[str, ...]], prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every key path an example writes, descending into a mapping only where the schema has a section."""
+    out = []
+    for key, value in data.items():
+        path = (*prefix, str(key))
+        out.append(path)
+        if isinstance(value, dict) and path in sections:
+            out += _key_paths(value, sections, path)
+    return out
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_key_of_an_example_is_a_schema_key(path):
+    """No example leans on a key the schema only accepts to migrate it (a moved key) or on anything else off it."""
+    paths = schema_paths()
+    written = _key_paths(yaml.safe_load(path.read_text(encoding="utf-8")), {p[:-1] for p in paths})
+    assert len(written) > 3  # the file was really read
+    assert [".".join(p) for p in written if p not in set(paths)] == []
+
+
+def test_the_key_walk_flags_a_key_off_the_schema():
+    sections = {p[:-1] for p in schema_paths()}
+    written = _key_paths({"model": {"name": "m"}, "method": {"lora": {"r": 4, "rank": 4}, "lorra": {"r": 4}}}, sections)
+    assert [p for p in written if p not in set(schema_paths())] == [("method", "lora", "rank"), ("method", "lorra")]
 
 
 def test_demo_yaml_is_the_demo_recipe():
