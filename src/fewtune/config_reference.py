@@ -182,5 +182,8 @@ def update_readme(path: str | Path) -> bool:
 if __name__ == "__main__":  # python -m fewtune.config_reference README.md   (make config-reference)
     if len(sys.argv) != 2:
         sys.exit("usage: python -m fewtune.config_reference README.md")
-    changed = update_readme(sys.argv[1])
+    try:
+        changed = update_readme(sys.argv[1])
+    except (OSError, ValueError) as err:
+        sys.exit(f"error: {sys.argv[1]}: {err}")
     print(f"{sys.argv[1]}: config reference {'rewritten' if changed else 'already up to date'}")
