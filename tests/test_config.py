@@ -210,3 +210,25 @@ def test_unreadable_config_files_are_one_line(tmp_path):
     binary.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
     with pytest.raises(ConfigError, match="binary.yaml is not UTF-8 text"):
         load_config(binary)
+
+
+# ---------------------------------------------------------------- descriptions (the README's reference is written from them)
+
+
+@pytest.mark.parametrize("path,field", LEAVES, ids=[".".join(p) for p, _ in LEAVES])
+def test_every_key_has_a_description(path, field):
+    assert field.description and field.description.strip(), ".".join(path)
+
+
+def test_every_section_has_a_docstring_and_a_description():
+    classes = {(): Config}
+    for path in sorted({p[:-1] for p in schema_paths()} - {()}, key=len):  # parents before their subsections
+        field = classes[path[:-1]].model_fields[path[-1]]
+        classes[path] = field.annotation
+        assert field.description and (field.annotation.__doc__ or "").strip(), ".".join(path)
+    assert ("train", "early_stopping") in classes and len(classes) > 15
+
+
+def test_a_lora_key_under_method_points_to_method_lora():
+    with pytest.raises(ConfigError, match=r"unknown key 'method.r': did you mean 'method.lora.r'\?"):
+        build_config({"method": {"r": 4}})

@@ -22,6 +22,8 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
+    """A config section: unknown keys are errors, and assigned values are checked as loaded ones are."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
@@ -34,112 +36,181 @@ TASK_METRICS = {
 
 
 class ModelSection(Section):
-    name: str = "smollm2-135m-instruct"  # embedded name, local folder, .gguf file or hub id
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    # chat: the tokenizer's chat template; plain: prompt + separator, completion + stop
-    template: Literal["auto", "chat", "plain"] = "auto"
-    separator: str = "\n\n###\n\n"
-    stop: str = " END"
+    """The base model and the prompt layout it is trained and prompted with."""
+
+    name: str = Field("smollm2-135m-instruct", description="The base model: an embedded model name, a local "
+                      "transformers folder, a .gguf file or a hub id.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Dtype the weights are loaded in; auto: float32 (train.mixed_precision then decides "
+        "what the computation runs in).")
+    template: Literal["auto", "chat", "plain"] = Field(
+        "auto", description="Prompt layout. chat: the tokenizer's chat template; plain: prompt + separator, "
+        "completion + stop; auto: chat when the tokenizer has a chat template, else plain.")
+    separator: str = Field("\n\n###\n\n", description="Plain template: the text that ends every prompt.")
+    stop: str = Field(" END", description="Plain template: the text that ends every completion (generation stops "
+                      "there).")
 
 
 class DataSection(Section):
-    train: str | None = None
-    validation: str | None = None  # a file; when empty, val_ratio of train is held out
-    val_ratio: float = Field(0.1, ge=0.0, lt=1.0)
-    format: Literal[("auto", *FORMATS)] = "auto"  # the entries of fewtune.data.formats' table
-    dataset: str | None = None  # name inside a LLaMA-Factory dataset_info.json given as `train`
-    system_prompt: str | None = None  # used when an example has no system message of its own
-    max_length: int = Field(512, gt=8)
-    prompt_loss_weight: float = Field(0.0, ge=0.0, le=1.0)
-    # error: stop before training on an example with nothing left to learn; drop: skip and count it
-    on_bad_example: Literal["error", "drop"] = "error"
-    seed: int = 42
+    """The training and validation data and how examples are rendered into tokens."""
+
+    train: str | None = Field(None, description="Training data: a JSONL, JSON array or CSV file, or a "
+                              "LLaMA-Factory dataset_info.json (with data.dataset).")
+    validation: str | None = Field(None, description="A validation file; None: data.val_ratio of the training "
+                                   "data is held out.")
+    val_ratio: float = Field(0.1, ge=0.0, lt=1.0, description="Share of the training data held out for "
+                             "validation when data.validation is not set (stratified by label); 0: no validation.")
+    format: Literal[("auto", *FORMATS)] = Field(
+        "auto", description="Record format of the data files (the entries of fewtune.data.formats' table); auto: "
+        "detected from each file's fields.")
+    dataset: str | None = Field(None, description="The data set's name inside a LLaMA-Factory dataset_info.json "
+                                "given as data.train.")
+    system_prompt: str | None = Field(None, description="System message for examples that have none of their own; "
+                                      "None: no system message.")
+    max_length: int = Field(512, gt=8, description="Longest rendered example in tokens; longer ones are cut.")
+    prompt_loss_weight: float = Field(0.0, ge=0.0, le=1.0, description="Weight of prompt tokens in the loss "
+                                      "(0: loss on the completion only, 1: on every token).")
+    on_bad_example: Literal["error", "drop"] = Field(
+        "error", description="An example with nothing left to learn (its completion cut away or masked): error "
+        "stops before training; drop skips it and counts it in summary.json.")
+    seed: int = Field(42, description="Seed of the validation split (data.val_ratio) and of the replay mix.")
 
 
 class LoraSection(Section):
-    r: int = Field(8, gt=0)
-    alpha: float = 16.0
-    dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    target_modules: str | list[str] = "all-linear"
-    use_dora: bool = False  # weight-decomposed LoRA (magnitude + direction)
-    use_rslora: bool = False  # scale by alpha / sqrt(r) instead of alpha / r: stable at higher ranks
+    """lora and qlora: low-rank updates on the target modules, the base weights frozen."""
+
+    r: int = Field(8, gt=0, description="Rank of the low-rank update matrices.")
+    alpha: float = Field(16.0, description="Scaling numerator: the update is scaled by alpha / r (alpha / sqrt(r) "
+                         "with use_rslora).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout probability on the LoRA input.")
+    target_modules: str | list[str] = Field(
+        "all-linear", description="Modules that get an adapter: module names, or all-linear (every linear layer "
+        "but the output layer).")
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (DoRA): magnitude and direction trained "
+                           "apart.")
+    use_rslora: bool = Field(False, description="Scale by alpha / sqrt(r) instead of alpha / r: stable at higher "
+                             "ranks.")
 
 
 class PromptSection(Section):
     """prompt_tuning, p_tuning and prefix_tuning: trained virtual tokens, the model frozen."""
 
-    num_virtual_tokens: int = Field(20, gt=0)
-    init_text: str | None = None  # prompt_tuning: start from this text's embeddings (None: sampled vocabulary)
-    encoder_hidden_size: int = Field(128, gt=0)  # p_tuning: the prompt encoder's MLP width
+    num_virtual_tokens: int = Field(20, gt=0, description="Number of trained virtual tokens (per layer for "
+                                    "prefix_tuning).")
+    init_text: str | None = Field(None, description="prompt_tuning: start the virtual tokens from this text's "
+                                  "embeddings; None: from sampled vocabulary embeddings.")
+    encoder_hidden_size: int = Field(128, gt=0, description="p_tuning: width of the prompt encoder's MLP.")
 
 
 class IA3Section(Section):
-    target_modules: list[str] | None = None  # None: peft's defaults for the architecture
-    feedforward_modules: list[str] | None = None
+    """ia3: trained scaling vectors on the target modules' activations."""
+
+    target_modules: list[str] | None = Field(None, description="Modules whose activations are scaled; None: "
+                                             "peft's defaults for the architecture.")
+    feedforward_modules: list[str] | None = Field(
+        None, description="Those of target_modules scaled on their input (feed-forward layers); None: peft's "
+        "defaults (needs target_modules when set).")
 
 
 class QLoraSection(Section):
     """qlora: the base loaded in 4 bits (bitsandbytes, CUDA only), a LoRA adapter (method.lora) on top."""
 
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-    double_quant: bool = True
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type of the frozen base weights.")
+    double_quant: bool = Field(True, description="Quantize the quantization constants too (saves about 0.4 bits "
+                               "per weight).")
 
 
 class FullSection(Section):
-    freeze_embeddings: bool = False
-    train_top_layers: int | None = Field(None, ge=0)  # train only the top N transformer blocks
-    freeze_patterns: list[str] = []  # parameter-name regexes to freeze
+    """full: every weight trained, except what these keys freeze."""
+
+    freeze_embeddings: bool = Field(False, description="Keep the input embeddings frozen.")
+    train_top_layers: int | None = Field(None, ge=0, description="Train only the top N transformer blocks; None: "
+                                         "all of them.")
+    freeze_patterns: list[str] = Field([], description="Regular expressions; parameters whose names match one are "
+                                       "frozen.")
 
 
 class MethodSection(Section):
-    name: Literal[METHOD_NAMES] = "lora"  # the entries of fewtune.methods.METHODS
-    lora: LoraSection = LoraSection()
-    full: FullSection = FullSection()
-    prompt: PromptSection = PromptSection()
-    ia3: IA3Section = IA3Section()
-    qlora: QLoraSection = QLoraSection()
+    """What is trained: the method and each method's own settings."""
+
+    name: Literal[METHOD_NAMES] = Field("lora", description="The fine-tuning method (the entries of "
+                                        "fewtune.methods.METHODS).")
+    lora: LoraSection = Field(LoraSection(), description="Settings of lora and qlora.")
+    full: FullSection = Field(FullSection(), description="Settings of full fine-tuning.")
+    prompt: PromptSection = Field(PromptSection(), description="Settings of the prompt-learning methods.")
+    ia3: IA3Section = Field(IA3Section(), description="Settings of ia3.")
+    qlora: QLoraSection = Field(QLoraSection(), description="Quantization settings of qlora.")
 
 
 class EarlyStoppingSection(Section):
-    enabled: bool = True
-    patience: int = Field(3, ge=1)  # evaluations without improvement before stopping
-    min_delta: float = Field(0.0, ge=0.0)
+    """Stop training when the validation figure (loss or task metric) stops improving."""
+
+    enabled: bool = Field(True, description="Stop early; with false every evaluation still picks the best "
+                          "checkpoint.")
+    patience: int = Field(3, ge=1, description="Evaluations without improvement before stopping.")
+    min_delta: float = Field(0.0, ge=0.0, description="Smallest change that counts as an improvement (in the "
+                             "units of the figure watched).")
 
 
 class TrainSection(Section):
-    output_dir: str = "runs/run"
-    epochs: float = Field(3.0, gt=0)
-    max_steps: int | None = Field(None, gt=0)  # optimizer steps; overrides epochs when set
-    batch_size: int = Field(8, gt=0)
-    grad_accum: int = Field(1, gt=0)
-    group_by_length: bool = True  # batches of similar length: less padding, same examples per epoch
-    lr: float | None = Field(None, gt=0)  # None: 1e-4 for LoRA, 1e-5 for full fine-tuning
-    weight_decay: float = Field(0.01, ge=0)
-    max_grad_norm: float | None = Field(1.0, gt=0)
-    warmup_ratio: float = Field(0.03, ge=0, lt=1)
-    scheduler: Literal["linear", "cosine", "cosine_with_restarts", "constant"] = "cosine"
-    num_cycles: int = Field(2, ge=1)  # for cosine_with_restarts
-    eval_every: int | None = Field(None, gt=0)  # steps since the last evaluation; one also runs at each epoch end
-    # the task metric on the validation set at every evaluation (null: validation loss only)
-    eval_task: Literal["classification", "generation", "json"] | None = None
-    eval_mode: Literal["choice", "generate"] = "choice"  # classification: score each label, or generate
-    eval_metric: str = "loss"  # picks the best checkpoint and early-stops: loss, or a metric of eval_task (ties: lower loss)
-    eval_sample: int | None = Field(None, gt=0)  # task metric on this many validation examples (seeded sample)
-    early_stopping: EarlyStoppingSection = EarlyStoppingSection()
-    save_every: int | None = Field(None, gt=0)  # steps; a checkpoint is also written at each epoch end
-    keep_checkpoints: int = Field(2, ge=1)
-    # auto: bf16 on GPUs that have it (else fp16 with loss scaling); on CPU bf16 only if a probe finds it faster
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
-    packing: bool = True  # a micro-batch is one row without padding; attention stays inside each example
-    share_prefix: bool = True  # with packing: a token prefix common to a micro-batch is computed once
-    loss_chunk_size: int | None = Field(None, gt=0)  # positions per output-layer chunk; None: ~128 MB of logits
-    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, one more forward
-    num_threads: int | None = Field(None, gt=0)  # CPU threads per process; None: available cores / processes
-    cache_tokenized: bool = True  # keep rendered token ids on disk (resumes, sweeps)
-    seed: int = 42
-    resume: bool = False
-    force_resume: bool = False  # resume even if the data, model or training keys changed since the checkpoint
-    log_every: int = Field(1, gt=0)
+    """The training loop: length, batches, optimizer and schedule, evaluation, checkpoints, precision."""
+
+    output_dir: str = Field("runs/run", description="The run directory written.")
+    epochs: float = Field(3.0, gt=0, description="Passes over the training data (fractions allowed); "
+                          "train.max_steps overrides it.")
+    max_steps: int | None = Field(None, gt=0, description="Optimizer steps to train; None: from train.epochs.")
+    batch_size: int = Field(8, gt=0, description="Examples per micro-batch on each process (also the batch of "
+                            "validation and of in-training evaluation).")
+    grad_accum: int = Field(1, gt=0, description="Micro-batches accumulated into one optimizer step.")
+    group_by_length: bool = Field(True, description="Batches of similar length: less padding, the same examples "
+                                  "per epoch.")
+    lr: float | None = Field(None, gt=0, description="Peak learning rate; None: the method's usual rate (1e-4 "
+                             "for LoRA, 1e-5 for full fine-tuning).")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient's global L2 norm to this; None: "
+                                        "no clipping.")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Share of the steps the learning rate warms up "
+                                "linearly from 0.")
+    scheduler: Literal["linear", "cosine", "cosine_with_restarts", "constant"] = Field(
+        "cosine", description="Learning-rate schedule after warmup.")
+    num_cycles: int = Field(2, ge=1, description="cosine_with_restarts: number of cosine cycles.")
+    eval_every: int | None = Field(None, gt=0, description="Evaluate every this many steps since the last "
+                                   "evaluation; one also runs at each epoch end. None: at epoch ends only.")
+    eval_task: Literal["classification", "generation", "json"] | None = Field(
+        None, description="The task metric computed on the validation set at every evaluation; None: validation "
+        "loss only.")
+    eval_mode: Literal["choice", "generate"] = Field(
+        "choice", description="Classification: score each label (choice), or generate and map to a label.")
+    eval_metric: str = Field("loss", description="Picks the best checkpoint and drives early stopping: loss, or a "
+                             "metric of train.eval_task (higher is better; ties go to the lower loss).")
+    eval_sample: int | None = Field(None, gt=0, description="Compute the task metric on this many validation "
+                                    "examples (a seeded sample); None: all of them.")
+    early_stopping: EarlyStoppingSection = Field(EarlyStoppingSection(), description="Early stopping on the "
+                                                 "validation figure.")
+    save_every: int | None = Field(None, gt=0, description="Write a checkpoint every this many steps; one is also "
+                                   "written at each epoch end. None: at epoch ends only.")
+    keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept in checkpoints/; older ones are "
+                                  "deleted.")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 on GPUs that have it (else fp16 with loss scaling); on CPU bf16 only if a "
+        "probe finds it faster. no: float32.")
+    packing: bool = Field(True, description="A micro-batch is one row without padding; attention stays inside each "
+                          "example.")
+    share_prefix: bool = Field(True, description="With packing: a token prefix common to a micro-batch is computed "
+                               "once.")
+    loss_chunk_size: int | None = Field(None, gt=0, description="Positions per output-layer chunk in the loss; "
+                                        "None: about 128 MB of logits per chunk.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass: less "
+                                         "memory, one more forward.")
+    num_threads: int | None = Field(None, gt=0, description="CPU threads per process; None: the available cores "
+                                    "divided by the processes.")
+    cache_tokenized: bool = Field(True, description="Keep rendered token ids on disk for resumes and sweeps.")
+    seed: int = Field(42, description="Seed of the weights' initialisation, the data order and dropout.")
+    resume: bool = Field(False, description="Continue the run in train.output_dir from its newest intact "
+                         "checkpoint.")
+    force_resume: bool = Field(False, description="Resume even if the data, model or training keys changed since "
+                               "the checkpoint.")
+    log_every: int = Field(1, gt=0, description="Write a training record to metrics.jsonl every this many steps.")
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -163,62 +234,80 @@ class TrainSection(Section):
         return self.lr if self.lr is not None else DEFAULT_LR.get(method, 1e-4)
 
 
-
-
 class AdversarialSection(Section):
     """Adversarial training on the embedding layer's output (FGM: one step; PGD: K projected steps)."""
 
-    kind: Literal["none", "fgm", "pgd"] = "none"
-    epsilon: float = Field(1.0, gt=0)  # largest perturbation per token (L2 norm of its embedding change)
-    alpha: float = Field(0.3, gt=0)  # PGD step size
-    steps: int = Field(3, ge=1)  # PGD steps K
+    kind: Literal["none", "fgm", "pgd"] = Field("none", description="none: off; fgm: one step; pgd: "
+                                                "regularise.adversarial.steps projected steps.")
+    epsilon: float = Field(1.0, gt=0, description="Largest perturbation per example (L2 norm of its embedding "
+                           "change).")
+    alpha: float = Field(0.3, gt=0, description="PGD: the step size of each step.")
+    steps: int = Field(3, ge=1, description="PGD: the number of steps K.")
 
 
 class ReplaySection(Section):
-    general: str | None = None  # a general data set mixed into training (fewtune data mix) against forgetting
-    ratio: float = Field(1.0, gt=0)  # general examples per training example
+    """Replay against forgetting: general examples mixed into the training split."""
+
+    general: str | None = Field(None, description="A general data set mixed into training (as fewtune data mix "
+                                "does); None: no replay.")
+    ratio: float = Field(1.0, gt=0, description="General examples per training example.")
 
 
 class EwcSection(Section):
-    general: str | None = None  # general data the Fisher information is estimated on
-    weight: float = Field(0.0, ge=0)  # penalty weight lambda; 0 turns EWC off
-    samples: int = Field(64, gt=0)  # general examples used for the Fisher estimate
+    """Elastic weight consolidation: a penalty on moving the weights the general data depends on."""
+
+    general: str | None = Field(None, description="General data the Fisher information is estimated on.")
+    weight: float = Field(0.0, ge=0, description="Penalty weight lambda; 0 turns EWC off.")
+    samples: int = Field(64, gt=0, description="General examples used for the Fisher estimate (a seeded sample).")
 
 
 class CurriculumSection(Section):
-    order: Literal["none", "length", "loss"] = "none"  # easy to hard: short first, or low base-model loss first
-    buckets: int = Field(4, ge=1)  # examples are shuffled within each difficulty bucket
-    epochs: int = Field(1, ge=1)  # epochs in curriculum order; later epochs are shuffled as usual
+    """Curriculum learning: the first epochs ordered from easy to hard."""
+
+    order: Literal["none", "length", "loss"] = Field(
+        "none", description="Difficulty: none (the usual shuffled order), length (short first) or loss (low "
+        "base-model loss first).")
+    buckets: int = Field(4, ge=1, description="Examples are shuffled within each of this many difficulty buckets.")
+    epochs: int = Field(1, ge=1, description="Epochs in curriculum order; later epochs are shuffled as usual.")
 
 
 class RegulariseSection(Section):
-    label_smoothing: float = Field(0.0, ge=0, lt=1)  # on completion tokens, training loss only
-    neftune_alpha: float = Field(0.0, ge=0)  # NEFTune noise on the embeddings while training (paper: 5)
-    adversarial: AdversarialSection = AdversarialSection()
-    replay: ReplaySection = ReplaySection()
-    ewc: EwcSection = EwcSection()
-    curriculum: CurriculumSection = CurriculumSection()
+    """Regularisers against overfitting a small data set and forgetting (all off by default)."""
+
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="Label smoothing on completion tokens, training "
+                                   "loss only (the validation loss stays plain).")
+    neftune_alpha: float = Field(0.0, ge=0, description="NEFTune noise on the embeddings while training (the "
+                                 "paper uses 5); 0: off.")
+    adversarial: AdversarialSection = Field(AdversarialSection(), description="Adversarial training (FGM/PGD).")
+    replay: ReplaySection = Field(ReplaySection(), description="Replay of general data.")
+    ewc: EwcSection = Field(EwcSection(), description="Elastic weight consolidation.")
+    curriculum: CurriculumSection = Field(CurriculumSection(), description="Curriculum order.")
 
 
 class GenerateSection(Section):
-    max_new_tokens: int = Field(128, gt=0)
-    temperature: float = Field(0.0, ge=0)  # 0 means greedy
-    top_k: int | None = Field(None, gt=0)
-    top_p: float | None = Field(None, gt=0, le=1)
-    repetition_penalty: float = Field(1.0, gt=0)
-    stop: list[str] = []  # extra stop strings, cut from the output
-    num_return_sequences: int = Field(1, gt=0)
-    seed: int = 0
-    batch_size: int = Field(16, gt=0)
+    """Sampling settings of fewtune generate and chat (and of evaluation, greedy there)."""
+
+    max_new_tokens: int = Field(128, gt=0, description="Most tokens generated per output.")
+    temperature: float = Field(0.0, ge=0, description="Sampling temperature; 0: greedy decoding.")
+    top_k: int | None = Field(None, gt=0, description="Sample from the k most likely tokens only; None: no limit.")
+    top_p: float | None = Field(None, gt=0, le=1, description="Nucleus sampling: the smallest set of tokens with "
+                                "this total probability; None: no limit.")
+    repetition_penalty: float = Field(1.0, gt=0, description="Penalty on tokens already present (1: none).")
+    stop: list[str] = Field([], description="Extra stop strings, cut from the output.")
+    num_return_sequences: int = Field(1, gt=0, description="Outputs per prompt.")
+    seed: int = Field(0, description="Seed of sampling.")
+    batch_size: int = Field(16, gt=0, description="Prompts generated together.")
 
 
 class Config(Section):
-    model: ModelSection = ModelSection()
-    data: DataSection = DataSection()
-    method: MethodSection = MethodSection()
-    train: TrainSection = TrainSection()
-    regularise: RegulariseSection = RegulariseSection()
-    generate: GenerateSection = GenerateSection()
+    """The whole configuration: one section per stage."""
+
+    model: ModelSection = Field(ModelSection(), description="The base model and its prompt layout.")
+    data: DataSection = Field(DataSection(), description="Training and validation data.")
+    method: MethodSection = Field(MethodSection(), description="The fine-tuning method.")
+    train: TrainSection = Field(TrainSection(), description="The training loop.")
+    regularise: RegulariseSection = Field(RegulariseSection(), description="Regularisers.")
+    generate: GenerateSection = Field(GenerateSection(), description="Generation settings.")
 
     @model_validator(mode="after")
     def _check(self) -> "Config":
