@@ -48,6 +48,10 @@ class _Inner(Section):
     depth: int = Field(2, ge=1, le=4)
 
 
+class _Plain(Section):
+    on: bool = False
+
+
 class _Sample(Section):
     """A section made for this test."""
 
@@ -58,6 +62,7 @@ class _Sample(Section):
     marker: str = " END"
     kind: Literal["a", "b"] | None = None
     inner: _Inner = Field(_Inner(), description="Settings of the inner part.")
+    plain: _Plain = Field(_Plain(), description="A section without a docstring of its own.")
 
 
 class _Top(Section):
@@ -68,7 +73,7 @@ def test_a_hand_made_section_renders_as_expected():
     assert render_reference(_Top) == """\
 ### `sample`
 
-A section made for this test. Sections in it: `sample.inner`.
+A section made for this test. Sections in it: `sample.inner`, `sample.plain`.
 
 | key | type | default | constraints | description |
 |---|---|---|---|---|
@@ -81,11 +86,19 @@ A section made for this test. Sections in it: `sample.inner`.
 
 #### `sample.inner`
 
-Settings of the inner part. The inner part. Its docstring spans lines.
+The inner part. Its docstring spans lines.
 
 | key | type | default | constraints | description |
 |---|---|---|---|---|
 | `sample.inner.depth` | int | `2` | >= 1, <= 4 |  |
+
+#### `sample.plain`
+
+A section without a docstring of its own.
+
+| key | type | default | constraints | description |
+|---|---|---|---|---|
+| `sample.plain.on` | bool | `false` |  |  |
 """
 
 

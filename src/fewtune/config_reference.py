@@ -130,7 +130,7 @@ def _sections(cls: type[BaseModel], prefix: tuple[str, ...], about: str, level: 
     lines: list[str] = []
     if prefix:
         lines += [f"{'#' * level} `{'.'.join(prefix)}`", ""]
-    intro = " ".join(dict.fromkeys(t for t in (about, _doc(cls)) if t))  # the two, each once
+    intro = _doc(cls) or about  # the section class's docstring; else the description of the field holding it
     if nested and prefix:
         intro += (" " if intro else "") + "Sections in it: " + ", ".join(
             f"`{'.'.join((*prefix, name))}`" for name, _ in nested) + "."
