@@ -11,14 +11,22 @@ pieces; pieces with an ``entity`` are slot values. Two tasks come out of it:
 
 ``SYSTEM_PROMPT`` is the one system message the SNIPS benchmarks give intent classification,
 so the base model and the fine-tuned run see identical prompts.
+
+Where: ``find_snips`` (an explicit folder, else ``$FEWTUNE_SHARED_DATA/snips``, else
+``../shared/data/snips``; see ``fewtune.datasets.common``). The benchmarks' few-shot sets:
+``write_intent_splits`` (a seeded sample of N training utterances per intent, all 700
+validation utterances, optionally a dev sample disjoint from the training one).
 """
 
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 from fewtune.data.formats import DataError
+from fewtune.data.tools import write_jsonl
+from fewtune.datasets.common import find_dataset
 
 TASKS = ("intent", "slots")
 INTENTS = ("AddToPlaylist", "BookRestaurant", "GetWeather", "PlayMusic", "RateBook", "SearchCreativeWork",
@@ -95,3 +103,50 @@ def snips_records(path: str | Path, task: str = "intent", split: str = "train") 
                 target = json.dumps({"intent": intent, "slots": slots}, ensure_ascii=False)
                 rows.append({"prompt": utterance, "completion": target, "source": where})
     return rows
+
+
+# ---------------------------------------------------------------- where, and the benchmarks' splits
+
+
+def find_snips(explicit: str | Path | None = None) -> Path:
+    """The SNIPS folder (the 2017-06-custom-intent-engines files); DatasetNotFound names where it looked."""
+    return find_dataset("snips", explicit, lambda path: (path / "validate_PlayMusic.json").is_file(),
+                        hint="pass --snips DIR pointing at the nlu-benchmark 2017-06-custom-intent-engines files")
+
+
+def intent_utterances(snips: str | Path, split: str, intent: str) -> list[str]:
+    """The utterances of one intent's file of one split (``train`` or ``validate``)."""
+    return [text for text, label, _, _ in read_snips(Path(snips) / f"{split}_{intent}.json") if label == intent]
+
+
+def intent_conversation(text: str, intent: str) -> dict:
+    """One intent example as the benchmarks train and score it: the shared system prompt, the utterance, the intent."""
+    return {"messages": [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": text},
+                         {"role": "assistant", "content": intent}], "label": intent}
+
+
+def write_intent_splits(snips: str | Path, out_dir: str | Path, per_intent: int = 40, seed: int = 0,
+                        dev_per_intent: int = 0) -> tuple[Path, Path]:
+    """Write train.jsonl (per_intent sampled per intent, seeded) and validation.jsonl (all 700); their paths.
+
+    With dev_per_intent, also dev.jsonl: that many further utterances per intent from the SNIPS
+    train files, none of them in train.jsonl, for choosing settings without touching the 700
+    validation utterances that serve as the test set. The training sample is the same with or
+    without it (the dev sample uses its own random stream).
+    """
+    snips, out_dir = Path(snips), Path(out_dir)
+    rng = random.Random(seed)
+    train, val, rest = [], [], {}
+    for intent in INTENTS:
+        pool = intent_utterances(snips, "train", intent)
+        chosen = rng.sample(pool, per_intent)
+        train += [intent_conversation(t, intent) for t in chosen]
+        val += [intent_conversation(t, intent) for t in intent_utterances(snips, "validate", intent)]
+        taken = set(chosen)
+        rest[intent] = [t for t in pool if t not in taken]
+    rng.shuffle(train)
+    if dev_per_intent:
+        dev_rng = random.Random(seed + 1)
+        dev = [intent_conversation(t, intent) for intent in INTENTS for t in dev_rng.sample(rest[intent], dev_per_intent)]
+        write_jsonl(out_dir / "dev.jsonl", dev)
+    return write_jsonl(out_dir / "train.jsonl", train), write_jsonl(out_dir / "validation.jsonl", val)
