@@ -1,6 +1,6 @@
 """How choice scoring should run on a CPU: flat (prompt + label) rows vs shared prompt caches.
 
-    PYTHONPATH=src python benchmarks/choice_speed.py [--n 70] [--run RUN_DIR]
+    python benchmarks/choice_speed.py [--n 70] [--batch-sizes 8,16] [--run RUN_DIR] [--eval-batch 32]
 
 Scores N SNIPS validation utterances (spread over the intents) against the 7 intents with
 the default model in two ways and checks they agree:
@@ -23,19 +23,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from snips_data import INTENTS, convert, find_snips  # noqa: E402
-
-from fewtune.data.formats import load_examples  # noqa: E402
-from fewtune.data.render import render_conversation  # noqa: E402
-from fewtune.eval.scoring import choice_scores, label_continuation  # noqa: E402
-from fewtune.generate import load_for_inference  # noqa: E402
+from fewtune.data.formats import load_examples
+from fewtune.data.render import render_conversation
+from fewtune.datasets.common import DatasetNotFound
+from fewtune.datasets.snips import INTENTS, find_snips, write_intent_splits
+from fewtune.eval.scoring import choice_scores, label_continuation
+from fewtune.generate import load_for_inference
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,7 +91,10 @@ def main() -> None:
     parser.add_argument("--run", default=None, help="also time a fine-tuned run directory on all 700")
     parser.add_argument("--eval-batch", type=int, default=32, help="batch size for the whole-set timings")
     args = parser.parse_args()
-    _, val_file = convert(find_snips(), ROOT / "runs" / "snips" / "data")
+    try:
+        _, val_file = write_intent_splits(find_snips(), ROOT / "runs" / "snips" / "data")
+    except DatasetNotFound as err:
+        raise SystemExit(str(err)) from None
     examples = load_examples(val_file)
     step = len(examples) // args.n
     conversations = [e.prompt_messages for e in examples[::step][:args.n]]  # every intent represented

@@ -1,10 +1,12 @@
 """Run `data check` on the real public data sets in ../shared/data and tabulate what it finds.
 
-    PYTHONPATH=src python benchmarks/data_check_real.py [--data ../shared/data] [--model smollm2-135m-instruct]
+    python benchmarks/data_check_real.py [--data ../shared/data] [--model smollm2-135m-instruct]
 
 Prints a markdown table (one row per train/validation pair) and writes it, with the exact
-settings, to benchmarks/results/data_check_real.md. SNIPS is converted first with the
-project's own converter (``fewtune data convert --from snips``) into a temporary folder.
+settings, to benchmarks/results/data_check_real.md. The data folder is found as
+fewtune.datasets finds it (--data, else $FEWTUNE_SHARED_DATA, else ../shared/data). SNIPS is
+converted first with the project's own converter (``fewtune data convert --from snips``) into a
+temporary folder; FewCLUE is read with fewtune.datasets.fewclue's field map.
 The data sets are read in place, never copied into the project.
 """
 
@@ -16,10 +18,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from fewtune.quality.check import check_data
-from fewtune.datasets.snips import snips_records
 from fewtune.data.tools import write_jsonl
+from fewtune.datasets.common import DatasetNotFound, find_shared_data
+from fewtune.datasets.fewclue import FIELD_MAP, SPLITS
+from fewtune.datasets.snips import snips_records
 from fewtune.models import load_tokenizer
+from fewtune.quality.check import check_data
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,12 +40,12 @@ def jobs(data: Path, tmp: Path) -> list[dict]:
         dict(name="snips slots JSON (train vs validate)", train=tmp / "snips_train_slots.jsonl",
              val=tmp / "snips_validate_slots.jsonl"),
     ]
-    for task, rename in (("eprstmt", {"text": "sentence"}), ("tnews", {"text": "sentence", "label": "label_desc"})):
-        for val in ("dev_few_all", "test_public"):
-            out.append(dict(name=f"fewclue {task} (train vs {val})", train=fewclue / task / "train_few_all.json",
-                            val=fewclue / task / f"{val}.json", rename=rename))
-        out.append(dict(name=f"fewclue {task} (dev vs test_public)", train=fewclue / task / "dev_few_all.json",
-                        val=fewclue / task / "test_public.json", rename=rename))
+    for task, rename in FIELD_MAP.items():
+        for val in ("dev", "test"):
+            out.append(dict(name=f"fewclue {task} (train vs {Path(SPLITS[val]).stem})",
+                            train=fewclue / task / SPLITS["train"], val=fewclue / task / SPLITS[val], rename=rename))
+        out.append(dict(name=f"fewclue {task} (dev vs test_public)", train=fewclue / task / SPLITS["dev"],
+                        val=fewclue / task / SPLITS["test"], rename=rename))
     for name in ("alpaca_en_demo", "alpaca_zh_demo", "glaive_toolcall_en_demo", "glaive_toolcall_zh_demo", "identity"):
         out.append(dict(name=f"llamafactory {name}", train=lf, dataset=name))
     return out
@@ -69,12 +73,14 @@ HEADER = ["data set", "examples", "exact dup", "near dup", "conflicts", "leaked 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data"))
+    parser.add_argument("--data", default=None, help="the shared data folder (default: $FEWTUNE_SHARED_DATA, "
+                                                      "else ../shared/data)")
     parser.add_argument("--model", default="smollm2-135m-instruct")
     args = parser.parse_args()
-    data = Path(args.data)
-    if not data.is_dir():
-        print(f"the shared data folder {data} is missing: nothing to check", file=sys.stderr)
+    try:
+        data = find_shared_data(args.data)
+    except DatasetNotFound as err:
+        print(f"{err}: nothing to check", file=sys.stderr)
         return 1
     tokenizer = load_tokenizer(args.model)
     rows = []

@@ -1,28 +1,27 @@
 """Small-data results: zero-shot vs the usual LoRA recipe vs `fewtune suggest` vs the best found.
 
-    PYTHONPATH=src python benchmarks/small_data.py [--datasets snips,eprstmt,tnews]
+    python benchmarks/small_data.py [--datasets snips,eprstmt,tnews]
         [--setups zero,usual,suggest,best] [--seeds 0,1,2] [--test-limit N | --test-per-class N]
         [--dev | --dev-only] [--threads N] [--table-only]
 
-Data (read from ../shared/data, never copied): SNIPS with 40 training utterances per intent
-(evaluated on the 700 validation utterances), FewCLUE eprstmt (train 160, test_public 610)
-and FewCLUE tnews (train 1,185, test_public 2,010). English runs use smollm2-135m-instruct,
-Chinese runs gemma3-270m (`make setup-gemma`), which tokenises Chinese far better.
+Data (read in place from the shared data folder, never copied; see fewtune.datasets): SNIPS with
+40 training utterances per intent (evaluated on the 700 validation utterances), FewCLUE eprstmt
+(train 160, test_public 610) and FewCLUE tnews (train 1,185, test_public 2,010). English runs use
+smollm2-135m-instruct, Chinese runs gemma3-270m (`make setup-gemma`), which tokenises Chinese far better.
 
-Setups:
+Setups (recipes in benchmarks/configs/):
 - zero: the base model, choice scoring (deterministic: one run);
-- usual: LoRA r=8 (alpha 16, no dropout) on all linear layers, lr 1e-4, 3 epochs, batch 8,
-  cosine, warmup 0.1, loss on completions, no held-out split, evaluated by greedy generation;
+- usual: configs/small_data_usual.yaml, LoRA r=8 (alpha 16, no dropout) on all linear layers,
+  lr 1e-4, 3 epochs, batch 8, cosine, warmup 0.1, loss on completions, no held-out split,
+  evaluated by greedy generation;
 - suggest: the config `fewtune suggest TRAIN --model M` writes, evaluated by choice scoring
-  as it advises. Since commit a972749 that config chooses checkpoints by validation accuracy
-  for classification sets; rows "suggest (loss-selected)" ran with the suggest before it. The
-  newer suggest rows were run as "suggest-acc" (the older suggest plus train.eval_task and
-  train.eval_metric, the same config, checked key for key) and renamed; rows "suggest-acc
-  (ties: first)" ran before ties in accuracy went to the lower loss (commit 154a2d4);
-- best: suggest's config plus the changes in BEST below, evaluated by choice scoring (the rows
-  so far were run on the loss-selecting suggest of before a972749);
+  as it advises;
+- best: suggest's config plus the changes in configs/small_data_best_<dataset>.yaml (BEST),
+  evaluated by choice scoring;
 - suggest+KEY=VALUE[+KEY=VALUE...]: a candidate for BEST, suggest's config with dotted changes,
   e.g. suggest+regularise.label_smoothing=0.1.
+Rows under other names (e.g. "suggest (loss-selected)") were run by earlier versions of a setup;
+benchmarks/results/small_data.md says which.
 
 BEST is chosen on a dev set, never on the test set: SNIPS's dev.jsonl (140 further train
 utterances, none in the 280) or FewCLUE's dev_few_all.json (disjoint from train and test).
@@ -45,46 +44,53 @@ import platform
 import re
 import shutil
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
+import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from snips_data import convert as convert_snips, find_snips, write_jsonl  # noqa: E402
-
-from fewtune.config import build_config  # noqa: E402
-from fewtune.eval.evaluate import evaluate  # noqa: E402
-from fewtune.advice.suggest import suggest  # noqa: E402
-from fewtune.train.loop import train  # noqa: E402
+from fewtune.advice.suggest import suggest
+from fewtune.config import build_config, load_config
+from fewtune.datasets import fewclue
+from fewtune.datasets.common import DatasetNotFound
+from fewtune.datasets.snips import find_snips, write_intent_splits
+from fewtune.eval.evaluate import evaluate
+from fewtune.train.loop import train
 
 ROOT = Path(__file__).resolve().parents[1]
-FEWCLUE = ROOT.parent / "shared" / "data" / "fewclue"
+CONFIGS = ROOT / "benchmarks" / "configs"
 WORK = ROOT / "runs" / "small_data"
 RESULTS = ROOT / "benchmarks" / "results" / "small_data.jsonl"
 DEV_RESULTS = ROOT / "benchmarks" / "results" / "small_data_dev.jsonl"  # dev-set scores: what BEST is chosen by
 TABLE = ROOT / "benchmarks" / "results" / "small_data.md"
 NOTES = "<!-- written by hand below this line; small_data.py keeps it when it rewrites the table -->"
 MODELS = {"snips": "smollm2-135m-instruct", "eprstmt": "gemma3-270m", "tnews": "gemma3-270m"}
+USUAL = CONFIGS / "small_data_usual.yaml"  # LLaMA-Factory's defaults for LoRA SFT, the recipe most users start from
 
-# LLaMA-Factory's defaults for LoRA SFT, the recipe most users start from
-USUAL = {"method": {"name": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"}},
-         "data": {"val_ratio": 0.0, "prompt_loss_weight": 0.0},
-         "train": {"lr": 1e-4, "epochs": 3, "batch_size": 8, "scheduler": "cosine", "warmup_ratio": 0.1,
-                   "weight_decay": 0.0, "max_grad_norm": 1.0}}
-# changes on top of suggest's config for the "best" setup (dotted keys), per dataset
-# snips: chosen by `fewtune sweep` on dev.jsonl (140 SNIPS train utterances outside the 280), never
-# on the 700 test utterances; see benchmarks/results/small_data.md for the grid and its scores
-# eprstmt: label smoothing 0.1 won on FewCLUE's dev set (seed 0, 160 reviews) over suggest alone, NEFTune 5 and
-# FGM; its rows ran as the candidate setup suggest+regularise.label_smoothing=0.1, the same config. The rows of
-# the first eprstmt "best" (SNIPS's changes, on the loss-selected suggest, chosen by no search of its own) are kept
-# under another name.
-# tnews: NEFTune 5 scored 0.535 on FewCLUE's dev set (1,098 titles, seed 0), suggest alone 0.534 (one title
-# fewer), label smoothing 0.1 0.526: the rule (the highest dev accuracy; a tie keeps suggest) picked NEFTune,
-# by a margin that is noise. Its rows ran as suggest+regularise.neftune_alpha=5.
-BEST: dict[str, dict] = {"snips": {"train.batch_size": 8, "train.lr": 5e-4, "train.epochs": 6},
-                         "eprstmt": {"regularise.label_smoothing": 0.1}, "tnews": {"regularise.neftune_alpha": 5}}
+
+def _dotted(values: dict, prefix: str = "") -> dict[str, object]:
+    """A nested config mapping as dotted keys, in file order: {'train': {'lr': 5e-4}} -> {'train.lr': 5e-4}."""
+    out: dict[str, object] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(_dotted(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def best_changes(dataset: str) -> dict[str, object]:
+    """The "best" setup's changes on top of suggest's config (dotted keys), from configs/small_data_best_<dataset>.yaml
+    (checked against the config schema; how each was chosen is written there)."""
+    path = CONFIGS / f"small_data_best_{dataset}.yaml"
+    if not path.is_file():
+        return {}
+    load_config(path)  # an unknown key fails here, naming the nearest valid one
+    return _dotted(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
+
+
+BEST: dict[str, dict] = {dataset: best_changes(dataset) for dataset in MODELS}
 
 
 def best_candidate(dataset: str) -> str | None:
@@ -96,26 +102,12 @@ def best_candidate(dataset: str) -> str | None:
 def prepare(dataset: str) -> tuple[Path, Path]:
     """Write the dataset as fewtune conversations (system prompt naming the labels): (train, test)."""
     out = WORK / dataset / "data"
-    if dataset == "snips":
-        return convert_snips(find_snips(), out, dev_per_intent=20)  # dev.jsonl: for choosing BEST
-    src = FEWCLUE / dataset
-    if not src.is_dir():
-        raise SystemExit(f"{src} not found: the FewCLUE data is expected in ../shared/data/fewclue")
-    read = lambda name: [json.loads(line) for line in (src / name).read_text(encoding="utf-8").splitlines() if line.strip()]  # noqa: E731
-    if dataset == "eprstmt":
-        system = "判断这条商品评论的情感倾向。只回答 Positive 或 Negative。"
-        label = lambda r: r["label"]  # noqa: E731
-    else:
-        names = {r["label_desc"]: r["label_zh"] for r in read("label_index2en2zh.json")}
-        system = "这条新闻标题属于哪一类？只回答类别名，从这些类别中选一个：" + "、".join(names.values()) + "。"
-        label = lambda r: names[r["label_desc"]]  # noqa: E731
-
-    def rows(name):
-        return [{"messages": [{"role": "system", "content": system}, {"role": "user", "content": r["sentence"]},
-                              {"role": "assistant", "content": label(r)}], "label": label(r)} for r in read(name)]
-
-    write_jsonl(out / "dev.jsonl", rows("dev_few_all.json"))  # FewCLUE's dev set: for choosing BEST, never the test set
-    return write_jsonl(out / "train.jsonl", rows("train_few_all.json")), write_jsonl(out / "test.jsonl", rows("test_public.json"))
+    try:
+        if dataset == "snips":
+            return write_intent_splits(find_snips(), out, dev_per_intent=20)  # dev.jsonl: for choosing BEST
+        return fewclue.write_splits(dataset, out)  # with FewCLUE's dev set as dev.jsonl, for choosing BEST
+    except DatasetNotFound as err:
+        raise SystemExit(str(err)) from None
 
 
 def per_class_subset(test_file: Path, per_class: int) -> Path:
@@ -158,9 +150,11 @@ def config_for(dataset: str, setup: str, train_file: Path, seed: int, run_dir: P
     model = MODELS[dataset]
     setup, extra = split_setup(setup)
     if setup == "usual":
-        values = _merge(USUAL, {"model": {"name": model}, "data": {"train": str(train_file)}})
+        recipe = yaml.safe_load(USUAL.read_text(encoding="utf-8"))
+        values = _merge(recipe, {"model": {"name": model}, "data": {"train": str(train_file)}})
     else:
         values = suggest(train_file, model=model).config.model_dump()
+    # paths go in as values, not as dotted overrides (which parse as YAML)
     values = _merge(values, {"data": {"seed": seed},
                              "train": {"seed": seed, "output_dir": str(run_dir), "num_threads": torch.get_num_threads()}})
     changes = [f"{key}={value}" for key, value in BEST[dataset].items()] if setup == "best" else []

@@ -4,6 +4,10 @@
     python benchmarks/train_speed.py --steps 5 --arms baseline,fewtune   # quicker
     python benchmarks/train_speed.py --config my.yaml   # your model/data/method instead of SNIPS
 
+The SNIPS workload's recipe is benchmarks/configs/train_speed.yaml. The results go to --out
+(default benchmarks/results/train_speed.md); text under the NOTES marker there is written by
+hand and kept when the results are rewritten.
+
 Every arm trains the same model on the same token ids (rendered once by fewtune's render
 function) with the same LoRA configuration and batch size, for ``--warmup`` + ``--steps``
 optimizer steps; only the timed steps count. Each arm runs in its own child process so
@@ -33,12 +37,15 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-from fewtune.data.formats import DataError  # noqa: E402
-from fewtune.datasets.snips import SYSTEM_PROMPT, snips_records  # noqa: E402  (the one SNIPS reader and prompt)
+import yaml
 
-SNIPS = ROOT.parent / "shared" / "data" / "snips"
+from fewtune.data.formats import DataError
+from fewtune.datasets.common import DatasetNotFound
+from fewtune.datasets.snips import SYSTEM_PROMPT, find_snips, snips_records  # the one SNIPS reader and prompt
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "benchmarks" / "configs" / "train_speed.yaml"
+NOTES = "<!-- written by hand below this line; train_speed.py keeps it when it rewrites the results -->"
 PROFILE_STEPS = 2  # with --profile: extra steps after the timed ones, run under torch.profiler
 CATEGORIES = (  # (label, substrings of aten op names), for the "where the time goes" line
     ("matrix multiplies", ("aten::mm", "aten::addmm", "aten::bmm")),
@@ -57,9 +64,11 @@ ARMS = {
 
 # ------------------------------------------------------------------ data and configuration
 
-def snips_rows(snips_dir: Path, limit: int | None) -> list[dict]:
+def snips_rows(snips_dir: Path | None, limit: int | None) -> list[dict]:
     try:
-        records = snips_records(snips_dir, "intent", "train")
+        records = snips_records(snips_dir or find_snips(), "intent", "train")  # a given folder needs train files only
+    except DatasetNotFound as err:
+        sys.exit(str(err))
     except DataError as err:
         sys.exit(f"SNIPS data not read: {err} (expected the train_<Intent>.json files of "
                  "snipsco/nlu-benchmark; pass --snips DIR)")
@@ -84,13 +93,11 @@ def make_config(args, data_path: str | None, arm: str, run_dir: str):
         overrides.append(f"train.mixed_precision={args.mixed_precision}")
     if args.config:
         return load_config(args.config, overrides)
-    base = {
-        "model": {"name": args.model},
-        "data": {"train": data_path, "format": "classification", "system_prompt": SYSTEM_PROMPT, "max_length": 256},
-        "method": {"name": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": "all-linear"}},
-        "train": {"lr": 1e-4, "seed": 42},
-    }
-    return build_config(base, overrides)
+    base = yaml.safe_load(RECIPE.read_text(encoding="utf-8"))
+    # values, not dotted overrides: a path or the system prompt ("...intents: A, B...") would parse as YAML
+    base["model"]["name"] = args.model
+    base["data"].update(train=data_path, system_prompt=SYSTEM_PROMPT)
+    return build_config(base, overrides, source=str(RECIPE))
 
 
 # ------------------------------------------------------------------ measurements
@@ -363,7 +370,8 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--mixed-precision", default=None, help="fewtune arms: train.mixed_precision (default auto)")
     parser.add_argument("--config", default=None, help="a fewtune YAML config to benchmark instead of SNIPS")
-    parser.add_argument("--snips", type=Path, default=SNIPS)
+    parser.add_argument("--snips", type=Path, default=None,
+                        help="the SNIPS folder (default: $FEWTUNE_SHARED_DATA/snips, else ../shared/data/snips)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "train_speed.md")
     parser.add_argument("--profile", action="store_true",
                         help=f"profile {PROFILE_STEPS} more steps per arm with torch.profiler (not timed)")
@@ -404,7 +412,7 @@ def main() -> None:
             a for a in sys.argv[1:] if a != "--worker"]
         print(f"--- {arm}: {ARMS[arm]}", flush=True)
         start = time.time()
-        proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+        proc = subprocess.run(cmd, cwd=ROOT)  # the child imports the fewtune this process imported (same environment)
         if proc.returncode != 0:
             sys.exit(f"arm '{arm}' failed (exit {proc.returncode})")
         results[arm] = json.loads(Path(spec["result"]).read_text())
@@ -489,7 +497,9 @@ def report(args, results, info, peak, peak_flops, flops, mean_len, n_examples, l
             top = ", ".join(f"`{name}` {100 * share:.0f}% ({count})" for name, share, count in prof["top"][:6])
             text += [f"- **{arm}** ({prof['total_s']:.2f} s of operators per step): {shares}. Top ops: {top}."]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(text) + "\n", encoding="utf-8")
+    old = args.out.read_text(encoding="utf-8") if args.out.is_file() else ""
+    kept = "\n" + NOTES + old.split(NOTES, 1)[1] if NOTES in old else ""  # the hand-written notes and history
+    args.out.write_text("\n".join(text) + "\n" + kept, encoding="utf-8")
     print(f"written to {args.out}")
 
 
