@@ -43,8 +43,9 @@ test-precision: setup
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
-# Training throughput against a plain transformers.Trainer (needs ../shared/data/snips); writes
-# benchmarks/results/train_speed.md. About 10 minutes on 2 CPU cores.
+# Training throughput against a plain transformers.Trainer (needs the SNIPS data: ../shared/data/snips, or
+# $FEWTUNE_SHARED_DATA/snips); rewrites benchmarks/results/train_speed.md above its hand-written notes.
+# About 10 minutes on 2 CPU cores.
 bench-speed: setup
 	$(BIN)/python benchmarks/train_speed.py --profile
 
