@@ -5,9 +5,8 @@
 
 Trains on 40 examples per intent (seeded; benchmarks/configs/snips_eval_lora.yaml, LLaMA-Factory's
 default LoRA recipe: r=8 on all linear layers, lr 1e-4, 3 epochs, batch 8, cosine, warmup 0.1,
-no held-out split) and
-evaluates both models on the 700 validation utterances by choice scoring and by greedy
-generation. Prints a table and writes it to benchmarks/results/snips_eval.md; the run's
+no held-out split) and evaluates both models on the 700 validation utterances by choice scoring
+and by greedy generation. Prints a table and writes it to benchmarks/results/snips_eval.md; the run's
 report (docs/example_report/) is built from the same results. A finished run in --work is
 reused, an interrupted one resumed. Text under the NOTES marker in the results file is written
 by hand and kept when the table is rewritten.
