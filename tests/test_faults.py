@@ -86,7 +86,7 @@ def _flip_a_byte(path: Path) -> None:
 
 
 DAMAGE = {
-    "half-copied folder": lambda f: (f / "state.pt").unlink(),
+    "half-copied folder": lambda f: (f / "optimizer.bin").unlink(),
     "truncated file": lambda f: (f / "trainable.safetensors").write_bytes(
         (f / "trainable.safetensors").read_bytes()[:100]),
     "zero-byte file": lambda f: (f / "loop.json").write_bytes(b""),

@@ -271,26 +271,78 @@ def test_crash_while_writing_a_checkpoint_keeps_the_last_good_one(make_config, t
     cfg = make_config(train__max_steps=4, train__save_every=2, train__output_dir=str(tmp_path / "crash"))
     trainer = Trainer(cfg)
     real_torch_save = torch.save
-    calls = {"n": 0}
 
     def failing_save(obj, path, *a, **k):
-        calls["n"] += 1
-        if calls["n"] == 2:  # the second checkpoint dies half-written
-            Path(path).write_bytes(b"partial")
+        if "step-0000004" in str(path) and Path(path).name == "optimizer.bin":  # the second checkpoint dies
+            Path(path).write_bytes(b"partial")  # half-written, by accelerate's save_state
             raise OSError("disk full")
         return real_torch_save(obj, path, *a, **k)
 
-    monkeypatch.setattr(ckpt.torch, "save", failing_save)
+    monkeypatch.setattr(torch, "save", failing_save)
     with pytest.raises(OSError, match="disk full"):
         trainer.fit()
-    monkeypatch.setattr(ckpt.torch, "save", real_torch_save)
+    monkeypatch.setattr(torch, "save", real_torch_save)
     assert (tmp_path / "crash" / "checkpoints" / "latest").read_text() == "step-0000002"
     latest = ckpt.newest_intact_checkpoint(tmp_path / "crash")
     assert latest is not None and latest.name == "step-0000002"
-    weights, state, loop_state = ckpt.load_checkpoint(latest)
-    assert loop_state["step"] == 2 and weights
+    assert ckpt.read_loop_state(latest)["step"] == 2 and ckpt.load_weights(latest)
     assert not list((tmp_path / "crash" / "checkpoints").glob("*.tmp-*"))  # the half-written one is gone
     assert train(cfg, resume=True).steps == 4
+
+
+def test_a_checkpoint_holds_accelerates_state_and_only_the_trainable_weights(make_config, tmp_path):
+    """accelerate's save_state writes the optimizer, the schedule and the random states; the weights in it are
+    the trainable ones (LoRA's), never a full-model file with the frozen base."""
+    from fewtune.train import checkpoint as ckpt
+
+    cfg = make_config(train__max_steps=2, train__output_dir=str(tmp_path / "run"))
+    trainer = Trainer(cfg)
+    trainer.fit()
+    folder = tmp_path / "run" / "checkpoints" / "step-0000002"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(ckpt.FILES + (ckpt.MANIFEST,))
+    assert sorted(json.loads((folder / ckpt.MANIFEST).read_text())) == sorted(ckpt.FILES)
+    assert not list(folder.glob("model*.safetensors")) and not list(folder.glob("pytorch_model*"))
+    saved = load_file(folder / "trainable.safetensors")
+    assert sorted(saved) == sorted(n for n, p in trainer.model.named_parameters() if p.requires_grad)
+    assert all("lora_" in name for name in saved)  # no frozen base weight among them
+    rng = torch.load(folder / "random_states_0.pkl", weights_only=False)
+    assert {"random_state", "numpy_random_seed", "torch_manual_seed"} <= rng.keys()
+    schedule = torch.load(folder / "custom_checkpoint_0.pkl", weights_only=False)
+    assert schedule["last_epoch"] == 2 == trainer.scheduler.state_dict()["last_epoch"]
+
+
+def _to_the_format_before_accelerate(folder: Path) -> None:
+    """Rewrite a checkpoint as fewtune wrote it before accelerate's save_state: one state.pt with the optimizer,
+    the schedule and the main process's random states under "rng"."""
+    from fewtune.train import checkpoint as ckpt
+
+    rng = torch.load(folder / "random_states_0.pkl", weights_only=False)
+    state = {"optimizer": torch.load(folder / "optimizer.bin", weights_only=False),
+             "scheduler": torch.load(folder / "custom_checkpoint_0.pkl", weights_only=False),
+             "rng": {"python": rng["random_state"], "numpy": rng["numpy_random_seed"],
+                     "torch": rng["torch_manual_seed"]}}
+    for name in ("optimizer.bin", "custom_checkpoint_0.pkl", "random_states_0.pkl", ckpt.MANIFEST):
+        (folder / name).unlink()
+    torch.save(state, folder / "state.pt")
+    ckpt._write_manifest(folder)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(ckpt.LEGACY_FILES + (ckpt.MANIFEST,))
+
+
+def test_a_checkpoint_in_the_format_before_accelerate_resumes_to_the_same_result(make_config, tmp_path):
+    settings = dict(train__max_steps=6, train__batch_size=2, method__lora__dropout=0.1)
+    straight = train(make_config(train__output_dir=str(tmp_path / "straight"), **settings))
+    cfg = make_config(train__output_dir=str(tmp_path / "old"), **settings)
+    with pytest.raises(Interrupted):
+        train(cfg, stop_after=4)
+    _to_the_format_before_accelerate(tmp_path / "old" / "checkpoints" / "step-0000004")
+    assert train(cfg, resume=True).steps == 6
+    a = [m["train_loss"] for m in metrics(straight.run_dir) if "train_loss" in m]
+    b = [m["train_loss"] for m in metrics(tmp_path / "old") if "train_loss" in m]
+    assert len(b) == 6 and b == pytest.approx(a, rel=1e-6)  # dropout too: the random states came back
+    wa = load_file(straight.run_dir / "adapter" / "adapter_model.safetensors")
+    wb = load_file(tmp_path / "old" / "adapter" / "adapter_model.safetensors")
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name])
 
 
 def test_validation_split_is_stratified_and_seeded(tmp_path, make_config):

@@ -1,15 +1,26 @@
 """Checkpoints that resume exactly and are never half-written.
 
-A checkpoint is a folder (trainable weights, optimizer, scheduler, RNG states, loop
-position) written under a temporary name and renamed into place; the ``latest`` file
-that names it is replaced atomically afterwards. A crash at any moment leaves ``latest``
+A checkpoint is a folder written under a temporary name and renamed into place; the ``latest``
+file that names it is replaced atomically afterwards. A crash at any moment leaves ``latest``
 pointing at a complete checkpoint.
+
+accelerate's ``save_state`` writes what accelerate knows how to save: the optimizer
+(``optimizer.bin``), the learning-rate schedule (``custom_checkpoint_0.pkl``, registered with
+``register_for_checkpointing``), fp16's loss scaler (``scaler.pt``) and the random states of every
+process (``random_states_<i>.pkl``). Its save hook writes ``trainable.safetensors`` (the weights
+that train, e.g. LoRA's) in place of its full-model file: the frozen base is the base model's own
+files, and for LoRA on an 8B model accelerate's file would add 16 GB of them. ``loop.json`` is the
+loop position. ``load_state`` reads it all back, the trainable weights through its load hook.
+Every process takes part in both; the main one completes the folder once all have written.
 
 Each checkpoint carries ``manifest.json`` (size and SHA-256 of every file in it), so a
 folder damaged afterwards (half copied to another machine, a zero-byte file, a flipped
 byte) is found on resume, and the newest intact checkpoint is used instead, with a warning.
 A full disk while saving leaves the previous checkpoint as ``latest`` and says how much
 space a checkpoint needs.
+
+accelerate's rotation (``ProjectConfiguration(total_limit=...)``) does not serve: it deletes the oldest
+checkpoint before the new one is written, and its load_state takes the highest-numbered folder unchecked.
 """
 
 from __future__ import annotations
@@ -21,6 +32,7 @@ import os
 import random
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +44,13 @@ from fewtune.files import atomic_write_text, file_sha256
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-FILES = ("trainable.safetensors", "state.pt", "loop.json")
+TRAINABLE = "trainable.safetensors"
+LOOP = "loop.json"
+# a single-process checkpoint's files (accelerate's names; more processes add random_states_1.pkl, ...)
+FILES = (TRAINABLE, "optimizer.bin", "custom_checkpoint_0.pkl", "random_states_0.pkl", LOOP)
+# before accelerate wrote the state: optimizer, schedule and the main process's random states in one file
+LEGACY_STATE = "state.pt"
+LEGACY_FILES = (TRAINABLE, LEGACY_STATE, LOOP)
 
 
 class CheckpointError(RuntimeError):
@@ -51,8 +69,9 @@ def verify(folder: Path) -> str | None:
         return "the folder is missing"
     manifest_path = folder / MANIFEST
     if not manifest_path.exists():
-        # written before manifests existed: a complete one has every file, each non-empty
-        expected = FILES if (folder / "loop.json").exists() or (folder / "state.pt").exists() else FILES[:1]
+        # written before manifests existed: a complete one has every file, each non-empty (best/: the weights)
+        expected = (LEGACY_FILES if (folder / LEGACY_STATE).exists() else FILES if (folder / LOOP).exists()
+                    else (TRAINABLE,))
         missing = [name for name in expected if not (folder / name).is_file() or (folder / name).stat().st_size == 0]
         return f"{missing[0]} is missing or empty" if missing else None
     try:
@@ -99,19 +118,8 @@ def _state_bytes(obj) -> int:
     return 0
 
 
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def _cpu(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in weights.items()}
 
 
 def save_weights(weights: dict[str, torch.Tensor], folder: Path) -> None:
@@ -119,7 +127,7 @@ def save_weights(weights: dict[str, torch.Tensor], folder: Path) -> None:
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".tmp-", dir=folder.parent))
     try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, tmp / "trainable.safetensors")
+        save_file(_cpu(weights), tmp / TRAINABLE)
         _write_manifest(tmp)
         _replace_dir(tmp, folder)
     except BaseException as err:
@@ -131,7 +139,7 @@ def save_weights(weights: dict[str, torch.Tensor], folder: Path) -> None:
 
 
 def load_weights(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(folder / "trainable.safetensors")
+    return load_file(folder / TRAINABLE)
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
@@ -145,35 +153,86 @@ def _replace_dir(tmp: Path, final: Path) -> None:
         os.replace(tmp, final)
 
 
-def save_checkpoint(run_dir: Path, step: int, weights: dict[str, torch.Tensor], optimizer, scheduler,
-                    loop_state: dict, keep: int) -> Path:
-    root = run_dir / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:07d}"
-    previous = (root / "latest").read_text().strip() if (root / "latest").exists() else None
-    state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()}
-    tmp: Path | None = None
+def _together(accelerator, error: BaseException | None) -> None:
+    """Called by every process at the same point: re-raises this process's error, or fails because another
+    process failed, so that no process waits forever at a later barrier for one that gave up."""
+    failed = error is not None
+    if accelerator.num_processes > 1:
+        failed = bool(accelerator.reduce(torch.tensor(int(failed), device=accelerator.device), "max").item())
+    if error is not None:
+        raise error
+    if failed:
+        raise CheckpointError("another process failed while writing the checkpoint (its error says why)")
+
+
+def _stage(accelerator, work: Callable[[], None]) -> None:
+    error = None
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=final.name + ".tmp-", dir=root))
-        save_file({k: v.detach().cpu().contiguous() for k, v in weights.items()}, tmp / "trainable.safetensors")
-        torch.save(state, tmp / "state.pt")
-        (tmp / "loop.json").write_text(json.dumps(loop_state, indent=2))
+        work()
+    except BaseException as err:  # (re-raised by _together, once every process knows)
+        error = err
+    _together(accelerator, error)
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+
+
+def save_checkpoint(accelerator, run_dir: Path, step: int, trainable: Callable[[], dict[str, torch.Tensor]],
+                    loop_state: dict, keep: int) -> Path:
+    """Write checkpoint ``step-<step>``, point ``latest`` at it and keep the newest ``keep``; every process
+    calls this at the same step. ``trainable``: the trainable weights (called on the main process)."""
+    root = run_dir / "checkpoints"
+    final = root / f"step-{step:07d}"
+    tmp = root / f"{final.name}.tmp-save"  # one name that every process knows
+    main = accelerator.is_main_process
+    pointer = root / "latest"
+    previous = pointer.read_text().strip() if pointer.exists() else None
+
+    def prepare() -> None:
+        if main:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a crash: none of its files may enter this one
+
+    def write_trainable(models, model_states, output_dir) -> None:
+        model_states.clear()  # accelerate writes no full-model file
+        if main:
+            save_file(_cpu(trainable()), Path(output_dir) / TRAINABLE)
+
+    def write() -> None:
+        handle = accelerator.register_save_state_pre_hook(write_trainable)
+        try:
+            accelerator.save_state(str(tmp))
+        finally:
+            handle.remove()
+        if main:
+            (tmp / LOOP).write_text(json.dumps(loop_state, indent=2))
+
+    def complete() -> None:  # once every process has written its files
+        if not main:
+            return
         _write_manifest(tmp)
         _replace_dir(tmp, final)
-        atomic_write_text(root / "latest", final.name)
+        atomic_write_text(pointer, final.name)
+        # keep the newest `keep` checkpoints; stray temporary folders from a crash go too
+        done = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and ".tmp-" not in p.name)
+        for old in done[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        for stray in root.glob("*.tmp-*"):
+            shutil.rmtree(stray, ignore_errors=True)
+
+    try:
+        for stage in (prepare, write, complete):
+            _stage(accelerator, stage)
     except BaseException as err:
-        if tmp is not None:
+        if main:
             shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-            need = _state_bytes(weights) + _state_bytes(state) + (1 << 16)
+            # the previous checkpoint's size, else the weights and Adam's two moments of each
+            need = (_folder_bytes(root / previous) if previous and (root / previous).is_dir()
+                    else 3 * _state_bytes(trainable()) + (1 << 16))
             raise _space_error(err, f"checkpoint {final.name}", root, need, previous) from err
         raise
-    # keep the newest `keep` checkpoints; stray temporary folders from a crash go too
-    done = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and ".tmp-" not in p.name)
-    for old in done[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    for stray in root.glob("*.tmp-*"):
-        shutil.rmtree(stray, ignore_errors=True)
     return final
 
 
@@ -213,8 +272,45 @@ def newest_intact_checkpoint(run_dir: Path) -> Path | None:
     return None
 
 
-def load_checkpoint(folder: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
-    weights = load_file(folder / "trainable.safetensors")
-    state = torch.load(folder / "state.pt", weights_only=False)  # our own file: optimizer + RNG objects
-    loop_state = json.loads((folder / "loop.json").read_text())
-    return weights, state, loop_state
+def read_loop_state(folder: Path) -> dict:
+    """The loop position a checkpoint saved (and the run's inputs then), before anything is restored."""
+    return json.loads((folder / LOOP).read_text())
+
+
+def restore(accelerator, folder: Path, load_trainable: Callable[[dict[str, torch.Tensor]], None], optimizer,
+            scheduler) -> None:
+    """Put a checkpoint's trainable weights, optimizer, schedule and random states back; every process calls
+    this. ``optimizer`` and ``scheduler`` are needed for a checkpoint in the format before accelerate's."""
+    if (folder / LEGACY_STATE).exists():
+        _restore_legacy(folder, load_trainable, optimizer, scheduler)
+        return
+    rng = folder / f"random_states_{accelerator.process_index}.pkl"
+    if not rng.exists():  # accelerate would go on quietly
+        log.warning("checkpoint %s has no random state for process %d (it was written by fewer processes): "
+                    "the run will not continue exactly as an uninterrupted one would", folder.name,
+                    accelerator.process_index)
+
+    def read_trainable(models, input_dir) -> None:
+        models.clear()  # there is no full-model file to load: the trainable weights are ours
+        load_trainable(load_file(Path(input_dir) / TRAINABLE))
+
+    handle = accelerator.register_load_state_pre_hook(read_trainable)
+    try:
+        accelerator.load_state(str(folder))
+    finally:
+        handle.remove()
+
+
+def _restore_legacy(folder: Path, load_trainable, optimizer, scheduler) -> None:
+    """A checkpoint from before accelerate wrote the state: state.pt held the optimizer, the schedule and the
+    main process's random states (which every process took)."""
+    state = torch.load(folder / LEGACY_STATE, weights_only=False)  # our own file: optimizer + RNG objects
+    load_trainable(load_file(folder / TRAINABLE))
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    rng = state["rng"]
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])

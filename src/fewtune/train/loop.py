@@ -132,6 +132,8 @@ class Trainer:
         self.total_steps = cfg.train.max_steps or math.ceil(cfg.train.epochs * self.steps_per_epoch)
         self.loss_module, self.optimizer = acc.prepare(self.loss_module, optimizer)
         self.scheduler = build_scheduler(self.optimizer, cfg.train, self.total_steps)
+        # checkpoints carry it through save_state (not prepared: accelerate's wrapper steps it once per process)
+        acc.register_for_checkpointing(self.scheduler)
         self._global_weight = 1.0
         self.regularisers = build_regularisers(
             cfg.regularise, model=self.model, loss_module=self.loss_module, accelerator=acc, lengths=self.lengths,
@@ -165,16 +167,13 @@ class Trainer:
         return self._wall_at_session_start + time.time() - self._session_start
 
     def _save_checkpoint(self) -> None:
-        self.accelerator.wait_for_everyone()
+        """Every process takes part (accelerate's save_state writes each one's random states)."""
         self.state.wall_s = round(self._wall_s(), 3)
-        if self.main:
-            try:
-                ckpt.save_checkpoint(self.run_dir, self.state.step, trainable_state(self.model), self.optimizer,
-                                     self.scheduler, {**self.state.to_dict(), "inputs": self.inputs},
-                                     self.cfg.train.keep_checkpoints)
-            except ckpt.CheckpointError as err:
-                raise TrainingError(str(err)) from err
-        self.accelerator.wait_for_everyone()
+        try:
+            ckpt.save_checkpoint(self.accelerator, self.run_dir, self.state.step, lambda: trainable_state(self.model),
+                                 {**self.state.to_dict(), "inputs": self.inputs}, self.cfg.train.keep_checkpoints)
+        except ckpt.CheckpointError as err:
+            raise TrainingError(str(err)) from err
 
     def _prepare_run_dir(self, resume: bool) -> None:
         if self.main:
@@ -196,7 +195,7 @@ class Trainer:
             raise TrainingError(str(err)) from None
         if folder is None:
             return False
-        weights, state, loop_state = ckpt.load_checkpoint(folder)
+        loop_state = ckpt.read_loop_state(folder)
         saved_inputs = loop_state.pop("inputs", None)
         changed = fingerprint.changes(saved_inputs, self.inputs) if saved_inputs is not None else []
         if changed and not force:
@@ -205,10 +204,8 @@ class Trainer:
                                 "train.output_dir), or resume anyway with --force (train.force_resume=true)")
         for line in changed:
             log.warning("resuming although %s (forced)", line)
-        load_trainable_state(self.model, weights)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        ckpt.set_rng_state(state["rng"])
+        ckpt.restore(self.accelerator, folder, lambda weights: load_trainable_state(self.model, weights),
+                     self.optimizer, self.scheduler)
         self.state = LoopState.from_dict(loop_state, self.cfg.train.eval_every)
         self._wall_at_session_start = self.state.wall_s
         before, now = self.state.mixed_precision, self.accelerator.mixed_precision
