@@ -3,6 +3,7 @@ as one process with the same global batch."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -66,6 +67,45 @@ def test_two_processes_match_one_process(tiny_model, pc_data, tmp_path, precisio
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=1e-3, atol=1e-5)
+
+
+def test_two_processes_checkpoint_their_own_random_states_and_resume_to_the_same_result(tiny_model, pc_data,
+                                                                                        tmp_path):
+    """accelerate's save_state writes each process's random states (random_states_<i>.pkl) and load_state gives
+    each its own back: with dropout, a 2-process run resumed from step 2 ends where the uninterrupted one does."""
+    settings = _settings(tiny_model, pc_data, tmp_path / "straight", 2, "no")
+    settings["method"]["lora"]["dropout"] = 0.1
+    settings["train"]["save_every"] = 2
+    config = tmp_path / "ddp.yaml"
+    config.write_text(yaml.safe_dump(settings))
+    env = {**os.environ, "PYTHONPATH": str(SRC) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+              "-m", "fewtune.cli", "train"]
+    proc = subprocess.run(launch + [str(config)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    straight = tmp_path / "straight"
+    step2 = straight / "checkpoints" / "step-0000002"
+    written = json.loads((step2 / "manifest.json").read_text())  # what every process wrote, checksummed
+    assert {"trainable.safetensors", "optimizer.bin", "random_states_0.pkl", "random_states_1.pkl"} <= written.keys()
+    assert not any(name.startswith(("model", "pytorch_model")) for name in written)  # no full-model file
+    states = [torch.load(step2 / f"random_states_{i}.pkl", weights_only=False)["torch_manual_seed"] for i in (0, 1)]
+    assert not torch.equal(*states)  # the processes' dropout streams differ: one state for both would not do
+    # the same run as if stopped after step 2
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step-0000004")
+    (resumed / "checkpoints" / "latest").write_text("step-0000002")
+    for done in ("adapter", "summary.json"):
+        shutil.rmtree(resumed / done) if (resumed / done).is_dir() else (resumed / done).unlink()
+    proc = subprocess.run(launch + ["--resume", str(resumed)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [json.loads(l)["step"] for l in (resumed / "metrics.jsonl").read_text().splitlines()
+            if '"train_loss"' in l] == [1, 2, 3, 4]
+    assert _metrics(resumed, "train_loss") == pytest.approx(_metrics(straight, "train_loss"), rel=1e-6)
+    a = load_file(straight / "adapter" / "adapter_model.safetensors")
+    b = load_file(resumed / "adapter" / "adapter_model.safetensors")
+    for name in a:
+        torch.testing.assert_close(b[name], a[name])
 
 
 @pytest.mark.parametrize("name,kind,processes", [
