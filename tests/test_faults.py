@@ -269,3 +269,30 @@ def test_resume_refuses_a_run_directory_a_newer_fewtune_wrote(make_config, tmp_p
     marker.write_text(json.dumps({"run_format": RUN_FORMAT + 1, "fewtune_version": "9.0"}))
     with pytest.raises(TrainingError, match=r"written by fewtune 9.0 .*upgrade fewtune"):
         train(cfg, resume=True)
+
+
+def test_a_process_that_fails_while_checkpointing_stops_the_others_too(tmp_path):
+    """Every process learns at each stage of a save whether another one failed, and raises instead of waiting at
+    the next barrier for a process that gave up; latest stays on the previous checkpoint, no half one is left."""
+    accelerator = runtime.make_accelerator("no", None)
+    flags: list[int] = []
+
+    class OneOfTwo:  # this (main) process, in a run of two whose other process fails while writing its files
+        num_processes = 2
+
+        def __getattr__(self, name):
+            return getattr(accelerator, name)
+
+        def reduce(self, tensor, op):
+            assert op == "max"
+            flags.append(int(tensor))
+            return torch.ones_like(tensor) if len(flags) == 5 else tensor  # the second save's writing stage
+
+    weights = lambda: {"w": torch.ones(3)}  # noqa: E731
+    ckpt.save_checkpoint(OneOfTwo(), tmp_path, 1, weights, {"step": 1}, keep=2)
+    with pytest.raises(ckpt.CheckpointError, match="another process failed while writing the checkpoint"):
+        ckpt.save_checkpoint(OneOfTwo(), tmp_path, 2, weights, {"step": 2}, keep=2)
+    assert flags == [0, 0, 0, 0, 0]  # prepare, write, complete; prepare, write (this process was fine)
+    root = tmp_path / "checkpoints"
+    assert (root / "latest").read_text() == "step-0000001" and ckpt.verify(root / "step-0000001") is None
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-0000001"]
