@@ -1,6 +1,8 @@
+import logging
+
 import pytest
 
-from fewtune.config import ConfigError, build_config, load_config
+from fewtune.config import MOVED_KEYS, ConfigError, build_config, load_config, moved_key
 
 
 def test_defaults_follow_small_data_practice():
@@ -8,7 +10,8 @@ def test_defaults_follow_small_data_practice():
     assert (cfg.method.name, cfg.method.lora.r, cfg.method.lora.alpha, cfg.method.lora.dropout) == ("lora", 8, 16, 0.05)
     assert cfg.train.resolved_lr("lora") == 1e-4 and cfg.train.resolved_lr("full") == 1e-5
     assert (cfg.train.epochs, cfg.train.weight_decay, cfg.train.max_grad_norm, cfg.train.warmup_ratio) == (3, 0.01, 1.0, 0.03)
-    assert cfg.train.scheduler == "cosine" and cfg.train.early_stopping.enabled
+    assert cfg.train.scheduler == "cosine" and cfg.eval.early_stopping.enabled
+    assert cfg.eval.task is None and cfg.eval.metric == "loss"  # training: validation loss only
 
 
 def test_unknown_key_names_the_nearest_valid_key():
@@ -162,7 +165,7 @@ def test_every_constrained_key_out_of_range_names_its_path(path, value):
 
 
 def test_a_whole_section_given_a_scalar_names_it():
-    for section in {p[:1] for p in schema_paths()} | {("method", "lora"), ("train", "early_stopping")}:
+    for section in {p[:1] for p in schema_paths()} | {("method", "lora"), ("eval", "early_stopping")}:
         with pytest.raises(ConfigError, match=f"'{'.'.join(section)}': Input should be a valid dictionary"):
             build_config(_nested(section, 3))
 
@@ -172,7 +175,7 @@ def test_a_whole_section_given_a_scalar_names_it():
     ({"train": {"label_smoothing": 0.1}}, "regularise.label_smoothing"),
     ({"lr": 1e-4}, "train.lr"),
     ({"method": {"dropout": 0.1}}, "method.lora.dropout"),
-    ({"patience": 2}, "train.early_stopping.patience"),
+    ({"patience": 2}, "eval.early_stopping.patience"),
     ({"train": {"lora": {"r": 4}}}, "method.lora"),  # a whole section in the wrong place
     ({"regularise": {"epochs": 1}}, "regularise.curriculum.epochs"),  # the shared prefix wins over train.epochs
     ({"train": {"label_smothing": 0.1}}, "regularise.label_smoothing"),  # misspelt and misplaced
@@ -190,9 +193,9 @@ def test_a_key_found_in_several_sections_lists_them():
 
 
 def test_cross_key_checks_name_both_keys_on_one_line():
-    with pytest.raises(ConfigError, match=r"^invalid configuration in <config>: train.eval_metric 'accuracy' needs "
-                                          r"train.eval_task"):
-        build_config({"train": {"eval_metric": "accuracy"}})
+    with pytest.raises(ConfigError, match=r"^invalid configuration in <config>: eval.metric 'accuracy' needs "
+                                          r"eval.task"):
+        build_config({"eval": {"metric": "accuracy"}})
     with pytest.raises(ConfigError) as info:
         build_config({"train": {"batch_size": "eight", "lr": -1}})
     assert "'train.batch_size'" in str(info.value) and "'train.lr'" in str(info.value) and "\n" not in str(info.value)
@@ -226,9 +229,79 @@ def test_every_section_has_a_docstring_and_a_description():
         field = classes[path[:-1]].model_fields[path[-1]]
         classes[path] = field.annotation
         assert field.description and (field.annotation.__doc__ or "").strip(), ".".join(path)
-    assert ("train", "early_stopping") in classes and len(classes) > 15
+    assert ("eval", "early_stopping") in classes and len(classes) > 15
 
 
 def test_a_lora_key_under_method_points_to_method_lora():
     with pytest.raises(ConfigError, match=r"unknown key 'method.r': did you mean 'method.lora.r'\?"):
         build_config({"method": {"r": 4}})
+
+
+# ---------------------------------------------------------------- the eval section and keys that moved
+
+
+def test_eval_task_auto_and_the_metric_check():
+    assert build_config({"eval": {"task": "auto"}}).eval.task is None  # auto: detected (training: loss only)
+    with pytest.raises(ConfigError, match=r"'eval.task': unknown task 'poetry': use one of auto, classification"):
+        build_config({"eval": {"task": "poetry"}})
+    with pytest.raises(ConfigError, match="eval.metric 'rougeL' is not a classification metric"):
+        build_config({"eval": {"task": "classification", "metric": "rougeL"}})
+    with pytest.raises(ConfigError, match="eval.metric 'perplexity' needs eval.task"):
+        build_config({"eval": {"task": "perplexity", "metric": "perplexity"}})
+    assert build_config({"eval": {"task": "json", "metric": "field_f1"}}).eval.metric == "field_f1"
+
+
+OLD_TRAIN = {"eval_every": 5, "eval_task": "classification", "eval_mode": "generate", "eval_metric": "accuracy",
+             "eval_sample": 12, "early_stopping": {"patience": 2, "enabled": False}}
+
+
+def test_moved_keys_are_read_at_their_new_place_with_a_warning(caplog):
+    given = {"train": {"lr": 1e-3, **OLD_TRAIN}}
+    with caplog.at_level(logging.WARNING, logger="fewtune.config"):
+        cfg = build_config(given, source="old.yaml")
+    e = cfg.eval
+    assert (e.every, e.task, e.mode, e.metric, e.sample) == (5, "classification", "generate", "accuracy", 12)
+    assert (e.early_stopping.patience, e.early_stopping.enabled, e.early_stopping.min_delta) == (2, False, 0.0)
+    assert cfg.train.lr == 1e-3 and given == {"train": {"lr": 1e-3, **OLD_TRAIN}}  # the caller's mapping is kept
+    [record] = caplog.records  # one warning for all of them, naming each new key
+    for old, new in MOVED_KEYS.items():
+        assert f"{old} -> {new}" in record.getMessage()
+    assert record.getMessage().startswith("old.yaml: ")
+    # the same as the new spelling
+    new = {"train": {"lr": 1e-3}, "eval": {"every": 5, "task": "classification", "mode": "generate",
+                                           "metric": "accuracy", "sample": 12,
+                                           "early_stopping": {"patience": 2, "enabled": False}}}
+    assert build_config(new) == cfg
+
+
+def test_moved_keys_in_overrides_and_conflicts(caplog):
+    with caplog.at_level(logging.WARNING, logger="fewtune.config"):
+        cfg = build_config({"eval": {"every": 9}}, ["train.eval_every=3", "train.early_stopping.patience=4"])
+    assert cfg.eval.every == 3 and cfg.eval.early_stopping.patience == 4  # an override wins, as any override does
+    assert "'train.eval_every' has moved to 'eval.every'" in caplog.text
+    assert "'train.early_stopping.patience' has moved to 'eval.early_stopping.patience'" in caplog.text
+    assert build_config({"train": {"eval_every": 3}, "eval": {"every": 3}}).eval.every == 3  # both, agreeing
+    with pytest.raises(ConfigError, match=r"both 'train.eval_every' \(3\) and 'eval.every' \(9\) are set; "
+                                          r"'train.eval_every' has moved to 'eval.every': keep only 'eval.every'"):
+        build_config({"train": {"eval_every": 3}, "eval": {"every": 9}})
+    with pytest.raises(ConfigError, match=r"'eval.task': unknown task"):  # a bad old value is named at its new key
+        build_config({"train": {"eval_task": "poetry"}})
+    assert moved_key("train.early_stopping.min_delta") == "eval.early_stopping.min_delta"
+    assert moved_key("train.eval_everything") is None and moved_key("train.lr") is None
+
+
+def test_an_old_run_directory_config_loads(tmp_path, caplog):
+    """A run's config.yaml as an older fewtune wrote it (every default written out, the old keys)."""
+    import yaml
+
+    old = build_config({}).model_dump(mode="json")
+    del old["eval"]  # the section did not exist then
+    old["train"].update({"eval_every": 20, "eval_task": None, "eval_mode": "choice", "eval_metric": "loss",
+                         "eval_sample": None, "early_stopping": {"enabled": True, "patience": 3, "min_delta": 0.0}})
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(old), encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="fewtune.config"):
+        cfg = load_config(path, ["train.output_dir=/tmp/x", "train.resume=true"])  # as `train --resume` reads it
+    assert cfg.eval.every == 20 and cfg.eval.task is None and cfg.train.resume
+    assert cfg == build_config({"eval": {"every": 20}, "train": {"output_dir": "/tmp/x", "resume": True}})
+    assert str(path) in caplog.text and "train.eval_every -> eval.every" in caplog.text

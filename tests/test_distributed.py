@@ -26,8 +26,8 @@ def _settings(tiny_model, data, out, batch_size, precision) -> dict:
         "data": {"train": str(data), "val_ratio": 0.2, "max_length": 64},
         "method": {"name": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
         "train": {"output_dir": str(out), "max_steps": 4, "batch_size": batch_size, "lr": 1e-3,
-                  "warmup_ratio": 0.0, "seed": 3, "eval_every": 2, "cache_tokenized": False,
-                  "mixed_precision": precision},
+                  "warmup_ratio": 0.0, "seed": 3, "cache_tokenized": False, "mixed_precision": precision},
+        "eval": {"every": 2},
     }
 
 

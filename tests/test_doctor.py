@@ -158,7 +158,7 @@ def test_doctor_reads_a_real_run(make_config):
     from fewtune.cli import app
     from fewtune.train.loop import train
 
-    result = train(make_config(train__max_steps=6, train__eval_every=2))
+    result = train(make_config(train__max_steps=6, eval__every=2))
     curves = read_curves(result.run_dir)
     assert len(curves.train) == 6 and len(curves.val) >= 3 and all(math.isfinite(v) for _, v in curves.train)
     out = CliRunner().invoke(app, ["doctor", str(result.run_dir), "--json"])

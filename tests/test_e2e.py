@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_real_model_lora_run_generate_and_merge(tmp_path):
-    cfg = demo_config(str(tmp_path / "run"), ["train.max_steps=6", "train.eval_every=3", "train.batch_size=4"])
+    cfg = demo_config(str(tmp_path / "run"), ["train.max_steps=6", "eval.every=3", "train.batch_size=4"])
     result = train(cfg)
     records = [json.loads(l) for l in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [r["train_loss"] for r in records if "train_loss" in r]

@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from fewtune.cli import app
-from fewtune.config import ConfigError
+from fewtune.config import ConfigError, EvalSection
 from fewtune.eval.evaluate import evaluate
 from fewtune.train.loop import train
 from tests.conftest import write_jsonl
@@ -45,7 +45,8 @@ def test_eval_classification_writes_results_and_predictions(tiny_model, intents,
 
 
 def test_eval_generate_mode_counts_unparseable(tiny_model, intents, tmp_path):
-    result = evaluate(tiny_model, intents, mode="generate", limit=4, batch_size=4, max_new_tokens=3, progress=False)
+    result = evaluate(tiny_model, intents, EvalSection(mode="generate", limit=4, batch_size=4, max_new_tokens=3),
+                      progress=False)
     # a random tiny model writes no label: every output is its own "unparseable" category
     assert all(r["mapped_by"] in ("exact", "first_line", "contains", "none") for r in result.predictions)
     n_unparseable = sum(r["predicted"] == "<unparseable>" for r in result.predictions)
@@ -57,18 +58,18 @@ def test_eval_generate_mode_counts_unparseable(tiny_model, intents, tmp_path):
 def test_eval_generation_json_and_perplexity_tasks(tiny_model, tmp_path):
     gen = write_jsonl(tmp_path / "gen.jsonl", [{"prompt": "翻译: hello", "completion": "你好"},
                                                {"prompt": "say hi", "completion": "hi there"}])
-    r = evaluate(tiny_model, gen, max_new_tokens=4, progress=False)
+    r = evaluate(tiny_model, gen, EvalSection(max_new_tokens=4), progress=False)
     assert r.task == "generation" and {"rouge1", "rougeL", "bleu", "exact_match"} <= set(r.metrics)
     assert r.metrics["bleu_tokenize"] == "zh"
     js = write_jsonl(tmp_path / "js.jsonl", [{"prompt": "打开车窗", "completion": '{"actions": ["打开车窗"]}'}])
-    r = evaluate(tiny_model, js, max_new_tokens=4, progress=False, output_dir=tmp_path / "js_out")
+    r = evaluate(tiny_model, js, EvalSection(max_new_tokens=4), progress=False, output_dir=tmp_path / "js_out")
     assert r.task == "json" and r.metrics["invalid_count"] == len(r.metrics["invalid"])
     assert (tmp_path / "js_out" / "predictions.jsonl").read_text().count("\n") == 1
     txt = tmp_path / "general.txt"
     txt.write_text("Small models forget. 小模型也会遗忘。" * 20, encoding="utf-8")
-    r = evaluate(tiny_model, txt, window=32, progress=False)
+    r = evaluate(tiny_model, txt, EvalSection(window=32), progress=False)
     assert r.task == "perplexity" and r.metrics["unit"] == "window" and r.metrics["perplexity"] > 1
-    r2 = evaluate(tiny_model, gen, task="perplexity", progress=False)  # assistant turns of a data file
+    r2 = evaluate(tiny_model, gen, EvalSection(task="perplexity"), progress=False)  # assistant turns of a data file
     assert r2.metrics["unit"] == "example" and r2.metrics["n"] == 2
 
 
@@ -82,14 +83,27 @@ def test_eval_errors_are_one_clear_line(tiny_model, intents, tmp_path):
     assert missing.exit_code == 2 and "file not found" in missing.output
 
 
+def test_eval_reads_a_config_s_eval_section_under_its_options(tiny_model, intents, tmp_path):
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("eval:\n  limit: 5\n  batch_size: 3\n  labels: [PlayMusic, GetWeather, BookRestaurant]\n")
+    out = tmp_path / "ev"
+    _ok(runner.invoke(app, ["eval", tiny_model, "--data", str(intents), "--config", str(cfg), "--limit", "7",
+                            "-o", str(out)]))
+    results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["limit"] == 7 and results["settings"]["batch_size"] == 3  # the option wins
+    assert results["metrics"]["labels"] == ["PlayMusic", "GetWeather", "BookRestaurant"]  # the config's order
+    bad = runner.invoke(app, ["eval", tiny_model, "--data", str(intents), "--limit", "0"])
+    assert bad.exit_code == 2 and "--limit: Input should be greater than 0 (got 0)" in bad.output
+
+
 def test_task_metric_during_training_picks_the_best_checkpoint(make_config, intents):
-    with pytest.raises(ConfigError, match="needs train.eval_task"):
-        make_config(train__eval_metric="accuracy")
+    with pytest.raises(ConfigError, match="needs eval.task"):
+        make_config(eval__metric="accuracy")
     with pytest.raises(ConfigError, match="not a classification metric"):
-        make_config(train__eval_task="classification", train__eval_metric="rougeL")
-    cfg = make_config(data__train=str(intents), data__val_ratio=0.34, train__eval_task="classification",
-                      train__eval_metric="macro_f1", train__eval_every=2, train__max_steps=6, train__eval_sample=6,
-                      train__early_stopping__enabled="false")
+        make_config(eval__task="classification", eval__metric="rougeL")
+    cfg = make_config(data__train=str(intents), data__val_ratio=0.34, eval__task="classification",
+                      eval__metric="macro_f1", eval__every=2, train__max_steps=6, eval__sample=6,
+                      eval__early_stopping__enabled="false")
     result = train(cfg)
     records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if "val_loss" in r]

@@ -38,8 +38,8 @@ def steps(run_dir: Path) -> list[int]:
 def test_sigterm_checkpoints_exits_143_and_resumes_to_the_same_final_loss(make_config, tmp_path):
     """A real SIGTERM (what SLURM, Kubernetes and `timeout` send) to a real `fewtune train` process."""
     # auto's choice is a timing: the in-process twin and the child process must not choose differently
-    settings = dict(train__max_steps=200, train__batch_size=2, train__early_stopping__enabled=False,
-                    train__eval_every=1000, method__lora__dropout=0.1,
+    settings = dict(train__max_steps=200, train__batch_size=2, eval__early_stopping__enabled=False,
+                    eval__every=1000, method__lora__dropout=0.1,
                     train__mixed_precision=runtime.resolve_mixed_precision("auto"))
     straight = train(make_config(train__output_dir=str(tmp_path / "straight"), **settings))
     run = tmp_path / "term"
@@ -246,7 +246,7 @@ def test_a_resumed_auto_run_keeps_the_precision_its_first_session_chose(make_con
 
 def test_damaged_best_weights_end_the_run_on_its_last_weights_with_a_warning(make_config, tmp_path, caplog,
                                                                           monkeypatch):
-    cfg = make_config(train__max_steps=6, train__eval_every=2, train__output_dir=str(tmp_path / "run"))
+    cfg = make_config(train__max_steps=6, eval__every=2, train__output_dir=str(tmp_path / "run"))
     with pytest.raises(Interrupted):
         train(cfg, stop_after=4)
     _flip_a_byte(tmp_path / "run" / "best" / "trainable.safetensors")

@@ -59,7 +59,7 @@ def test_an_accuracy_chosen_run_circles_the_kept_checkpoint_not_the_lowest_loss(
     assert (kept.step, kept.metric, kept.value, kept.val_loss) == (30, "accuracy", 0.8, 0.9)
     axis, points, labels = marked(fig)
     assert axis == "validation task metric" and points == [(30, 0.8)]  # on the accuracy curve, at best_step
-    assert labels == ["kept checkpoint: step 30, best validation accuracy 0.8000 (train.eval_metric; "
+    assert labels == ["kept checkpoint: step 30, best validation accuracy 0.8000 (eval.metric; "
                       "validation loss 0.9000)"]
     # the report's learning curves are the same plot
     assert learning_curves(records, tmp_path / "learning_curves.png") == tmp_path / "learning_curves.png"

@@ -9,13 +9,13 @@ import pytest
 from typer.testing import CliRunner
 
 from fewtune.cli import app
-from fewtune.config import build_config
+from fewtune.config import EvalSection, build_config, load_config, save_config
 from fewtune.data.formats import DataError, Message, load_examples
 from fewtune.data.render import Template, render_conversation
 from fewtune.eval.scoring import ChoiceScore, choice_scores
 from fewtune.generate import load_for_inference
-from fewtune.workflows.pseudo import (PseudoError, Scored, class_targets, label_probabilities, pseudo_label,
-                                   read_unlabeled, score_to_label, select, shared_system)
+from fewtune.workflows.pseudo import (PseudoError, PseudoSettings, Scored, class_targets, label_probabilities,
+                                      pseudo_label, read_unlabeled, score_to_label, select, shared_system)
 from fewtune.train.loop import train
 from tests.conftest import write_jsonl
 
@@ -39,7 +39,8 @@ def labeled_run(tmp_path_factory, tiny_models) -> Path:
         "data": {"train": str(data), "val_ratio": 0.25, "max_length": 64, "system_prompt": "判断评论的情感。"},
         "method": {"name": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
         "train": {"output_dir": str(folder / "run"), "max_steps": 3, "batch_size": 4, "lr": 1e-3, "warmup_ratio": 0.0,
-                  "seed": 3, "cache_tokenized": False, "eval_task": "classification", "eval_metric": "accuracy"},
+                  "seed": 3, "cache_tokenized": False},
+        "eval": {"task": "classification", "metric": "accuracy"},
     })
     return Path(train(cfg).run_dir)
 
@@ -172,18 +173,24 @@ def test_prompt_wording_mismatch_is_warned(tmp_path, caplog):
 def test_errors_are_clear(labeled_run, unlabeled, tmp_path):
     for threshold in (0, 1.5):
         with pytest.raises(PseudoError, match=r"threshold must be in \(0, 1\]"):
-            pseudo_label(labeled_run, unlabeled, threshold=threshold)
+            pseudo_label(labeled_run, unlabeled, PseudoSettings(threshold=threshold))
     with pytest.raises(PseudoError, match="no config.yaml"):
         pseudo_label(tmp_path, unlabeled)
     with pytest.raises(DataError, match="file not found"):
-        pseudo_label(labeled_run, tmp_path / "missing.json", rename={"text": "sentence"})
+        pseudo_label(labeled_run, tmp_path / "missing.json", PseudoSettings(rename={"text": "sentence"}))
     (tmp_path / "empty.json").write_text("")
     with pytest.raises(DataError, match="empty"):
-        pseudo_label(labeled_run, tmp_path / "empty.json", rename={"text": "sentence"})
+        pseudo_label(labeled_run, tmp_path / "empty.json", PseudoSettings(rename={"text": "sentence"}))
     with pytest.raises(PseudoError, match="at least two candidate labels"):
-        pseudo_label(labeled_run, unlabeled, labels=["Positive"])
+        pseudo_label(labeled_run, unlabeled, scoring=EvalSection(labels=["Positive"]))
+    one_label = tmp_path / "one_label.yaml"  # the run's config, its eval section naming one label
+    save_config(load_config(labeled_run / "config.yaml", ["eval.labels=[Positive]"]), one_label)
+    with pytest.raises(PseudoError, match="at least two candidate labels"):
+        pseudo_label(labeled_run, unlabeled, config=one_label)  # scored as the config's eval section says
+    bad = runner.invoke(app, ["pseudo-label", str(labeled_run), "--unlabeled", str(unlabeled), "--config", str(one_label)])
+    assert bad.exit_code == 2 and "at least two candidate labels" in bad.output
     with pytest.raises(PseudoError, match="--no-train labels once"):
-        pseudo_label(labeled_run, unlabeled, rounds=2, train=False)
+        pseudo_label(labeled_run, unlabeled, PseudoSettings(rounds=2, train=False))
     bad = runner.invoke(app, ["pseudo-label", str(labeled_run), "--unlabeled", str(unlabeled), "--threshold", "2"])
     assert bad.exit_code == 2 and "threshold must be in (0, 1]" in bad.output
     bad = runner.invoke(app, ["pseudo-label", str(labeled_run), "--unlabeled", str(unlabeled)])
@@ -202,8 +209,8 @@ def test_one_round_labels_selects_and_retrains(labeled_run, unlabeled, tmp_path)
     threshold = (ranked[4] + ranked[5]) / 2
     wanted = [i for i, c in enumerate(confidence) if c >= threshold]
     out = tmp_path / "pl"
-    result = pseudo_label(labeled_run, unlabeled, out, rename={"text": "sentence"}, threshold=threshold, balance=False,
-                          progress=False)
+    result = pseudo_label(labeled_run, unlabeled, PseudoSettings(rename={"text": "sentence"}, threshold=threshold,
+                                                                 balance=False), out_dir=out, progress=False)
     r1 = out / "round_1"
     summary = json.loads((r1 / "summary.json").read_text())
     assert summary == result.rounds[0] and summary["pool"] == len(UNLABELED)
@@ -241,8 +248,8 @@ def test_one_round_labels_selects_and_retrains(labeled_run, unlabeled, tmp_path)
 
 def test_no_train_only_labels_with_balance(labeled_run, unlabeled, tmp_path):
     out = tmp_path / "pl"
-    result = pseudo_label(labeled_run, unlabeled, out, rename={"text": "sentence"}, threshold=0.5, train=False,
-                          max_per_class=1, progress=False)
+    result = pseudo_label(labeled_run, unlabeled, PseudoSettings(rename={"text": "sentence"}, threshold=0.5, train=False,
+                                                                 max_per_class=1), out_dir=out, progress=False)
     s = result.rounds[0]
     assert s["training"] is None and not (out / "round_1" / "run").exists()
     assert s["balance"] == "labeled class proportions"
@@ -256,8 +263,8 @@ def test_no_train_only_labels_with_balance(labeled_run, unlabeled, tmp_path):
 def test_excluded_prompts_and_nothing_kept(labeled_run, unlabeled, tmp_path):
     test_set = write_jsonl(tmp_path / "test_public.json", [{"sentence": UNLABELED[1], "label": "Negative", "id": 5}])
     out = tmp_path / "pl"
-    result = pseudo_label(labeled_run, unlabeled, out, rename={"text": "sentence"}, threshold=1.0, rounds=2,
-                          exclude=[test_set], progress=False)
+    result = pseudo_label(labeled_run, unlabeled, PseudoSettings(rename={"text": "sentence"}, threshold=1.0, rounds=2,
+                                                                 exclude=[test_set]), out_dir=out, progress=False)
     assert len(result.rounds) == 1  # nothing reached p = 1.0: no retraining, and round 2 would change nothing
     s = result.rounds[0]
     assert s["pool"] == len(UNLABELED) - 1 and s["skipped"][f"in {test_set}"] == 1 and s["kept"] == 0

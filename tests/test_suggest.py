@@ -42,10 +42,10 @@ def test_rules_by_data_size(tmp_path, tiny_model, n, epochs, rank, batch):
     expected_lr = min(2e-4, max(1e-4, 2e-4 * math.sqrt(batch / 8)))
     assert cfg.train.lr == pytest.approx(expected_lr, rel=1e-2)
     assert cfg.train.weight_decay == 0.01 and cfg.train.max_grad_norm == 1.0 and cfg.train.warmup_ratio == 0.1
-    assert cfg.train.early_stopping.enabled
+    assert cfg.eval.early_stopping.enabled
     assert result.profile.task == "classification" and len(result.profile.labels) == 4
     assert any("choice scoring" in r.reason for r in result.rules)
-    assert cfg.train.eval_task == "classification" and cfg.train.eval_metric == "accuracy"
+    assert cfg.eval.task == "classification" and cfg.eval.metric == "accuracy"
 
 
 def test_epochs_rule_follows_the_legacy_formula():
@@ -71,7 +71,7 @@ def test_max_length_covers_99_percent_and_generation_task(tmp_path, tiny_model):
     assert result.profile.task == "generation"
     assert result.config.data.max_length % 32 == 0 and result.config.data.max_length >= lengths[math.ceil(0.99 * 200) - 1]
     assert not any("choice scoring" in r.reason for r in result.rules)
-    assert result.config.train.eval_task is None and result.config.train.eval_metric == "loss"
+    assert result.config.eval.task is None and result.config.eval.metric == "loss"
     assert result.config.data.on_bad_example == "error"  # nothing longer than max_length
 
 
@@ -96,7 +96,7 @@ def test_written_config_loads_and_carries_reasons(tmp_path, tiny_model):
     lr_line = next(l for l in text.splitlines() if l.strip().startswith("lr:"))
     assert "scaled by the sqrt rule" in lr_line
     assert load_config(out) == result.config
-    assert set(yaml.safe_load(text)) == {"model", "data", "method", "train", "regularise", "generate"}
+    assert set(yaml.safe_load(text)) == {"model", "data", "method", "train", "regularise", "eval", "generate"}
 
 
 def test_suggest_command(tmp_path, tiny_model):

@@ -205,6 +205,31 @@ def test_sweep_ranks_combinations_by_mean_over_seeds_and_resumes(base, tmp_path,
               grid=["train.lr=1e-3,3e-2"], seeds=2, out=out)
 
 
+def test_a_sweep_recorded_before_the_eval_keys_moved_goes_on(base, tmp_path, monkeypatch):
+    """Its records carry the fingerprint of the config as it was then laid out (train.eval_*, no eval section)."""
+    import hashlib
+
+    out = tmp_path / "sw"
+    calls = count_trainings(monkeypatch)
+    sweep(base, seeds=1, out=out)
+    then = base.model_dump(mode="json")
+    for key in ("output_dir", "resume"):
+        then["train"].pop(key)
+    now_eval = then.pop("eval")
+    then["train"].update({f"eval_{k}": now_eval[k] for k in ("every", "task", "mode", "metric", "sample")},
+                         early_stopping=now_eval["early_stopping"])
+    old = hashlib.sha256(json.dumps({"config": then, "eval_data": None, "kfold": None}, sort_keys=True)
+                         .encode()).hexdigest()[:16]
+    records = lines(out / "sweep.jsonl")
+    assert len(records) == 1 and records[0]["sweep"] != old
+    (out / "sweep.jsonl").write_text("".join(json.dumps({**r, "sweep": old}) + "\n" for r in records))
+    calls.clear()
+    assert sweep(base, seeds=1, out=out).trained == 0 and calls == []  # the recorded run counts
+    changed = base.model_copy(update={"eval": base.eval.model_copy(update={"every": 7})})
+    with pytest.raises(ConfigError, match="different sweep"):  # and a real change is still one
+        sweep(changed, seeds=1, out=out)
+
+
 def test_failed_run_is_recorded_and_shown_and_the_sweep_goes_on(base, tmp_path, monkeypatch):
     out = tmp_path / "sw"
     # lr 1e30 blows the weights up after the first step: the loss becomes non-finite (TrainingError)

@@ -68,7 +68,7 @@ def test_all_masked_example_fails_with_file_and_line(make_config, tmp_path):
 
 
 def test_resume_reaches_the_same_result(make_config, tmp_path):
-    settings = dict(train__max_steps=9, train__batch_size=2, method__lora__dropout=0.1, train__eval_every=4)
+    settings = dict(train__max_steps=9, train__batch_size=2, method__lora__dropout=0.1, eval__every=4)
     straight = train(make_config(train__output_dir=str(tmp_path / "straight"), **settings))
     cfg = make_config(train__output_dir=str(tmp_path / "resumed"), **settings)
     with pytest.raises(Interrupted) as info:
@@ -92,7 +92,7 @@ def test_early_stopping_on_rising_validation_loss(make_config, tmp_path):
     val_rows = [{"prompt": f"问题 {i}", "completion": "不是"} for i in range(8)]
     cfg = make_config(data__train=str(write_jsonl(tmp_path / "t.jsonl", train_rows)),
                       data__validation=str(write_jsonl(tmp_path / "v.jsonl", val_rows)),
-                      train__epochs=5, train__lr=1e-2, train__eval_every=1, train__early_stopping__patience=2)
+                      train__epochs=5, train__lr=1e-2, eval__every=1, eval__early_stopping__patience=2)
     result = train(cfg)
     assert result.stopped_early and result.steps < 30
     vals = [m["val_loss"] for m in metrics(result.run_dir) if "val_loss" in m]
@@ -106,7 +106,7 @@ def test_eval_every_counts_from_the_last_evaluation(make_config, tmp_path):
     rows = [{"prompt": f"问题 {i}", "completion": "是"} for i in range(7)]
     cfg = make_config(data__train=str(write_jsonl(tmp_path / "t.jsonl", rows)),
                       data__validation=str(write_jsonl(tmp_path / "v.jsonl", rows[:2])),
-                      train__epochs=2, train__batch_size=1, train__eval_every=4)
+                      train__epochs=2, train__batch_size=1, eval__every=4)
     result = train(cfg)
     assert [m["step"] for m in metrics(result.run_dir) if "val_loss" in m] == [4, 7, 11, 14]
 
@@ -116,8 +116,8 @@ def test_metric_ties_are_broken_by_the_validation_loss(make_config, monkeypatch)
     accuracy, losses = iter([0.5, 0.8, 0.8, 0.8, 0.6]), iter([1.0, 0.9, 0.7, 0.8, 0.5])
     monkeypatch.setattr(Trainer, "_task_metrics", lambda self: {"accuracy": next(accuracy)})
     monkeypatch.setattr(Trainer, "validation_loss", lambda self: next(losses))
-    cfg = make_config(train__max_steps=5, train__batch_size=1, train__eval_every=1, train__eval_task="classification",
-                      train__eval_metric="accuracy", train__early_stopping__patience=5)
+    cfg = make_config(train__max_steps=5, train__batch_size=1, eval__every=1, eval__task="classification",
+                      eval__metric="accuracy", eval__early_stopping__patience=5)
     result = train(cfg)
     best = [m["step"] for m in metrics(result.run_dir) if m.get("best")]
     assert best == [1, 2, 3]  # step 4 ties with a higher loss; step 5 has the lowest loss but a lower accuracy
@@ -126,7 +126,7 @@ def test_metric_ties_are_broken_by_the_validation_loss(make_config, monkeypatch)
 
 def test_resume_from_a_checkpoint_without_last_eval_step(make_config, tmp_path):
     # checkpoints written before the loop kept last_eval_step: the resumed run evaluates on the usual schedule
-    settings = dict(train__max_steps=9, train__batch_size=2, train__eval_every=3)
+    settings = dict(train__max_steps=9, train__batch_size=2, eval__every=3)
     straight = train(make_config(train__output_dir=str(tmp_path / "straight"), **settings))
     cfg = make_config(train__output_dir=str(tmp_path / "resumed"), **settings)
     with pytest.raises(Interrupted):
@@ -140,6 +140,50 @@ def test_resume_from_a_checkpoint_without_last_eval_step(make_config, tmp_path):
     train(cfg, resume=True)
     steps = lambda run: [m["step"] for m in metrics(run) if "val_loss" in m]  # noqa: E731
     assert steps(tmp_path / "resumed") == steps(straight.run_dir) == [3, 6, 9]
+
+
+def _recorded_before_the_keys_moved(inputs: dict) -> dict:
+    """A checkpoint's inputs as fewtune recorded them before the eval keys moved out of train."""
+    from fewtune.config import MOVED_KEYS
+
+    old_name = {new: old for old, new in MOVED_KEYS.items()}
+    config = {}
+    for key, value in inputs["config"].items():
+        moved = next((new for new in old_name if key == new or key.startswith(new + ".")), None)
+        if moved:
+            config[old_name[moved] + key[len(moved):]] = value
+        elif not key.startswith("eval."):  # the eval section's other keys are new
+            config[key] = value
+    return {**inputs, "config": config}
+
+
+def test_a_run_from_before_the_eval_keys_moved_resumes(make_config, tmp_path, monkeypatch):
+    """Its checkpoint records train.eval_every ..., its config.yaml has them: the moved keys are not a change."""
+    import yaml
+
+    from fewtune.config import load_config
+    from fewtune.train import fingerprint
+
+    recorded_now = fingerprint.run_inputs
+    monkeypatch.setattr(fingerprint, "run_inputs", lambda *a: _recorded_before_the_keys_moved(recorded_now(*a)))
+    run = tmp_path / "run"
+    cfg = make_config(train__max_steps=6, eval__every=2, eval__early_stopping__patience=4, train__output_dir=str(run))
+    with pytest.raises(Interrupted):
+        train(cfg, stop_after=3)
+    monkeypatch.setattr(fingerprint, "run_inputs", recorded_now)
+    then = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
+    ev = then.pop("eval")
+    then["train"].update({f"eval_{k}": ev[k] for k in ("every", "task", "mode", "metric", "sample")},
+                         early_stopping=ev["early_stopping"])
+    (run / "config.yaml").write_text(yaml.safe_dump(then), encoding="utf-8")
+    as_resumed = [f"train.output_dir={run}", "train.resume=true"]  # what `fewtune train --resume RUN` adds
+    changed = load_config(run / "config.yaml", as_resumed + ["eval.every=3"])
+    with pytest.raises(TrainingError, match="eval.every: 2 -> 3") as info:
+        train(changed)  # a real change is still refused
+    assert "train.eval_every" not in str(info.value)
+    resumed = load_config(run / "config.yaml", as_resumed)
+    assert resumed.eval == cfg.eval
+    assert train(resumed).steps == 6
 
 
 def test_length_grouped_batches_cover_the_epoch_once():
@@ -243,7 +287,7 @@ def test_ctrl_c_checkpoints_and_resume_finishes(make_config, tmp_path):
     from fewtune.config import save_config
 
     run = tmp_path / "sigint"
-    endless = dict(train__batch_size=2, train__output_dir=str(run), train__early_stopping__enabled=False)
+    endless = dict(train__batch_size=2, train__output_dir=str(run), eval__early_stopping__enabled=False)
     save_config(make_config(train__max_steps=100000, **endless), tmp_path / "c.yaml")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
     proc = subprocess.Popen([sys.executable, "-m", "fewtune.cli", "train", str(tmp_path / "c.yaml")], env=env,
@@ -329,7 +373,7 @@ def _to_the_format_before_accelerate(folder: Path) -> None:
 
 
 def test_a_checkpoint_in_the_format_before_accelerate_resumes_to_the_same_result(make_config, tmp_path):
-    settings = dict(train__max_steps=6, train__batch_size=2, method__lora__dropout=0.1)
+    settings = dict(train__max_steps=6, train__batch_size=2, method__lora__dropout=0.1, eval__every=3)
     straight = train(make_config(train__output_dir=str(tmp_path / "straight"), **settings))
     cfg = make_config(train__output_dir=str(tmp_path / "old"), **settings)
     with pytest.raises(Interrupted):
@@ -365,7 +409,7 @@ def test_each_epoch_has_its_own_order_and_a_resume_across_epochs_matches(make_co
     from fewtune.train.loop import epoch_batches
 
     settings = dict(train__epochs=2, train__batch_size=4, train__group_by_length=False,
-                    train__early_stopping__enabled=False, method__lora__dropout=0.1)
+                    eval__early_stopping__enabled=False, method__lora__dropout=0.1)
     straight = train(make_config(train__output_dir=str(tmp_path / "straight"), **settings))
     trainer = Trainer(make_config(train__output_dir=str(tmp_path / "probe"), **settings))
     per_epoch = trainer.batches_per_epoch

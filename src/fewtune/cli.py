@@ -37,19 +37,36 @@ def _setup_logging(verbose: bool = False) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _generate_section(config: Optional[Path], overrides: dict):
+def _options_error(err) -> Exception:
+    """A pydantic error about command-line options, worded with the options' names (--max-new-tokens: ...)."""
+    from fewtune.config import ConfigError
+
+    def one(e: dict) -> str:
+        msg = e["msg"].removeprefix("Value error, ")
+        if not e["loc"]:  # a check across options
+            return msg
+        return f"--{'-'.join(str(x) for x in e['loc']).replace('_', '-')}: {msg} (got {e.get('input')!r})"
+
+    return ConfigError("; ".join(one(e) for e in err.errors()))
+
+
+def _section(config: Optional[Path], name: str, options: dict, none: tuple[str, ...] = ()):
+    """Config section ``name`` of the --config file (or its defaults), the command-line options given on top
+    (an option left at None was not given; those in ``none`` were given as None)."""
     from pydantic import ValidationError
 
-    from fewtune.config import ConfigError, GenerateSection, load_config
+    from fewtune.config import Config, load_config
 
-    base = load_config(config).generate if config else GenerateSection()
-    values = {k: v for k, v in overrides.items() if v is not None and v != []}
+    base = getattr(load_config(config), name) if config else Config.model_fields[name].annotation()
+    values = {k: v for k, v in options.items() if (v is not None and v != []) or k in none}
     try:
-        checked = GenerateSection(**{**base.model_dump(), **values})
+        return type(base)(**{**base.model_dump(), **values})
     except ValidationError as err:  # an option out of range, e.g. --max-new-tokens 0
-        raise ConfigError("; ".join(f"--{'-'.join(str(x) for x in e['loc']).replace('_', '-')}: {e['msg']} "
-                                    f"(got {e.get('input')!r})" for e in err.errors())) from None
-    return base.model_copy(update=checked.model_dump())
+        raise _options_error(err) from None
+
+
+def _generate_section(config: Optional[Path], overrides: dict):
+    return _section(config, "generate", overrides)
 
 
 @app.command()
@@ -243,14 +260,15 @@ def _default_output(target: str, what: str) -> Path:
 def eval_(
     target: Annotated[str, typer.Argument(help="run directory, model folder, .gguf file or model name")],
     data: Annotated[Path, typer.Option("--data", "-d", help="evaluation set (any data format; .txt for perplexity)")],
-    task: Annotated[str, typer.Option(help="auto | classification | generation | json | perplexity")] = "auto",
+    config: Annotated[Optional[Path], typer.Option(help="take the eval section from this config (options override it)")] = None,
+    task: Annotated[Optional[str], typer.Option(help="auto | classification | generation | json | perplexity (default: auto)")] = None,
     labels: Annotated[Optional[list[str]], typer.Option(help="candidate labels, comma-separated (default: those in --data)")] = None,
-    mode: Annotated[str, typer.Option(help="classification: choice (score each label) | generate")] = "choice",
-    normalize: Annotated[bool, typer.Option("--normalize", help="choice scoring: mean log-prob per token")] = False,
+    mode: Annotated[Optional[str], typer.Option(help="classification: choice (score each label, the default) | generate")] = None,
+    normalize: Annotated[Optional[bool], typer.Option("--normalize/--no-normalize", help="choice scoring: mean log-prob per token")] = None,
     limit: Annotated[Optional[int], typer.Option(help="only the first N examples")] = None,
-    batch_size: int = 8,
+    batch_size: Annotated[Optional[int], typer.Option(help="examples per batch (default: 8)")] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option(help="generation length (default: the run's, or label + 16)")] = None,
-    window: Annotated[int, typer.Option(help="perplexity: tokens per window of a .txt file")] = 256,
+    window: Annotated[Optional[int], typer.Option(help="perplexity: tokens per window of a .txt file (default: 256)")] = None,
     system: Annotated[Optional[str], typer.Option(help="system prompt (models without a run's template)")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="folder for results.json and predictions.jsonl")] = None,
     report: Annotated[bool, typer.Option("--report", help="also write a Markdown/HTML report")] = False,
@@ -260,9 +278,11 @@ def eval_(
     from fewtune.eval.evaluate import evaluate
     from fewtune.eval.summary import print_eval
 
+    settings = _run(_section, config, "eval", dict(task=task, labels=_labels(labels), mode=mode, normalize=normalize,
+                                                   limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                                   window=window, system_prompt=system))
     out = output or _default_output(target, "eval")
-    result = _run(evaluate, target, data, task, _labels(labels), mode, limit, batch_size, out, normalize, system,
-                  max_new_tokens, window)
+    result = _run(evaluate, target, data, settings, out)
     print_eval(result)
     typer.echo(f"results: {out / 'results.json'}, predictions: {out / 'predictions.jsonl'}")
     if report:
@@ -275,15 +295,16 @@ def eval_(
 def compare(
     targets: Annotated[list[str], typer.Argument(help="two or more runs/models; the first is the baseline")],
     data: Annotated[Path, typer.Option("--data", "-d", help="evaluation set")],
+    config: Annotated[Optional[Path], typer.Option(help="take the eval section from this config (options override it)")] = None,
     general: Annotated[Optional[Path], typer.Option(help="general-ability set (.txt or data file): perplexity, forgetting")] = None,
-    general_limit: Annotated[int, typer.Option(help="windows/examples of --general to use (0: all)")] = 200,
-    task: str = "auto",
+    general_limit: Annotated[Optional[int], typer.Option(help="windows/examples of --general to use (0: all; default: 200)")] = None,
+    task: Annotated[Optional[str], typer.Option(help="auto | classification | generation | json (default: auto)")] = None,
     labels: Annotated[Optional[list[str]], typer.Option(help="candidate labels, comma-separated")] = None,
-    mode: Annotated[str, typer.Option(help="classification: choice | generate")] = "choice",
+    mode: Annotated[Optional[str], typer.Option(help="classification: choice (the default) | generate")] = None,
     limit: Optional[int] = None,
-    batch_size: int = 8,
+    batch_size: Annotated[Optional[int], typer.Option(help="examples per batch (default: 8)")] = None,
     max_new_tokens: Optional[int] = None,
-    resamples: Annotated[int, typer.Option(help="bootstrap resamples")] = 1000,
+    resamples: Annotated[Optional[int], typer.Option(help="bootstrap resamples (default: 1000)")] = None,
     system: Annotated[Optional[str], typer.Option(help="system prompt for plain models (default: the run's)")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o")] = None,
     report: Annotated[bool, typer.Option("--report", help="also write a Markdown/HTML report")] = False,
@@ -293,9 +314,13 @@ def compare(
     from fewtune.eval.compare import compare as run_compare
     from fewtune.eval.summary import print_compare
 
+    settings = _run(_section, config, "eval", dict(
+        general=str(general) if general else None, general_limit=None if general_limit == 0 else general_limit,
+        task=task, labels=_labels(labels), mode=mode, limit=limit, batch_size=batch_size,
+        max_new_tokens=max_new_tokens, n_resamples=resamples, system_prompt=system),
+        none=("general_limit",) if general_limit == 0 else ())
     out = output or _default_output(targets[-1], "compare")
-    result = _run(run_compare, targets, data, task, _labels(labels), mode, limit, batch_size, general, 256, out,
-                  resamples, system, max_new_tokens, general_limit=general_limit or None)
+    result = _run(run_compare, targets, data, settings, out)
     print_compare(result)
     typer.echo(f"written: {out / 'compare.json'}, {out / 'compare.md'}")
     if report:
@@ -415,21 +440,36 @@ def pseudo_label(
     rename: Annotated[Optional[list[str]], typer.Option("--map", help="rename a field: OURS=THEIRS, e.g. --map text=sentence")] = None,
     prompt_format: Annotated[str, typer.Option(help="the user turn from the record's fields, e.g. '评论：{text}'")] = "{text}",
     system: Annotated[Optional[str], typer.Option(help="system message for the prompts (default: the labeled examples' own)")] = None,
-    normalize: Annotated[bool, typer.Option("--normalize", help="confidence from per-token mean log-probs")] = False,
-    batch_size: int = 8,
+    normalize: Annotated[Optional[bool], typer.Option("--normalize/--no-normalize", help="confidence from per-token mean "
+                                                      "log-probs (default: the config's eval.normalize)")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="prompts scored together (default: the config's eval.batch_size)")] = None,
     exclude: Annotated[Optional[list[Path]], typer.Option(help="leave out prompts found in this file, e.g. the test set (repeatable)")] = None,
 ):
     """Label unlabeled data with a run, keep confident class-balanced examples, retrain on labeled + pseudo-labeled."""
     _setup_logging()
     from fewtune.data.cli import _rename
     from fewtune.generate import check_run_dir, looks_like_run_dir
-    from fewtune.workflows.pseudo import PseudoError, pseudo_label as run_pseudo
+    from fewtune.workflows.pseudo import PseudoError, PseudoSettings, pseudo_label as run_pseudo
 
     if looks_like_run_dir(run_dir):  # its format, config, template and tokenizer, before any data is read
         _run(check_run_dir, run_dir)
+
+    def settings() -> PseudoSettings:
+        from pydantic import ValidationError
+
+        try:
+            return PseudoSettings(threshold=threshold, balance=balance, max_per_class=max_per_class, limit=limit,
+                                  rounds=rounds, train=train, rename=_rename(rename), prompt_format=prompt_format,
+                                  system=system, exclude=exclude or [])
+        except ValidationError as err:
+            raise _options_error(err) from None
+
+    # scored as the config (--config, else the run's own) says, the options given on top
+    scoring_config = config or (run_dir / "config.yaml" if (run_dir / "config.yaml").is_file() else None)
+    scoring = _run(_section, scoring_config, "eval", dict(labels=_labels(labels), normalize=normalize,
+                                                          batch_size=batch_size))
     try:
-        result = _run(run_pseudo, run_dir, unlabeled, out, config, _labels(labels), threshold, balance, max_per_class,
-                      limit, rounds, train, _rename(rename), prompt_format, system, normalize, batch_size, exclude)
+        result = _run(run_pseudo, run_dir, unlabeled, _run(settings), scoring, out, config)
     except PseudoError as err:
         _fail(err)
     for s in result.rounds:

@@ -6,7 +6,9 @@ overrides use dotted keys (``train.lr=2e-4``) and are parsed as YAML scalars.
 
 from __future__ import annotations
 
+import copy
 import difflib
+import logging
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from fewtune.data.formats import FORMATS
 from fewtune.methods import DEFAULT_LR, METHOD_NAMES
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -27,7 +31,7 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-# metrics train.eval_metric can select (all: higher is better), as fewtune.eval computes them
+# metrics eval.metric can select (all: higher is better), as fewtune.eval computes them
 TASK_METRICS = {
     "classification": ("accuracy", "macro_f1", "weighted_f1", "macro_precision", "macro_recall"),
     "generation": ("rouge1", "rouge2", "rougeL", "bleu", "exact_match"),
@@ -142,18 +146,8 @@ class MethodSection(Section):
     qlora: QLoraSection = Field(QLoraSection(), description="Quantization settings of qlora.")
 
 
-class EarlyStoppingSection(Section):
-    """Stop training when the validation figure (loss or task metric) stops improving."""
-
-    enabled: bool = Field(True, description="Stop early; with false every evaluation still picks the best "
-                          "checkpoint.")
-    patience: int = Field(3, ge=1, description="Evaluations without improvement before stopping.")
-    min_delta: float = Field(0.0, ge=0.0, description="Smallest change that counts as an improvement (in the "
-                             "units of the figure watched).")
-
-
 class TrainSection(Section):
-    """The training loop: length, batches, optimizer and schedule, evaluation, checkpoints, precision."""
+    """The training loop: length, batches, optimizer and schedule, checkpoints, precision."""
 
     output_dir: str = Field("runs/run", description="The run directory written.")
     epochs: float = Field(3.0, gt=0, description="Passes over the training data (fractions allowed); "
@@ -174,19 +168,6 @@ class TrainSection(Section):
     scheduler: Literal["linear", "cosine", "cosine_with_restarts", "constant"] = Field(
         "cosine", description="Learning-rate schedule after warmup.")
     num_cycles: int = Field(2, ge=1, description="cosine_with_restarts: number of cosine cycles.")
-    eval_every: int | None = Field(None, gt=0, description="Evaluate every this many steps since the last "
-                                   "evaluation; one also runs at each epoch end. None: at epoch ends only.")
-    eval_task: Literal["classification", "generation", "json"] | None = Field(
-        None, description="The task metric computed on the validation set at every evaluation; None: validation "
-        "loss only.")
-    eval_mode: Literal["choice", "generate"] = Field(
-        "choice", description="Classification: score each label (choice), or generate and map to a label.")
-    eval_metric: str = Field("loss", description="Picks the best checkpoint and drives early stopping: loss, or a "
-                             "metric of train.eval_task (higher is better; ties go to the lower loss).")
-    eval_sample: int | None = Field(None, gt=0, description="Compute the task metric on this many validation "
-                                    "examples (a seeded sample); None: all of them.")
-    early_stopping: EarlyStoppingSection = Field(EarlyStoppingSection(), description="Early stopping on the "
-                                                 "validation figure.")
     save_every: int | None = Field(None, gt=0, description="Write a checkpoint every this many steps; one is also "
                                    "written at each epoch end. None: at epoch ends only.")
     keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept in checkpoints/; older ones are "
@@ -217,18 +198,6 @@ class TrainSection(Section):
     def _yaml_no(cls, value):
         # YAML 1.1 reads a bare `no` (train.mixed_precision=no on the command line) as false
         return "no" if value is False else value
-
-    @model_validator(mode="after")
-    def _check_eval_metric(self) -> "TrainSection":
-        if self.eval_metric == "loss":
-            return self
-        if self.eval_task is None:
-            raise ValueError(f"train.eval_metric '{self.eval_metric}' needs train.eval_task (classification, "
-                             "generation or json)")
-        if self.eval_metric not in TASK_METRICS[self.eval_task]:
-            raise ValueError(f"train.eval_metric '{self.eval_metric}' is not a {self.eval_task} metric; "
-                             f"use loss or one of {', '.join(TASK_METRICS[self.eval_task])}")
-        return self
 
     def resolved_lr(self, method: str) -> float:
         return self.lr if self.lr is not None else DEFAULT_LR.get(method, 1e-4)
@@ -284,6 +253,81 @@ class RegulariseSection(Section):
     curriculum: CurriculumSection = Field(CurriculumSection(), description="Curriculum order.")
 
 
+class EarlyStoppingSection(Section):
+    """Stop training when the validation figure (loss or task metric) stops improving."""
+
+    enabled: bool = Field(True, description="Stop early; with false every evaluation still picks the best "
+                          "checkpoint.")
+    patience: int = Field(3, ge=1, description="Evaluations without improvement before stopping.")
+    min_delta: float = Field(0.0, ge=0.0, description="Smallest change that counts as an improvement (in the "
+                             "units of the figure watched).")
+
+
+EVAL_TASKS = ("classification", "generation", "json", "perplexity")
+
+
+class EvalSection(Section):
+    """Evaluation: `fewtune eval` and `compare`, pseudo-label's scoring, and the evaluations during training."""
+
+    task: Literal[EVAL_TASKS] | None = Field(
+        None, description="classification, generation, json or perplexity. None (or auto): fewtune eval and "
+        "compare detect it from the data; during training only the validation loss is computed (perplexity "
+        "likewise).")
+    labels: list[str] | None = Field(None, description="Classification: the candidate labels; None: the labels "
+                                     "found in the data.")
+    mode: Literal["choice", "generate"] = Field(
+        "choice", description="Classification: score each label (choice), or generate and map the output to a "
+        "label.")
+    normalize: bool = Field(False, description="Choice scoring: rank the labels by mean log-probability per token "
+                            "instead of the sum.")
+    limit: int | None = Field(None, gt=0, description="fewtune eval and compare: only the first N examples (of "
+                              "a .txt file: windows); None: all of them.")
+    batch_size: int = Field(8, gt=0, description="Examples scored or generated together by fewtune eval, compare "
+                            "and pseudo-label (evaluation during training uses train.batch_size).")
+    max_new_tokens: int | None = Field(None, gt=0, description="Tokens generated per example; None: the run's "
+                                       "generate.max_new_tokens (classification: the longest label's + 16).")
+    window: int = Field(256, gt=0, description="Perplexity of a .txt file: tokens per window.")
+    format: Literal[("auto", *FORMATS)] = Field(
+        "auto", description="Record format of the evaluation file; auto: detected from its fields.")
+    system_prompt: str | None = Field(
+        None, description="System prompt for a model without a run's template (a run directory keeps its own); "
+        "None: none (compare: the first run directory's).")
+    general: str | None = Field(None, description="compare: a general-ability set (.txt or data file) whose "
+                                "perplexity shows forgetting; None: not measured.")
+    general_limit: int | None = Field(200, gt=0, description="compare: windows or examples of eval.general used; "
+                                      "None: all of them.")
+    n_resamples: int = Field(1000, gt=0, description="compare: bootstrap resamples behind the 95% intervals.")
+    show: int = Field(20, ge=0, description="compare: disagreeing examples listed per pair in compare.json.")
+    every: int | None = Field(None, gt=0, description="Training: evaluate every this many steps since the last "
+                              "evaluation; one also runs at each epoch end. None: at epoch ends only.")
+    metric: str = Field("loss", description="Training: picks the best checkpoint and drives early stopping: loss, "
+                        "or a metric of eval.task (higher is better; ties go to the lower loss).")
+    sample: int | None = Field(None, gt=0, description="Training: compute the task metric on this many validation "
+                               "examples (a seeded sample); None: all of them.")
+    early_stopping: EarlyStoppingSection = Field(EarlyStoppingSection(), description="Training: early stopping on "
+                                                 "the validation figure eval.metric names.")
+
+    @field_validator("task", mode="before")
+    @classmethod
+    def _auto_task(cls, value):
+        if value == "auto":  # the command-line spelling of "detect it"
+            return None
+        if value is not None and value not in EVAL_TASKS:
+            raise ValueError(f"unknown task {value!r}: use one of auto, {', '.join(EVAL_TASKS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_metric(self) -> "EvalSection":
+        if self.metric == "loss":
+            return self
+        if self.task not in TASK_METRICS:
+            raise ValueError(f"eval.metric '{self.metric}' needs eval.task (classification, generation or json)")
+        if self.metric not in TASK_METRICS[self.task]:
+            raise ValueError(f"eval.metric '{self.metric}' is not a {self.task} metric; "
+                             f"use loss or one of {', '.join(TASK_METRICS[self.task])}")
+        return self
+
+
 class GenerateSection(Section):
     """Sampling settings of fewtune generate and chat (and of evaluation, greedy there)."""
 
@@ -307,6 +351,7 @@ class Config(Section):
     method: MethodSection = Field(MethodSection(), description="The fine-tuning method.")
     train: TrainSection = Field(TrainSection(), description="The training loop.")
     regularise: RegulariseSection = Field(RegulariseSection(), description="Regularisers.")
+    eval: EvalSection = Field(EvalSection(), description="Evaluation, during training and after it.")
     generate: GenerateSection = Field(GenerateSection(), description="Generation settings.")
 
     @model_validator(mode="after")
@@ -422,6 +467,77 @@ def _explain(err: ValidationError, source: str) -> ConfigError:
     return ConfigError(f"invalid configuration in {source}: " + "; ".join(lines))
 
 
+# ---------------------------------------------------------------- keys that moved
+
+# old key path -> new one (a key under a moved section moves with it). Configs written before the move (a run
+# directory's config.yaml, which `train --resume`, `generate` and `eval` read) still load: each old key is read
+# at its new place, with one warning naming the new keys.
+MOVED_KEYS = {
+    "train.eval_every": "eval.every",
+    "train.eval_task": "eval.task",
+    "train.eval_mode": "eval.mode",
+    "train.eval_metric": "eval.metric",
+    "train.eval_sample": "eval.sample",
+    "train.early_stopping": "eval.early_stopping",
+}
+
+
+def moved_key(key: str) -> str | None:
+    """The new dotted key path of a key that moved (``train.early_stopping.patience`` ->
+    ``eval.early_stopping.patience``), or None."""
+    for old, new in MOVED_KEYS.items():
+        if key == old or key.startswith(old + "."):
+            return new + key[len(old):]
+    return None
+
+
+def _leaves(value: Any, path: str) -> list[tuple[str, Any]]:
+    if isinstance(value, dict) and value:
+        return [leaf for key, sub in value.items() for leaf in _leaves(sub, f"{path}.{key}")]
+    return [(path, value)]
+
+
+def move_keys(data: dict, source: str = "<config>") -> dict:
+    """A nested config mapping with every moved key at its new place (in place; one warning for all of them).
+
+    An old key and its new one both set to different values is an error: which one was meant is not known."""
+    moved = []
+    for old in MOVED_KEYS:
+        *parents, name = old.split(".")
+        node: Any = data
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or name not in node:
+            continue
+        moved.append(f"{old} -> {MOVED_KEYS[old]}")
+        for old_leaf, value in _leaves(node.pop(name), old):
+            new_leaf = moved_key(old_leaf)
+            *new_parents, new_name = new_leaf.split(".")
+            target: Any = data
+            for part in new_parents:
+                target = target.setdefault(part, {}) if isinstance(target, dict) else None
+            if not isinstance(target, dict) or (value == {} and isinstance(target.get(new_name), dict)):
+                continue  # a scalar where a section belongs (validation names it), or an empty old section
+            if new_name in target and target[new_name] != value:
+                raise ConfigError(f"{source}: both '{old_leaf}' ({_short_repr(value)}) and '{new_leaf}' "
+                                  f"({_short_repr(target[new_name])}) are set; '{old}' has moved to "
+                                  f"'{MOVED_KEYS[old]}': keep only '{new_leaf}'")
+            target[new_name] = value
+    if moved:
+        log.warning("%s: %s moved; read at the new place%s (%s)", source, "keys have" if len(moved) > 1 else "a key has",
+                    "s" if len(moved) > 1 else "", "; ".join(moved))
+    return data
+
+
+def _move_override(item: str, source: str) -> str:
+    key, sep, value = item.partition("=")
+    new = moved_key(key.strip()) if sep else None
+    if new is None:
+        return item
+    log.warning("%s: override '%s': '%s' has moved to '%s'; read there", source, item, key.strip(), new)
+    return f"{new}={value}"
+
+
 def parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(f"override '{item}' is not of the form section.key=value")
@@ -446,7 +562,10 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 
 def build_config(data: dict | None = None, overrides: list[str] | None = None, source: str = "<config>") -> Config:
-    data = apply_overrides(dict(data or {}), overrides or [])
+    """The checked config from a nested mapping (as YAML reads it) and dotted overrides on top; moved keys
+    (MOVED_KEYS) are read at their new places first. ``data`` is not modified."""
+    data = move_keys(copy.deepcopy(dict(data or {})), source)
+    data = apply_overrides(data, [_move_override(item, source) for item in overrides or []])
     try:
         return Config.model_validate(data)
     except ValidationError as err:
@@ -479,7 +598,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {yaml_problem(err)}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections (model, data, method, train, regularise, generate)")
+        raise ConfigError(f"{path}: the top level must be a mapping of sections ({', '.join(Config.model_fields)})")
     cfg = build_config(data, overrides, source=str(path))
     # relative data paths are relative to the config file, as a user reading it expects
     for key in ("train", "validation"):
@@ -488,7 +607,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
             candidate = path.parent / value
             if candidate.exists():
                 setattr(cfg.data, key, str(candidate))
-    for section in (cfg.regularise.replay, cfg.regularise.ewc):
+    for section in (cfg.regularise.replay, cfg.regularise.ewc, cfg.eval):
         if section.general and not Path(section.general).is_absolute() and not Path(section.general).exists():
             if (path.parent / section.general).exists():
                 section.general = str(path.parent / section.general)

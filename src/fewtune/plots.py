@@ -41,7 +41,7 @@ class KeptCheckpoint:
     """The evaluation whose weights the run kept, and what chose it."""
 
     step: int
-    metric: str | None  # "loss", a task metric (train.eval_metric: "accuracy", ...), None when not recorded yet
+    metric: str | None  # "loss", a task metric (eval.metric: "accuracy", ...), None when not recorded yet
     value: float | None  # that metric's validation value at the step: the marked point
     val_loss: float | None
 
@@ -53,7 +53,7 @@ class KeptCheckpoint:
         if self.metric == "loss":
             return f"kept checkpoint: step {self.step}, lowest {loss}"
         value = f" {self.value:.4f}" if self.value is not None else ""
-        return f"kept checkpoint: step {self.step}, best validation {self.metric}{value} (train.eval_metric; {loss})"
+        return f"kept checkpoint: step {self.step}, best validation {self.metric}{value} (eval.metric; {loss})"
 
 
 def kept_checkpoint(records: list[dict]) -> KeptCheckpoint | None:

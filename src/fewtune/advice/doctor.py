@@ -49,7 +49,7 @@ class Curves:
     grad_norm: list[tuple[int, float]]
     val: list[tuple[int, float]]  # (step, val_loss)
     metrics: dict[str, list[tuple[int, float]]]  # task metrics from evaluation records
-    selected_by: str | None = None  # the metric that chose the best checkpoint (train.eval_metric), when logged
+    selected_by: str | None = None  # the metric that chose the best checkpoint (eval.metric), when logged
 
 
 def _json_objects(path: Path):
@@ -221,10 +221,10 @@ def check_loss_metric_gap(c: Curves) -> list[Finding]:
                f"({best:.4f} against {at_loss_best:.4f} at step {best_loss_step}): the loss does not track the task "
                "metric" + (f" (also best away from the loss minimum: {', '.join(others)})" if others else ""))
     if selected:
-        first = (f"this run already kept the checkpoint with the best {c.selected_by} (train.eval_metric), not the "
+        first = (f"this run already kept the checkpoint with the best {c.selected_by} (eval.metric), not the "
                  "one with the lowest loss")
     else:
-        first = "choose the checkpoint by the task metric, not the validation loss (train.eval_task, train.eval_metric)"
+        first = "choose the checkpoint by the task metric, not the validation loss (eval.task, eval.metric)"
     return [Finding("loss_metric_gap", message,
                     [first, "for classification, evaluate by choice scoring",
                      "a rising loss with a rising metric is overconfidence: label smoothing helps"],

@@ -198,10 +198,10 @@ def suggest(data: str | Path, model: str = DEFAULT_MODEL, task: str = "auto", lr
     add("train.weight_decay", 0.01, "weight decay 0.01")
     add("train.max_grad_norm", 1.0, "clip gradients at norm 1.0 against spikes")
     eval_every = max(1, steps_per_epoch // 2)
-    add("train.eval_every", eval_every, f"{steps_per_epoch} steps per epoch ({train_n} examples / batch {batch}): "
+    add("eval.every", eval_every, f"{steps_per_epoch} steps per epoch ({train_n} examples / batch {batch}): "
         "evaluate twice an epoch so early stopping can act within an epoch")
     classify = p.task == "classification" and bool(p.labels)
-    add("train.early_stopping.patience", 3, f"stop after 3 evaluations without a better validation "
+    add("eval.early_stopping.patience", 3, f"stop after 3 evaluations without a better validation "
         f"{'accuracy' if classify else 'loss'}; the best weights are kept")
 
     # task
@@ -211,8 +211,8 @@ def suggest(data: str | Path, model: str = DEFAULT_MODEL, task: str = "auto", lr
         add("", None, f"classification: {len(counts)} classes ({', '.join(f'{k}: {v}' for k, v in counts[:8])}"
             f"{', ...' if len(counts) > 8 else ''}); evaluate by choice scoring (the log-probability of each label), "
             "not by free generation")
-        add("train.eval_task", "classification", "every evaluation also choice-scores the held-out examples")
-        add("train.eval_metric", "accuracy", f"the best checkpoint and early stopping follow validation accuracy "
+        add("eval.task", "classification", "every evaluation also choice-scores the held-out examples")
+        add("eval.metric", "accuracy", f"the best checkpoint and early stopping follow validation accuracy "
             f"(ties: the lower loss), not the loss, which on ~{round(val_ratio * n)} held-out examples can bottom out "
             "long before the accuracy does (FewCLUE eprstmt, 20 held out: loss-chosen checkpoints at half an epoch "
             "predicted one class for 79-89% of the test reviews on 2 of 3 seeds)")

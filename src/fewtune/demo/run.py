@@ -32,8 +32,8 @@ DEMO_SETTINGS = {
     "model": {"name": DEFAULT_MODEL},
     "data": {"train": str(TRAIN_FILE), "val_ratio": 0.1, "system_prompt": SYSTEM_PROMPT, "max_length": 256},
     "method": {"name": "lora", "lora": {"r": 16, "alpha": 32, "dropout": 0.05}},
-    "train": {"epochs": 2, "batch_size": 8, "lr": 1e-3, "warmup_ratio": 0.05, "scheduler": "cosine",
-              "eval_every": 20},
+    "train": {"epochs": 2, "batch_size": 8, "lr": 1e-3, "warmup_ratio": 0.05, "scheduler": "cosine"},
+    "eval": {"every": 20},
     "generate": {"max_new_tokens": 80, "batch_size": 25},
 }
 

@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from fewtune.config import EvalSection
 from fewtune.data.formats import DataError, load_examples
 from fewtune.eval.evaluate import EvalError, EvalResult, check_output_dir, detect_task, evaluate, expected_label
 from fewtune.eval.stats import bootstrap_interval, f1_codes, mcnemar, paired_difference
@@ -96,47 +97,48 @@ def shared_system_prompt(targets: Sequence[str]) -> str | None:
     return None
 
 
-def compare(targets: Sequence[str], data: str | Path, task: str = "auto", labels: Sequence[str] | None = None,
-            mode: str = "choice", limit: int | None = None, batch_size: int = 8, general: str | Path | None = None,
-            window: int = 256, output_dir: str | Path | None = None, n_resamples: int = 1000,
-            system_prompt: str | None = None, max_new_tokens: int | None = None, show: int = 20,
-            general_limit: int | None = 200, progress: bool = True) -> dict:
-    """Evaluate every target on the same examples and compare each with the first. Returns (and writes) a dict."""
+def compare(targets: Sequence[str], data: str | Path, settings: EvalSection | None = None,
+            output_dir: str | Path | None = None, progress: bool = True) -> dict:
+    """Evaluate every target on the same examples as ``settings`` say (with ``settings.general``: perplexity on
+    that set too) and compare each with the first. Returns (and writes, into ``output_dir``) a dict."""
+    s = settings or EvalSection()
     if len(targets) < 2:
         raise EvalError("compare needs at least two models or runs")
     for target in targets:  # every one checked before the first is evaluated
         check_target(str(target))
+    general = s.general
     if general is not None and not Path(general).is_file():
         raise DataError(str(general), None, "is a directory, not a data file" if Path(general).is_dir()
                         else "file not found")
     check_output_dir(output_dir)
-    examples = None if Path(data).suffix.lower() == ".txt" else load_examples(data)
-    task = detect_task(data, examples) if task == "auto" else task
+    examples = None if Path(data).suffix.lower() == ".txt" else load_examples(data, s.format)
+    task = s.task or detect_task(data, examples)
     if task == "perplexity":
         raise EvalError("compare a perplexity set with --general; --data must be a task set")
+    labels = s.labels
     if task == "classification" and not labels:
         labels = sorted({expected_label(e) for e in examples})
-    system_prompt = system_prompt if system_prompt is not None else shared_system_prompt(targets)
+    system_prompt = s.system_prompt if s.system_prompt is not None else shared_system_prompt(targets)
     taken: set[str] = set()
     names = [_name(t, taken) for t in targets]
     out = Path(output_dir) if output_dir else None
+    on_task = s.model_copy(update={"task": task, "labels": labels})
+    # the general set: perplexity of every window or example, whatever the task set's format
+    on_general = s.model_copy(update={"task": "perplexity", "labels": None, "limit": s.general_limit,
+                                      "batch_size": max(1, s.batch_size // 2), "format": "auto"})
     results: list[EvalResult] = []
     general_results: list[EvalResult] = []
     for target, name in zip(targets, names):
         loaded = load_for_inference(str(target), system_prompt=None if looks_like_run_dir(target) else system_prompt,
                                     merge=True)
         log.info("evaluating %s", target)
-        res = evaluate(loaded, data, task, labels, mode, limit, batch_size,
-                       out / "models" / name if out else None, max_new_tokens=max_new_tokens, progress=progress)
-        results.append(res)
+        results.append(evaluate(loaded, data, on_task, out / "models" / name if out else None, progress=progress))
         if general:
-            general_results.append(evaluate(loaded, general, "perplexity", limit=general_limit,
-                                            batch_size=max(1, batch_size // 2),
-                                            output_dir=out / "models" / name / "general" if out else None,
-                                            window=window, progress=progress))
+            general_results.append(evaluate(loaded, general, on_general,
+                                            out / "models" / name / "general" if out else None, progress=progress))
         del loaded
         gc.collect()
-    report = compare_results(results, names, labels, general_results, n_resamples, show)
+    report = compare_results(results, names, labels, general_results, s.n_resamples, s.show)
     report.update({"data": str(data), "targets": list(map(str, targets)), "system_prompt": system_prompt})
     if general:
         report["general_data"] = str(general)

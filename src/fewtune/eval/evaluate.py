@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from fewtune.config import GenerateSection
+from fewtune.config import EVAL_TASKS, EvalSection, GenerateSection
 from fewtune.data.formats import DataError, Example, load_examples
 from fewtune.data.render import render_conversation
 from fewtune.eval.metrics import (classification_metrics, json_example_scores, json_task_metrics,
@@ -28,7 +28,7 @@ from fewtune.generate import Loaded, check_target, generate, load_for_inference
 
 log = logging.getLogger(__name__)
 
-TASKS = ("classification", "generation", "json", "perplexity")
+TASKS = EVAL_TASKS
 MODES = ("choice", "generate")
 
 
@@ -201,16 +201,17 @@ def perplexity_task(loaded: Loaded, path: str | Path, limit: int | None, batch_s
     return metrics, records
 
 
-def task_metrics(loaded: Loaded, examples: Sequence[Example], task: str, labels: Sequence[str] | None = None,
-                 mode: str = "choice", batch_size: int = 8, gen: GenerateSection | None = None,
-                 normalize: bool = False, progress: bool = True,
-                 max_new_tokens: int | None = None) -> tuple[dict, list[dict]]:
-    """The task's metrics on already loaded examples (what `evaluate` and the trainer call).
+def task_metrics(loaded: Loaded, examples: Sequence[Example], settings: EvalSection, gen: GenerateSection | None = None,
+                 progress: bool = True) -> tuple[dict, list[dict]]:
+    """The metrics of ``settings.task`` on already loaded examples (what `evaluate` and the trainer call).
 
-    ``max_new_tokens`` (None: the longest label + 16 for classification, ``gen``'s otherwise)."""
+    ``settings.labels`` None: the examples' own; ``settings.max_new_tokens`` None: the longest label + 16 for
+    classification, ``gen``'s otherwise."""
+    task, batch_size, max_new_tokens = settings.task, settings.batch_size, settings.max_new_tokens
     if task == "classification":
-        labels = labels or sorted({expected_label(e) for e in examples})
-        return classify(loaded, examples, labels, mode, batch_size, normalize, max_new_tokens, progress)
+        labels = settings.labels or sorted({expected_label(e) for e in examples})
+        return classify(loaded, examples, labels, settings.mode, batch_size, settings.normalize, max_new_tokens,
+                        progress)
     gen = (gen or GenerateSection()).model_copy(update={"temperature": 0.0, "num_return_sequences": 1,
                                                          "batch_size": batch_size})
     if max_new_tokens is not None:
@@ -231,42 +232,40 @@ def _as_loaded(target: str | Loaded, system_prompt: str | None) -> Loaded:
     return load_for_inference(str(target), system_prompt=system_prompt, merge=True)
 
 
-def evaluate(target: str | Loaded, data: str | Path, task: str = "auto", labels: Sequence[str] | None = None,
-             mode: str = "choice", limit: int | None = None, batch_size: int = 8, output_dir: str | Path | None = None,
-             normalize: bool = False, system_prompt: str | None = None, max_new_tokens: int | None = None,
-             window: int = 256, fmt: str = "auto", progress: bool = True) -> EvalResult:
-    """Evaluate a run directory or model on a data file; write results.json and predictions.jsonl if asked."""
-    if task not in ("auto", *TASKS):
-        raise EvalError(f"unknown task {task!r}: use one of auto, {', '.join(TASKS)}")
-    if limit is not None and limit <= 0:
-        raise EvalError("--limit must be positive")
+def evaluate(target: str | Loaded, data: str | Path, settings: EvalSection | None = None,
+             output_dir: str | Path | None = None, progress: bool = True) -> EvalResult:
+    """Evaluate a run directory or model on a data file as ``settings`` say (None: the defaults, the task
+    detected); write results.json and predictions.jsonl into ``output_dir`` if given."""
+    s = settings or EvalSection()
     check_output_dir(output_dir)
     if not isinstance(target, Loaded):
         check_target(str(target))  # a missing or damaged run is refused before the data is read
     examples = None
-    if not (task == "perplexity" or (task == "auto" and Path(data).suffix.lower() == ".txt")):
-        examples = load_examples(data, fmt)
+    if not (s.task == "perplexity" or (s.task is None and Path(data).suffix.lower() == ".txt")):
+        examples = load_examples(data, s.format)
         if not examples:
             raise DataError(str(data), None, "no examples")
-    task = detect_task(data, examples) if task == "auto" else task
-    loaded = _as_loaded(target, system_prompt)
+    task = s.task or detect_task(data, examples)
+    loaded = _as_loaded(target, s.system_prompt)
     start = time.time()
     if task == "perplexity":
-        metrics, records = perplexity_task(loaded, data, limit, batch_size, window, fmt, progress)
+        metrics, records = perplexity_task(loaded, data, s.limit, s.batch_size, s.window, s.format, progress)
     else:
         assert examples is not None
+        labels = s.labels
         if task == "classification" and not labels:
-            labels = sorted({expected_label(e) for e in examples})  # from the whole file, before --limit
-        subset = examples[:limit] if limit else examples
+            labels = sorted({expected_label(e) for e in examples})  # from the whole file, before the limit
+        subset = examples[:s.limit] if s.limit else examples
         gen = loaded.config.generate if loaded.config else None  # a run's max_new_tokens and stop strings
-        metrics, records = task_metrics(loaded, subset, task, labels, mode, batch_size, gen, normalize, progress,
-                                        max_new_tokens)
+        metrics, records = task_metrics(loaded, subset, s.model_copy(update={"task": task, "labels": labels}), gen,
+                                        progress)
     wall = time.time() - start
-    settings = {"target": loaded.source, "data": str(data), "task": task, "mode": mode if task == "classification" else None,
-                "limit": limit, "batch_size": batch_size, "template": loaded.template.kind,
-                "system_prompt": loaded.template.system_prompt, "seconds": round(wall, 2),
-                "examples_per_s": round(len(records) / wall, 2) if wall > 0 else None}
-    result = EvalResult(task, metrics, records, settings)
+    settings_used = {"target": loaded.source, "data": str(data), "task": task,
+                     "mode": s.mode if task == "classification" else None, "limit": s.limit,
+                     "batch_size": s.batch_size, "template": loaded.template.kind,
+                     "system_prompt": loaded.template.system_prompt, "seconds": round(wall, 2),
+                     "examples_per_s": round(len(records) / wall, 2) if wall > 0 else None}
+    result = EvalResult(task, metrics, records, settings_used)
     if output_dir is not None:
         result.output_dir = write_results(result, output_dir)
     return result

@@ -13,14 +13,17 @@ import hashlib
 import struct
 from pathlib import Path
 
-from fewtune.config import Config
+from fewtune.config import Config, moved_key
 from fewtune.files import file_sha256
 
 # keys that may differ on resume without changing what the finished run means: where it is written,
-# how long it goes on (extending a run is what resume is for), how often it logs and saves, threads
+# how long it goes on (extending a run is what resume is for), how often it logs and saves, threads, and the
+# eval keys that only `fewtune eval`, `compare` and `pseudo-label` read
 RESUME_MAY_CHANGE = ("train.output_dir", "train.resume", "train.max_steps", "train.epochs", "train.log_every",
                      "train.num_threads", "train.save_every", "train.keep_checkpoints", "train.cache_tokenized",
-                     "train.early_stopping.", "generate.")
+                     "eval.early_stopping.", "generate.", "eval.limit", "eval.batch_size", "eval.window",
+                     "eval.format", "eval.system_prompt", "eval.general", "eval.general_limit", "eval.n_resamples",
+                     "eval.show")
 # paths are compared by the content they point to, not by how they are spelt
 FILE_KEYS = ("data.train", "data.validation", "regularise.replay.general", "regularise.ewc.general")
 EDGE_BYTES = 1 << 20  # of each weight file's start and end: enough to tell two checkpoints apart, cheap for 8B
@@ -78,20 +81,33 @@ def run_inputs(cfg: Config, train_set, val_set) -> dict:
             "model_name": cfg.model.name, "config": config}
 
 
+def _current_keys(recorded: dict) -> dict:
+    """A checkpoint's flat keys under their current names (a checkpoint from before a key moved), less those
+    that may change now."""
+    renamed = {moved_key(key) or key: value for key, value in recorded.items()}
+    return {key: value for key, value in renamed.items() if not key.startswith(RESUME_MAY_CHANGE)}
+
+
 def changes(saved: dict, now: dict) -> list[str]:
-    """What differs between the inputs a checkpoint recorded and the current ones, one line each."""
+    """What differs between the inputs a checkpoint recorded and the current ones, one line each.
+
+    Keys are compared under their current names (config.MOVED_KEYS); a key the checkpoint does not record was
+    added since, and compares as its default."""
     found = []
-    for key in sorted(set(saved.get("files", {})) | set(now["files"])):
-        before, after = saved.get("files", {}).get(key), now["files"].get(key)
+    saved_files = _current_keys(saved.get("files", {}))
+    for key in sorted(set(saved_files) | set(now["files"])):
+        before, after = saved_files.get(key), now["files"].get(key)
         if before != after:
             found.append(f"{key}: the file's contents changed (sha256 {str(before)[:12]} -> {str(after)[:12]})")
     if saved.get("model") != now["model"]:
         found.append(f"model.name: the model changed ({saved.get('model_name')!r}, fingerprint "
                      f"{str(saved.get('model'))[:12]} -> {now['model_name']!r}, {now['model'][:12]})")
-    old_config = saved.get("config", {})
+    old_config = _current_keys(saved.get("config", {}))
+    defaults = _flatten(Config().model_dump(mode="json"))
     for key in sorted(set(old_config) | set(now["config"])):
-        if old_config.get(key) != now["config"].get(key):
-            found.append(f"{key}: {old_config.get(key)!r} -> {now['config'].get(key)!r}")
+        before = old_config.get(key, defaults.get(key))
+        if before != now["config"].get(key):
+            found.append(f"{key}: {before!r} -> {now['config'].get(key)!r}")
     if saved.get("rendered") != now["rendered"] and not found:
         found.append("the rendered training examples differ (tokenizer, template or data changed)")
     return found

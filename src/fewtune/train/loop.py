@@ -206,7 +206,7 @@ class Trainer:
             log.warning("resuming although %s (forced)", line)
         ckpt.restore(self.accelerator, folder, lambda weights: load_trainable_state(self.model, weights),
                      self.optimizer, self.scheduler)
-        self.state = LoopState.from_dict(loop_state, self.cfg.train.eval_every)
+        self.state = LoopState.from_dict(loop_state, self.cfg.eval.every)
         self._wall_at_session_start = self.state.wall_s
         before, now = self.state.mixed_precision, self.accelerator.mixed_precision
         if before and before != now:
@@ -234,16 +234,16 @@ class Trainer:
             return validate.task_metrics(model, self.tokenizer, self.template, self.cfg, str(self.run_dir),
                                          self.accelerator, self.train_set.examples, self.val_set.examples)
         except PromptError as err:  # a validation prompt that leaves no room for generate.max_new_tokens
-            raise TrainingError(f"train.eval_task={self.cfg.train.eval_task} cannot generate for the validation set: "
-                                f"{err}. Lower generate.max_new_tokens or data.max_length, or set "
-                                "train.eval_mode=choice") from None
+            raise TrainingError(f"eval.task={self.cfg.eval.task} cannot generate for the validation set: "
+                                f"{err}. Lower generate.max_new_tokens (or eval.max_new_tokens) or data.max_length, "
+                                "or set eval.mode=choice") from None
 
     def _evaluate(self) -> bool:
         """Validation loss (and task metric), best-checkpoint bookkeeping, early stopping. True means stop."""
         val = self.validation_loss()
         if val is None:
             return False
-        s, es, metric = self.state, self.cfg.train.early_stopping, self.cfg.train.eval_metric
+        s, es, metric = self.state, self.cfg.eval.early_stopping, self.cfg.eval.metric
         task = self._task_metrics()
         better = validate.improved(s, val, task, metric, es)
         if better:
@@ -392,9 +392,10 @@ class Trainer:
                         self._log({**record, "epoch": round(s.epoch + s.batch / len(batches), 4),
                                    "tokens_per_s": round(tok_s, 1), "elapsed_s": round(elapsed, 4)})
                     epoch_done = s.batch >= len(batches)
-                    # eval_every counts from the last evaluation, so an epoch-end one is not followed a step or two
+                    # eval.every counts from the last evaluation, so an epoch-end one is not followed a step or two
                     # later by a periodic one that sees nearly the same weights and costs early-stopping patience
-                    periodic = t.eval_every and s.step - s.last_eval_step >= t.eval_every
+                    every = self.cfg.eval.every
+                    periodic = every and s.step - s.last_eval_step >= every
                     if periodic or epoch_done or s.step == self.total_steps:
                         s.last_eval_step = s.step
                         if self._evaluate():
@@ -433,7 +434,7 @@ class Trainer:
             model = self.accelerator.unwrap_model(self.loss_module).model
             model.save_pretrained(self.run_dir / get_method(self.cfg.method.name).saves)
             summary = {"steps": s.step, "total_steps": self.total_steps, "best_val_loss": s.best_val,
-                       "best_step": s.best_step, "eval_metric": self.cfg.train.eval_metric,
+                       "best_step": s.best_step, "eval_metric": self.cfg.eval.metric,
                        "best_metric": s.best_metric, "stopped_early": s.stopped_early, "wall_s": round(wall_s, 2),
                        "trainable_params": self.trainable, "total_params": self.total,
                        "train_examples": len(self.train_set.items), "val_examples": len(self.val_set.items),

@@ -12,7 +12,7 @@ class LoopState:
     batch: int = 0  # micro-batches of this epoch done
     tokens: int = 0  # real tokens trained on (no padding)
     best_val: float | None = None  # validation loss of the best checkpoint
-    best_metric: float | None = None  # its task metric, when train.eval_metric is one
+    best_metric: float | None = None  # its task metric, when eval.metric is one
     best_step: int | None = None
     bad_evals: int = 0  # evaluations since the last improvement (early stopping)
     last_eval_step: int = 0

@@ -30,29 +30,31 @@ def validation_loss(loss_module, items, make_batch, accelerator, batch_size: int
 
 def task_metrics(model, tokenizer, template, cfg: Config, run_dir: str, accelerator, train_examples,
                  val_examples) -> dict[str, float]:
-    """train.eval_task's metrics on the validation set (or a seeded sample of it); {} when not asked.
+    """eval.task's metrics on the validation set (or a seeded sample of it); {} when no task metric is asked.
 
-    Raises PromptError when a validation prompt leaves no room for generate.max_new_tokens."""
-    train = cfg.train
-    if not train.eval_task or not val_examples:
+    Scored as `fewtune eval` scores (eval.mode, eval.labels, eval.normalize, eval.max_new_tokens), in batches
+    of train.batch_size. Raises PromptError when a validation prompt leaves no room for the generation."""
+    settings = cfg.eval
+    if settings.task not in TASK_METRICS or not val_examples:
         return {}
     from fewtune.eval.evaluate import expected_label, task_metrics as evaluate_task
     from fewtune.generate import Loaded
 
     examples = val_examples
-    if train.eval_sample and train.eval_sample < len(examples):
-        examples = random.Random(train.seed).sample(examples, train.eval_sample)
-    labels = None
-    if train.eval_task == "classification":
+    if settings.sample and settings.sample < len(examples):
+        examples = random.Random(cfg.train.seed).sample(examples, settings.sample)
+    labels = settings.labels
+    if settings.task == "classification" and not labels:
         labels = sorted({expected_label(e) for e in train_examples + val_examples})
+    scoring = settings.model_copy(update={"labels": labels, "batch_size": cfg.train.batch_size})
     model.eval()
     try:
         with accelerator.autocast():
-            metrics, _ = evaluate_task(Loaded(model, tokenizer, template, cfg, run_dir), examples, train.eval_task,
-                                       labels, train.eval_mode, train.batch_size, cfg.generate, progress=False)
+            metrics, _ = evaluate_task(Loaded(model, tokenizer, template, cfg, run_dir), examples, scoring,
+                                       cfg.generate, progress=False)
     finally:
         model.train()
-    return {k: float(metrics[k]) for k in TASK_METRICS[train.eval_task] if k in metrics}
+    return {k: float(metrics[k]) for k in TASK_METRICS[settings.task] if k in metrics}
 
 
 def improved(state: LoopState, val: float, task: dict[str, float], metric: str, es: EarlyStoppingSection) -> bool:

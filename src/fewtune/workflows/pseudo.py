@@ -39,7 +39,9 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Sequence
 
-from fewtune.config import Config, load_config
+from pydantic import Field
+
+from fewtune.config import Config, EvalSection, Section, load_config
 from fewtune.data.collect import rename_fields
 from fewtune.data.dataset import load_train_val
 from fewtune.data.formats import DataError, Example, Message, read_records
@@ -54,6 +56,25 @@ MAX_LABELS = 100  # more distinct answers than this is a generation task, not a 
 
 class PseudoError(ValueError):
     """A bad pseudo-labeling request, worded for the user."""
+
+
+class PseudoSettings(Section):
+    """What `fewtune pseudo-label` keeps and how it reads the unlabeled data (the scoring itself: an eval
+    section's labels, normalize and batch_size)."""
+
+    threshold: float = Field(0.9, description="Keep an example whose label probability is at least this, in "
+                             "(0, 1].")
+    balance: bool = Field(True, description="Keep the labeled training set's class proportions.")
+    max_per_class: int | None = Field(None, description="Keep at most this many per class; None: no cap.")
+    limit: int | None = Field(None, description="Only the first N unlabeled prompts; None: all of them.")
+    rounds: int = Field(1, description="Label-select-retrain rounds, each labeled by the newest run.")
+    train: bool = Field(True, description="Retrain on labeled + pseudo-labeled data; false: only label (one round).")
+    rename: dict[str, str] | None = Field(None, description="Field renames applied to each unlabeled record "
+                                          "first, ours to theirs (e.g. text: sentence).")
+    prompt_format: str = Field("{text}", description="The user turn, filled with the record's fields.")
+    system: str | None = Field(None, description="System message before each prompt; None: the one every "
+                               "labeled example carries (if they share one); empty: none.")
+    exclude: list[Path] = Field([], description="Files whose prompts are left out of the pool, e.g. the test set.")
 
 
 @dataclass
@@ -303,42 +324,43 @@ class PseudoResult:
     baseline: dict | None  # the labeling run's own training result
 
 
-def pseudo_label(run_dir: str | Path, unlabeled: str | Path, out_dir: str | Path | None = None,
-                 config: str | Path | None = None, labels: Sequence[str] | None = None, threshold: float = 0.9,
-                 balance: bool = True, max_per_class: int | None = None, limit: int | None = None, rounds: int = 1,
-                 train: bool = True, rename: dict[str, str] | None = None, prompt_format: str = "{text}",
-                 system: str | None = None, normalize: bool = False, batch_size: int = 8,
-                 exclude: Sequence[str | Path] | None = None, progress: bool = True) -> PseudoResult:
-    """Label ``unlabeled`` with a finished run, keep the confident examples class-balanced, retrain; ``rounds`` times."""
+def pseudo_label(run_dir: str | Path, unlabeled: str | Path, settings: PseudoSettings | None = None,
+                 scoring: EvalSection | None = None, out_dir: str | Path | None = None,
+                 config: str | Path | None = None, progress: bool = True) -> PseudoResult:
+    """Label ``unlabeled`` with a finished run, keep the confident examples class-balanced, retrain; as often as
+    ``settings.rounds`` says. ``scoring`` (labels, normalize, batch_size; None: the config's eval section);
+    ``config``: the labeled data and retraining (None: the run's own config)."""
+    p = settings or PseudoSettings()
+    threshold, balance, max_per_class, rounds = p.threshold, p.balance, p.max_per_class, p.rounds
     if not 0 < threshold <= 1:
         raise PseudoError(f"--threshold must be in (0, 1], got {threshold}")
-    for name, value in (("--rounds", rounds), ("--batch-size", batch_size), ("--limit", limit),
-                        ("--max-per-class", max_per_class)):
+    for name, value in (("--rounds", rounds), ("--limit", p.limit), ("--max-per-class", max_per_class)):
         if value is not None and value < 1:
             raise PseudoError(f"{name} must be at least 1, got {value}")
-    if not train and rounds > 1:
+    if not p.train and rounds > 1:
         raise PseudoError("--no-train labels once: later rounds need the model trained in the round before")
     run = Path(run_dir)
     if not (run / "config.yaml").is_file():
         raise PseudoError(f"{run} is not a fewtune run directory (no config.yaml): give the folder `fewtune train` wrote")
     cfg = load_config(config or run / "config.yaml")
+    scoring = scoring or cfg.eval
     train_ex, val_ex = load_train_val(cfg.data)
     labeled = train_ex + val_ex
-    labels = candidate_labels(labeled, labels)
+    labels = candidate_labels(labeled, scoring.labels)
     outside = sorted(set(labeled_counts(labeled)) - set(labels))
     if outside:
         log.warning("labeled examples have labels outside --labels (kept in training as they are): %s", ", ".join(outside))
-    system_text = shared_system(labeled, system)
-    pool, skipped = read_unlabeled(unlabeled, rename, prompt_format, system_text, limit)
+    system_text = shared_system(labeled, p.system)
+    pool, skipped = read_unlabeled(unlabeled, p.rename, p.prompt_format, system_text, p.limit)
     pool, skipped["already a labeled example"] = drop_known(
         pool, {m.content.strip() for e in labeled for m in e.prompt_messages[-1:]})
-    for path in exclude or []:  # e.g. the test set: its inputs must not become training data
-        held, _ = read_unlabeled(path, rename, prompt_format)
+    for path in p.exclude:  # e.g. the test set: its inputs must not become training data
+        held, _ = read_unlabeled(path, p.rename, p.prompt_format)
         pool, lines = drop_known(pool, {u.messages[-1].content.strip() for u in held})
         skipped[f"in {path}"] = lines
     if not pool:
         raise DataError(str(unlabeled), None, "nothing to label: every prompt is a labeled example or in an --exclude file")
-    check_prompt_shape(train_ex, pool, prompt_format)
+    check_prompt_shape(train_ex, pool, p.prompt_format)
     for why, lines in skipped.items():
         if lines:
             log.info("skipped %d unlabeled line(s): %s (first: line %d)", len(lines), why, lines[0])
@@ -350,7 +372,7 @@ def pseudo_label(run_dir: str | Path, unlabeled: str | Path, out_dir: str | Path
         round_dir = out / f"round_{r}"
         round_dir.mkdir(parents=True, exist_ok=True)
         log.info("round %d/%d: labeling %d prompts with %s", r, rounds, len(pool), model_dir)
-        scored = label_pool(model_dir, pool, labels, batch_size, normalize, progress)
+        scored = label_pool(model_dir, pool, labels, scoring.batch_size, scoring.normalize, progress)
         kept, classes = select(scored, labels, threshold, counts_labeled, balance, max_per_class)
         kept_ids = {s.index for s in kept}
         write_jsonl(round_dir / "scores.jsonl", [
@@ -361,7 +383,7 @@ def pseudo_label(run_dir: str | Path, unlabeled: str | Path, out_dir: str | Path
         write_jsonl(round_dir / "pseudo.jsonl", pseudo_rows)
         summary = {"round": r, "labeled_by": str(model_dir), "unlabeled": str(unlabeled), "pool": len(pool),
                    "skipped": {why: len(lines) for why, lines in skipped.items() if lines}, "labels": labels,
-                   "threshold": threshold, "normalize": normalize,
+                   "threshold": threshold, "normalize": scoring.normalize,
                    "balance": ("labeled class proportions" if all(counts_labeled.get(lab) for lab in labels)
                                else "equal per class") if balance else "off",
                    "max_per_class": max_per_class, "classes": classes, "kept": len(kept),
@@ -371,11 +393,11 @@ def pseudo_label(run_dir: str | Path, unlabeled: str | Path, out_dir: str | Path
         log.info("round %d: kept %d of %d (%s)", r, len(kept), len(pool),
                  ", ".join(f"{lab}: {c['kept']} kept / {c['above_threshold']} above / {c['scored']} scored"
                            for lab, c in classes.items()))
-        if not kept and train:  # retraining on the labeled data alone would repeat the run; so would later rounds
+        if not kept and p.train:  # retraining on the labeled data alone would repeat the run; so would later rounds
             summary["stopped"] = "nothing kept: not retrained, no further rounds"
             log.warning("round %d: no example kept%s; lower --threshold. Stopping: %s", r,
                         " (class balance: a class had none above the threshold)" if balance else "", summary["stopped"])
-        elif train:
+        elif p.train:
             from fewtune.train.loop import train as run_training
 
             rc = round_config(cfg, round_dir, _labeled_rows(train_ex) + pseudo_rows, val_ex)

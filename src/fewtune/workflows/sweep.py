@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fewtune.config import TASK_METRICS, Config, ConfigError, build_config
+from fewtune.config import MOVED_KEYS, TASK_METRICS, Config, ConfigError, build_config
 from fewtune.data.dataset import split_examples
 from fewtune.data.formats import DataError, Example, load_examples
 
@@ -231,7 +231,7 @@ def plan_data(cfg: Config, out: Path, seeds: list[int], kfold: int | None, eval_
         scored = None if Path(eval_data).suffix.lower() == ".txt" else load_examples(eval_data)  # any format, as `fewtune eval` reads it
     elif mode == "validation":
         scored = load_examples(data.validation, data.format, data.dataset)
-    task = cfg.train.eval_task or detect_task(eval_data or data.train, scored)
+    task = cfg.eval.task or detect_task(eval_data or data.train, scored)
     labels = None
     if task == "classification":  # every label the runs can meet: a small fold may lack a class
         labels = sorted({expected_label(e) for e in examples + list(scored or [])})
@@ -266,16 +266,41 @@ def _run_dir(out: Path, params: dict, seed: int, fold: int | None) -> Path:
     return out / "runs" / f"{name}-{digest}" / (f"seed-{seed}" + (f"-fold-{fold}" if fold is not None else ""))
 
 
-def _fingerprint(cfg: Config, eval_data: str | None, kfold: int | None) -> str:
+def _fingerprint(cfg: Config, eval_data: str | None, kfold: int | None, before_keys_moved: bool = False) -> str:
+    """What identifies a sweep: the base config (less where runs go) and how runs are scored. With
+    ``before_keys_moved``: as a sweep recorded before config.MOVED_KEYS moved identified the same one."""
     data = cfg.model_dump(mode="json")
     data["train"].pop("output_dir")
     data["train"].pop("resume")
+    if before_keys_moved:
+        data = _as_before_keys_moved(data)
     text = json.dumps({"config": data, "eval_data": eval_data, "kfold": kfold}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def read_sweep(path: Path, fingerprint: str | None = None) -> dict[str, dict]:
-    """The latest record of each run in a sweep.jsonl (a failed run retried later is replaced)."""
+def _as_before_keys_moved(data: dict) -> dict:
+    """A dumped config with each moved key back at its old place, and without the eval section (new then)."""
+    data = copy.deepcopy(data)
+    for old, new in MOVED_KEYS.items():
+        *new_parents, new_name = new.split(".")
+        *old_parents, old_name = old.split(".")
+        node = data
+        for part in new_parents:
+            node = node[part]
+        value = node.pop(new_name)
+        node = data
+        for part in old_parents:
+            node = node.setdefault(part, {})
+        node[old_name] = value
+    data.pop("eval")
+    return data
+
+
+def read_sweep(path: Path, fingerprint: str | tuple[str, ...] | None = None) -> dict[str, dict]:
+    """The latest record of each run in a sweep.jsonl (a failed run retried later is replaced); every record
+    must carry ``fingerprint`` (or one of them)."""
+    if isinstance(fingerprint, str):
+        fingerprint = (fingerprint,)
     records: dict[str, dict] = {}
     if not path.exists():
         return records
@@ -287,7 +312,7 @@ def read_sweep(path: Path, fingerprint: str | None = None) -> dict[str, dict]:
             key = _run_key(record["params"], record["seed"], record["fold"])
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise DataError(str(path), line, f"not a sweep record ({err}); fix or remove the line") from None
-        if fingerprint and record.get("sweep") != fingerprint:
+        if fingerprint and record.get("sweep") not in fingerprint:
             raise ConfigError(f"{path} holds runs of a different sweep (line {line}): the config, its overrides, "
                               "--eval-data or --kfold differ. Use another --out, or delete the file to start over")
         records[key] = record
@@ -319,8 +344,11 @@ def _execute(cfg: Config, run_dir: Path, eval_file: str, plan: Plan) -> dict:
                                "command again to continue: recorded runs are skipped, this one resumes") from None
     train_s = time.time() - start
     _free_memory()  # the trainer's model goes before the evaluation loads the run
-    evaluated = evaluate(str(run_dir), eval_file, plan.task, plan.labels, cfg.train.eval_mode,
-                         batch_size=cfg.train.batch_size, output_dir=run_dir / "eval", progress=False)
+    # the config's eval section, on the plan's task and labels; in the batches the run trained with, and on the
+    # whole file whatever its format (the sweep's own splits are written as messages)
+    settings = cfg.eval.model_copy(update={"task": plan.task, "labels": plan.labels, "batch_size": cfg.train.batch_size,
+                                           "limit": None, "format": "auto"})
+    evaluated = evaluate(str(run_dir), eval_file, settings, output_dir=run_dir / "eval", progress=False)
     metrics = {k: v for k, v in evaluated.metrics.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None}
     if result.best_val_loss is not None:
@@ -352,7 +380,8 @@ def sweep(cfg: Config, grid: list[str] | None = None, random_n: int | None = Non
 
     fingerprint = _fingerprint(cfg, eval_data, kfold)
     path = out / "sweep.jsonl"
-    records = read_sweep(path, fingerprint)
+    # runs recorded before the config's keys moved belong to the same sweep
+    records = read_sweep(path, (fingerprint, _fingerprint(cfg, eval_data, kfold, before_keys_moved=True)))
     folds: list[int | None] = list(range(kfold)) if kfold else [None]
     runs = [(params, seed, fold) for params in combos for seed in seed_list for fold in folds]
 
