@@ -82,9 +82,9 @@ def make_config(args, data_path: str | None, arm: str, run_dir: str):
     from fewtune.config import build_config, load_config
 
     total = args.warmup + args.steps + (PROFILE_STEPS if args.profile else 0)
-    overrides = [f"train.max_steps={total}", f"train.output_dir={run_dir}", "train.eval_every=null",
+    overrides = [f"train.max_steps={total}", f"train.output_dir={run_dir}", "eval.every=null",
                  "train.save_every=null", "data.val_ratio=0", "data.validation=null", "train.log_every=1",
-                 f"train.batch_size={args.batch_size}", "train.early_stopping.enabled=false"]
+                 f"train.batch_size={args.batch_size}", "eval.early_stopping.enabled=false"]
     if arm == "padded":
         overrides.append("train.packing=false")
     if arm == "packed":
