@@ -177,7 +177,7 @@ def test_a_whole_section_given_a_scalar_names_it():
     ({"method": {"dropout": 0.1}}, "method.lora.dropout"),
     ({"patience": 2}, "eval.early_stopping.patience"),
     ({"train": {"lora": {"r": 4}}}, "method.lora"),  # a whole section in the wrong place
-    ({"regularise": {"epochs": 1}}, "regularise.curriculum.epochs"),  # the shared prefix wins over train.epochs
+    ({"data": {"epochs": 1}}, "data.curriculum.epochs"),  # the shared prefix wins over train.epochs
     ({"train": {"label_smothing": 0.1}}, "regularise.label_smoothing"),  # misspelt and misplaced
     ({"train": {"epoch": 2}}, "train.epochs"),  # misspelt in the right section: the existing hint
     ({"generate": {"temprature": 1}}, "generate.temperature"),
@@ -265,7 +265,7 @@ def test_moved_keys_are_read_at_their_new_place_with_a_warning(caplog):
     assert cfg.train.lr == 1e-3 and given == {"train": {"lr": 1e-3, **OLD_TRAIN}}  # the caller's mapping is kept
     [record] = caplog.records  # one warning for all of them, naming each new key
     for old, new in MOVED_KEYS.items():
-        assert f"{old} -> {new}" in record.getMessage()
+        assert (f"{old} -> {new}" in record.getMessage()) == old.startswith("train.")
     assert record.getMessage().startswith("old.yaml: ")
     # the same as the new spelling
     new = {"train": {"lr": 1e-3}, "eval": {"every": 5, "task": "classification", "mode": "generate",
@@ -296,6 +296,8 @@ def test_an_old_run_directory_config_loads(tmp_path, caplog):
 
     old = build_config({}).model_dump(mode="json")
     del old["eval"]  # the section did not exist then
+    old["regularise"].update(replay=old["data"].pop("replay"), curriculum=old["data"].pop("curriculum"))
+    old["regularise"]["curriculum"]["order"] = "length"
     old["train"].update({"eval_every": 20, "eval_task": None, "eval_mode": "choice", "eval_metric": "loss",
                          "eval_sample": None, "early_stopping": {"enabled": True, "patience": 3, "min_delta": 0.0}})
     path = tmp_path / "config.yaml"
@@ -303,5 +305,20 @@ def test_an_old_run_directory_config_loads(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="fewtune.config"):
         cfg = load_config(path, ["train.output_dir=/tmp/x", "train.resume=true"])  # as `train --resume` reads it
     assert cfg.eval.every == 20 and cfg.eval.task is None and cfg.train.resume
-    assert cfg == build_config({"eval": {"every": 20}, "train": {"output_dir": "/tmp/x", "resume": True}})
+    assert cfg == build_config({"eval": {"every": 20}, "train": {"output_dir": "/tmp/x", "resume": True},
+                                "data": {"curriculum": {"order": "length"}}})
     assert str(path) in caplog.text and "train.eval_every -> eval.every" in caplog.text
+
+
+def test_replay_and_curriculum_moved_to_data(tmp_path, caplog):
+    general = tmp_path / "general.jsonl"
+    general.write_text('{"prompt": "a", "completion": "b"}\n', encoding="utf-8")
+    path = tmp_path / "old.yaml"
+    path.write_text("regularise:\n  replay: {general: general.jsonl, ratio: 0.5}\n  curriculum: {order: loss}\n"
+                    "  label_smoothing: 0.1\n", encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="fewtune.config"):
+        cfg = load_config(path)
+    assert cfg.data.replay.general == str(general) and cfg.data.replay.ratio == 0.5  # relative to the file
+    assert cfg.data.curriculum.order == "loss" and cfg.regularise.label_smoothing == 0.1
+    assert "regularise.replay -> data.replay" in caplog.text and "regularise.curriculum -> data.curriculum" in caplog.text
+    assert "replay" not in Config.model_fields["regularise"].annotation.model_fields

@@ -1,4 +1,4 @@
-"""Label smoothing, NEFTune, FGM/PGD, EWC, replay and curriculum on the tiny models."""
+"""Label smoothing, NEFTune, FGM/PGD and EWC (regularise), replay and curriculum (data) on the tiny models."""
 
 import json
 
@@ -133,7 +133,8 @@ def test_ewc_needs_general_data(make_config):
 
 def test_replay_mixes_general_examples_into_training_only(make_config, general_data, tmp_path):
     plain = Trainer(make_config())
-    mixed = Trainer(make_config(regularise__replay__general=str(general_data), regularise__replay__ratio=0.5))
+    assert plain.curriculum is None  # (order: none, the default)
+    mixed = Trainer(make_config(data__replay__general=str(general_data), data__replay__ratio=0.5))
     n = len(plain.train_set.items)
     assert len(mixed.train_set.items) == n + round(0.5 * n)
     assert len(mixed.val_set.items) == len(plain.val_set.items)
@@ -156,9 +157,9 @@ def test_curriculum_order_easy_to_hard_shuffled_within_buckets():
 
 @pytest.mark.parametrize("order", ["length", "loss"])
 def test_trainer_uses_curriculum_in_first_epoch_only(order, make_config):
-    trainer = Trainer(make_config(regularise__curriculum__order=order, regularise__curriculum__buckets=2,
+    trainer = Trainer(make_config(data__curriculum__order=order, data__curriculum__buckets=2,
                                   train__batch_size=4))
-    difficulty = trainer.regularisers.difficulty
+    difficulty = trainer.curriculum.difficulty
     if order == "length":
         assert difficulty == [float(len(r)) for r in trainer.train_set.items]
     else:
@@ -167,10 +168,11 @@ def test_trainer_uses_curriculum_in_first_epoch_only(order, make_config):
         with torch.no_grad():
             s, w = trainer.loss_module(**batch)
         assert difficulty[0] == pytest.approx((s / w).item(), rel=1e-5)
-    batches = trainer.regularisers.batch_order(0)
+    batches = trainer.curriculum.batch_order(0)
+    assert trainer.epoch_order(0) == batches  # the loop's first epoch
     flat = [i for b in batches for i in b]
     half = len(flat) // 2
     assert max(difficulty[i] for i in flat[:half]) <= min(difficulty[i] for i in flat[half:])
-    assert trainer.regularisers.batch_order(1) is None  # later epochs: the usual shuffled batches
+    assert trainer.curriculum.batch_order(1) is None  # later epochs: the usual shuffled batches
     result = trainer.fit()
     assert result.steps > 0

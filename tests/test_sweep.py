@@ -205,8 +205,9 @@ def test_sweep_ranks_combinations_by_mean_over_seeds_and_resumes(base, tmp_path,
               grid=["train.lr=1e-3,3e-2"], seeds=2, out=out)
 
 
-def test_a_sweep_recorded_before_the_eval_keys_moved_goes_on(base, tmp_path, monkeypatch):
-    """Its records carry the fingerprint of the config as it was then laid out (train.eval_*, no eval section)."""
+def test_a_sweep_recorded_before_the_keys_moved_goes_on(base, tmp_path, monkeypatch):
+    """Its records carry the fingerprint of the config as it was then laid out (train.eval_*, no eval section,
+    regularise.replay and regularise.curriculum)."""
     import hashlib
 
     out = tmp_path / "sw"
@@ -218,6 +219,7 @@ def test_a_sweep_recorded_before_the_eval_keys_moved_goes_on(base, tmp_path, mon
     now_eval = then.pop("eval")
     then["train"].update({f"eval_{k}": now_eval[k] for k in ("every", "task", "mode", "metric", "sample")},
                          early_stopping=now_eval["early_stopping"])
+    then["regularise"].update(replay=then["data"].pop("replay"), curriculum=then["data"].pop("curriculum"))
     old = hashlib.sha256(json.dumps({"config": then, "eval_data": None, "kfold": None}, sort_keys=True)
                          .encode()).hexdigest()[:16]
     records = lines(out / "sweep.jsonl")

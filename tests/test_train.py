@@ -143,22 +143,28 @@ def test_resume_from_a_checkpoint_without_last_eval_step(make_config, tmp_path):
 
 
 def _recorded_before_the_keys_moved(inputs: dict) -> dict:
-    """A checkpoint's inputs as fewtune recorded them before the eval keys moved out of train."""
+    """A checkpoint's inputs as fewtune recorded them before the eval keys moved out of train, and replay and
+    curriculum out of regularise."""
     from fewtune.config import MOVED_KEYS
 
     old_name = {new: old for old, new in MOVED_KEYS.items()}
-    config = {}
-    for key, value in inputs["config"].items():
-        moved = next((new for new in old_name if key == new or key.startswith(new + ".")), None)
-        if moved:
-            config[old_name[moved] + key[len(moved):]] = value
-        elif not key.startswith("eval."):  # the eval section's other keys are new
-            config[key] = value
-    return {**inputs, "config": config}
+
+    def then(keys: dict) -> dict:
+        out = {}
+        for key, value in keys.items():
+            moved = next((new for new in old_name if key == new or key.startswith(new + ".")), None)
+            if moved:
+                out[old_name[moved] + key[len(moved):]] = value
+            elif not key.startswith("eval."):  # the eval section's other keys are new
+                out[key] = value
+        return out
+
+    return {**inputs, "config": then(inputs["config"]), "files": then(inputs["files"])}
 
 
-def test_a_run_from_before_the_eval_keys_moved_resumes(make_config, tmp_path, monkeypatch):
-    """Its checkpoint records train.eval_every ..., its config.yaml has them: the moved keys are not a change."""
+def test_a_run_from_before_the_keys_moved_resumes(make_config, tmp_path, monkeypatch):
+    """Its checkpoint records train.eval_every ... and regularise.replay.general's file, its config.yaml has
+    them: the moved keys are not a change."""
     import yaml
 
     from fewtune.config import load_config
@@ -167,14 +173,21 @@ def test_a_run_from_before_the_eval_keys_moved_resumes(make_config, tmp_path, mo
     recorded_now = fingerprint.run_inputs
     monkeypatch.setattr(fingerprint, "run_inputs", lambda *a: _recorded_before_the_keys_moved(recorded_now(*a)))
     run = tmp_path / "run"
-    cfg = make_config(train__max_steps=6, eval__every=2, eval__early_stopping__patience=4, train__output_dir=str(run))
+    general = write_jsonl(tmp_path / "general.jsonl", [{"prompt": f"天气 {i}", "completion": "晴"} for i in range(10)])
+    cfg = make_config(train__max_steps=6, eval__every=2, eval__early_stopping__patience=4, train__output_dir=str(run),
+                      data__replay__general=str(general), data__replay__ratio=0.25, data__curriculum__order="length")
     with pytest.raises(Interrupted):
         train(cfg, stop_after=3)
+    from fewtune.train import checkpoint as ckpt
+
+    recorded = ckpt.read_loop_state(run / "checkpoints" / "step-0000003")["inputs"]
+    assert "regularise.replay.general" in recorded["files"] and recorded["config"]["train.eval_every"] == 2
     monkeypatch.setattr(fingerprint, "run_inputs", recorded_now)
     then = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
     ev = then.pop("eval")
     then["train"].update({f"eval_{k}": ev[k] for k in ("every", "task", "mode", "metric", "sample")},
                          early_stopping=ev["early_stopping"])
+    then["regularise"].update(replay=then["data"].pop("replay"), curriculum=then["data"].pop("curriculum"))
     (run / "config.yaml").write_text(yaml.safe_dump(then), encoding="utf-8")
     as_resumed = [f"train.output_dir={run}", "train.resume=true"]  # what `fewtune train --resume RUN` adds
     changed = load_config(run / "config.yaml", as_resumed + ["eval.every=3"])
@@ -182,7 +195,7 @@ def test_a_run_from_before_the_eval_keys_moved_resumes(make_config, tmp_path, mo
         train(changed)  # a real change is still refused
     assert "train.eval_every" not in str(info.value)
     resumed = load_config(run / "config.yaml", as_resumed)
-    assert resumed.eval == cfg.eval
+    assert resumed.eval == cfg.eval and resumed.data == cfg.data
     assert train(resumed).steps == 6
 
 

@@ -55,8 +55,27 @@ class ModelSection(Section):
                       "there).")
 
 
+class ReplaySection(Section):
+    """Replay against forgetting: general examples mixed into the training split (validation stays task data)."""
+
+    general: str | None = Field(None, description="A general data set mixed into training (as fewtune data mix "
+                                "does); None: no replay.")
+    ratio: float = Field(1.0, gt=0, description="General examples per training example.")
+
+
+class CurriculumSection(Section):
+    """Curriculum learning: the first epochs ordered from easy to hard."""
+
+    order: Literal["none", "length", "loss"] = Field(
+        "none", description="Difficulty: none (the usual shuffled order), length (short first) or loss (low "
+        "base-model loss first).")
+    buckets: int = Field(4, ge=1, description="Examples are shuffled within each of this many difficulty buckets.")
+    epochs: int = Field(1, ge=1, description="Epochs in curriculum order; later epochs are shuffled as usual.")
+
+
 class DataSection(Section):
-    """The training and validation data and how examples are rendered into tokens."""
+    """The training and validation data, how examples are rendered into tokens, and what shapes the training
+    data: replay of general examples, curriculum order."""
 
     train: str | None = Field(None, description="Training data: a JSONL, JSON array or CSV file, or a "
                               "LLaMA-Factory dataset_info.json (with data.dataset).")
@@ -78,6 +97,9 @@ class DataSection(Section):
         "error", description="An example with nothing left to learn (its completion cut away or masked): error "
         "stops before training; drop skips it and counts it in summary.json.")
     seed: int = Field(42, description="Seed of the validation split (data.val_ratio) and of the replay mix.")
+    replay: ReplaySection = Field(ReplaySection(), description="General data mixed into the training examples.")
+    curriculum: CurriculumSection = Field(CurriculumSection(), description="The order of the first epochs, easy "
+                                          "to hard.")
 
 
 class LoraSection(Section):
@@ -214,14 +236,6 @@ class AdversarialSection(Section):
     steps: int = Field(3, ge=1, description="PGD: the number of steps K.")
 
 
-class ReplaySection(Section):
-    """Replay against forgetting: general examples mixed into the training split."""
-
-    general: str | None = Field(None, description="A general data set mixed into training (as fewtune data mix "
-                                "does); None: no replay.")
-    ratio: float = Field(1.0, gt=0, description="General examples per training example.")
-
-
 class EwcSection(Section):
     """Elastic weight consolidation: a penalty on moving the weights the general data depends on."""
 
@@ -230,27 +244,16 @@ class EwcSection(Section):
     samples: int = Field(64, gt=0, description="General examples used for the Fisher estimate (a seeded sample).")
 
 
-class CurriculumSection(Section):
-    """Curriculum learning: the first epochs ordered from easy to hard."""
-
-    order: Literal["none", "length", "loss"] = Field(
-        "none", description="Difficulty: none (the usual shuffled order), length (short first) or loss (low "
-        "base-model loss first).")
-    buckets: int = Field(4, ge=1, description="Examples are shuffled within each of this many difficulty buckets.")
-    epochs: int = Field(1, ge=1, description="Epochs in curriculum order; later epochs are shuffled as usual.")
-
-
 class RegulariseSection(Section):
-    """Regularisers against overfitting a small data set and forgetting (all off by default)."""
+    """Regularisers against overfitting a small data set and forgetting, on the loss, the embeddings or the weights
+    (all off by default)."""
 
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="Label smoothing on completion tokens, training "
                                    "loss only (the validation loss stays plain).")
     neftune_alpha: float = Field(0.0, ge=0, description="NEFTune noise on the embeddings while training (the "
                                  "paper uses 5); 0: off.")
     adversarial: AdversarialSection = Field(AdversarialSection(), description="Adversarial training (FGM/PGD).")
-    replay: ReplaySection = Field(ReplaySection(), description="Replay of general data.")
     ewc: EwcSection = Field(EwcSection(), description="Elastic weight consolidation.")
-    curriculum: CurriculumSection = Field(CurriculumSection(), description="Curriculum order.")
 
 
 class EarlyStoppingSection(Section):
@@ -479,6 +482,8 @@ MOVED_KEYS = {
     "train.eval_metric": "eval.metric",
     "train.eval_sample": "eval.sample",
     "train.early_stopping": "eval.early_stopping",
+    "regularise.replay": "data.replay",
+    "regularise.curriculum": "data.curriculum",
 }
 
 
@@ -607,7 +612,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
             candidate = path.parent / value
             if candidate.exists():
                 setattr(cfg.data, key, str(candidate))
-    for section in (cfg.regularise.replay, cfg.regularise.ewc, cfg.eval):
+    for section in (cfg.data.replay, cfg.regularise.ewc, cfg.eval):
         if section.general and not Path(section.general).is_absolute() and not Path(section.general).exists():
             if (path.parent / section.general).exists():
                 section.general = str(path.parent / section.general)

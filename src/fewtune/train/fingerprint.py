@@ -25,7 +25,7 @@ RESUME_MAY_CHANGE = ("train.output_dir", "train.resume", "train.max_steps", "tra
                      "eval.format", "eval.system_prompt", "eval.general", "eval.general_limit", "eval.n_resamples",
                      "eval.show")
 # paths are compared by the content they point to, not by how they are spelt
-FILE_KEYS = ("data.train", "data.validation", "regularise.replay.general", "regularise.ewc.general")
+FILE_KEYS = ("data.train", "data.validation", "data.replay.general", "regularise.ewc.general")
 EDGE_BYTES = 1 << 20  # of each weight file's start and end: enough to tell two checkpoints apart, cheap for 8B
 
 

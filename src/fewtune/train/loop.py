@@ -1,7 +1,7 @@
 """The training loop: our own, short, on accelerate.
 
 ``Trainer.__init__`` builds the parts (accelerator, data, model and method, loss, optimizer,
-regularisers); ``fit`` runs the epochs; ``_train_step`` is one optimizer step over
+regularisers, curriculum); ``fit`` runs the epochs; ``_train_step`` is one optimizer step over
 ``grad_accum`` micro-batches. Loss is normalised by the total loss weight of the whole
 accumulated (and, across processes, global) batch, so accumulation and data parallelism give
 the same gradient as one big batch. Data order is a seeded permutation per epoch, so a resumed
@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from fewtune.config import Config, save_config
 from fewtune.data.cache import cached_render_set
 from fewtune.data.dataset import RenderedSet, load_train_val
+from fewtune.data.replay import add_replay
 from fewtune.data.render import Template
 from fewtune.models import load_tokenizer
 from fewtune.methods import (apply_method, get_method, load_base, load_trainable_state, parameter_counts,
@@ -41,8 +42,8 @@ from fewtune.train.batching import batch_weight, collate, pack, setup_packing
 from fewtune.train.loss import WeightedLMLoss
 from fewtune.train.optim import build_optimizer, build_scheduler, epoch_batches
 from fewtune.train.packed_attention import attention_implementation, restore_attention
+from fewtune.train.curriculum import build_curriculum
 from fewtune.train.regularise import build_regularisers
-from fewtune.train.replay import add_replay
 from fewtune.train.state import LoopState
 
 __all__ = ["Interrupted", "Trainer", "TrainingError", "TrainResult", "collate", "epoch_batches", "train"]
@@ -101,7 +102,7 @@ class Trainer:
         self.tokenizer = load_tokenizer(cfg.model.name)
         self.template = Template.from_config(self.tokenizer, cfg)
         train_examples, val_examples = load_train_val(cfg.data)
-        train_examples = add_replay(train_examples, cfg, self.run_dir)
+        train_examples = add_replay(train_examples, cfg.data, self.run_dir)
         cache = cfg.train.cache_tokenized
         self.train_set: RenderedSet = cached_render_set(train_examples, self.tokenizer, self.template, cfg.data,
                                                         "training", cache)
@@ -136,9 +137,12 @@ class Trainer:
         acc.register_for_checkpointing(self.scheduler)
         self._global_weight = 1.0
         self.regularisers = build_regularisers(
-            cfg.regularise, model=self.model, loss_module=self.loss_module, accelerator=acc, lengths=self.lengths,
-            train_items=self.train_set.items, tokenizer=self.tokenizer, template=self.template, data=cfg.data,
-            batch_size=cfg.train.batch_size, seed=cfg.train.seed, step_loss=self._scaled_loss, progress=self.main)
+            cfg.regularise, model=self.model, loss_module=self.loss_module, accelerator=acc, tokenizer=self.tokenizer,
+            template=self.template, data=cfg.data, seed=cfg.train.seed, step_loss=self._scaled_loss, progress=self.main)
+        self.curriculum = build_curriculum(
+            cfg.data.curriculum, lengths=self.lengths, loss_module=self.loss_module, train_items=self.train_set.items,
+            pad_id=self.tokenizer.pad_token_id, accelerator=acc, batch_size=cfg.train.batch_size, seed=cfg.train.seed,
+            progress=self.main)
 
     def make_batch(self, items) -> dict[str, torch.Tensor]:
         """A micro-batch as the loss module takes it: one packed row, or a padded batch."""
@@ -149,7 +153,8 @@ class Trainer:
     def epoch_order(self, epoch: int) -> list[list[int]]:
         """This process's micro-batches of the epoch: the curriculum's order, else a seeded shuffle."""
         t, acc = self.cfg.train, self.accelerator
-        return self.regularisers.batch_order(epoch) or epoch_batches(
+        order = self.curriculum.batch_order(epoch) if self.curriculum else None
+        return order or epoch_batches(
             self.lengths, t.batch_size, acc.num_processes, acc.process_index, t.seed, epoch, t.group_by_length)
 
     # -------------------------------------------------------------- bookkeeping

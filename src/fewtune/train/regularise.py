@@ -3,7 +3,6 @@
 | point | regulariser | what the loop does there |
 |---|---|---|
 | embedding hook | NEFTune, FGM/PGD | a forward hook on the input embedding layer (installed once) |
-| batch order | curriculum | ``batch_order(epoch)`` replaces the shuffled order in the first epochs |
 | loss penalty | EWC | ``penalty(step)`` is added to the first micro-batch's loss of each step |
 | after backward | FGM/PGD | ``after_backward(batch, scale)`` adds the gradient at the perturbed embeddings |
 
@@ -15,6 +14,9 @@
   and tied input/output embeddings are not disturbed.
 - EWC adds weight / 2 * sum F * (theta - theta*)^2 to the loss: theta* are the weights at
   the start, F the diagonal Fisher information estimated on general data.
+
+(What shapes the training data is not here: replay is ``fewtune.data.replay``, the curriculum's batch order
+``fewtune.train.curriculum``; both are set under ``data``. Label smoothing is the loss module's.)
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import logging
 import torch
 from tqdm.auto import tqdm
 
-from fewtune.config import AdversarialSection, CurriculumSection, DataSection, RegulariseSection
+from fewtune.config import AdversarialSection, DataSection, RegulariseSection
 from fewtune.train.batching import collate
 
 log = logging.getLogger(__name__)
@@ -152,38 +154,13 @@ class Adversarial:
         self.backward(self._loss_at(batch, delta.detach()))
 
 
-class Curriculum:
-    """Easy-to-hard batches in the first ``settings.epochs`` epochs (difficulty: one number per example)."""
-
-    def __init__(self, settings: CurriculumSection, difficulty: list[float], batch_size: int, world: int,
-                 rank: int, seed: int):
-        self.settings, self.difficulty = settings, difficulty
-        self.batch_size, self.world, self.rank, self.seed = batch_size, world, rank, seed
-
-    def batch_order(self, epoch: int) -> list[list[int]] | None:
-        """The epoch's batches in easy-to-hard order, or None once the curriculum epochs are over."""
-        if epoch >= self.settings.epochs:
-            return None
-        from fewtune.train.curriculum import curriculum_batches
-
-        return curriculum_batches(self.difficulty, self.settings.buckets, self.batch_size, self.world, self.rank,
-                                  self.seed, epoch)
-
-
 class Regularisers:
     """The regularisers of one run, at their named points; each point is a no-op when nothing uses it."""
 
     def __init__(self, hook: EmbeddingHook | None = None, adversarial: Adversarial | None = None,
-                 ewc: EWC | None = None, curriculum: Curriculum | None = None):
-        self.hook, self.adversarial, self.ewc, self.curriculum = hook, adversarial, ewc, curriculum
+                 ewc: EWC | None = None):
+        self.hook, self.adversarial, self.ewc = hook, adversarial, ewc
         self._penalised_step: int | None = None
-
-    @property
-    def difficulty(self) -> list[float] | None:
-        return self.curriculum.difficulty if self.curriculum else None
-
-    def batch_order(self, epoch: int) -> list[list[int]] | None:
-        return self.curriculum.batch_order(epoch) if self.curriculum else None
 
     def penalty(self, step: int) -> torch.Tensor | None:
         """EWC's penalty, once per optimizer step (the first micro-batch of ``step`` gets it)."""
@@ -216,9 +193,8 @@ def general_items(ewc, tokenizer, template, data: DataSection, seed: int) -> lis
     return rendered.items
 
 
-def build_regularisers(reg: RegulariseSection, *, model, loss_module, accelerator, lengths: list[int], train_items,
-                       tokenizer, template, data: DataSection, batch_size: int, seed: int, step_loss,
-                       progress: bool) -> Regularisers:
+def build_regularisers(reg: RegulariseSection, *, model, loss_module, accelerator, tokenizer, template,
+                       data: DataSection, seed: int, step_loss, progress: bool) -> Regularisers:
     """The run's regularisers. ``step_loss(batch)`` is the scaled micro-batch loss the step backpropagates."""
     adv_on = reg.adversarial.kind != "none"
     hook = EmbeddingHook(input_embeddings(model), reg.neftune_alpha, capture=adv_on) \
@@ -230,16 +206,4 @@ def build_regularisers(reg: RegulariseSection, *, model, loss_module, accelerato
         log.info("EWC: estimating the Fisher information on %d general examples", len(items))
         ewc = EWC(model, reg.ewc.weight, estimate_fisher(loss_module, items, accelerator.device,
                                                          tokenizer.pad_token_id, progress=progress))
-    curriculum = None
-    if reg.curriculum.order != "none":
-        if reg.curriculum.order == "length":
-            difficulty = [float(n) for n in lengths]
-        else:
-            from fewtune.train.curriculum import base_losses
-
-            log.info("curriculum: measuring the base model's loss on %d training examples", len(train_items))
-            difficulty = base_losses(loss_module, train_items, tokenizer.pad_token_id, accelerator.device,
-                                     progress=progress)
-        curriculum = Curriculum(reg.curriculum, difficulty, batch_size, accelerator.num_processes,
-                                accelerator.process_index, seed)
-    return Regularisers(hook, adversarial, ewc, curriculum)
+    return Regularisers(hook, adversarial, ewc)
