@@ -51,7 +51,7 @@ import torch
 import yaml
 
 from fewtune.advice.suggest import suggest
-from fewtune.config import build_config, load_config
+from fewtune.config import EvalSection, build_config, load_config
 from fewtune.datasets import fewclue
 from fewtune.datasets.common import DatasetNotFound
 from fewtune.datasets.snips import find_snips, write_intent_splits
@@ -178,8 +178,9 @@ def run_one(dataset: str, setup: str, seed: int, train_file: Path, test_file: Pa
         train_s = time.time() - start
         target, system = str(run_dir), None
     mode = "generate" if split_setup(setup)[0] == "usual" else "choice"
-    result = evaluate(target, test_file, task="classification", labels=labels_of(train_file), mode=mode, limit=limit,
-                      batch_size=16, system_prompt=system, output_dir=run_dir / "eval_test")
+    settings = EvalSection(task="classification", labels=labels_of(train_file), mode=mode, limit=limit,
+                           batch_size=16, system_prompt=system)
+    result = evaluate(target, test_file, settings, output_dir=run_dir / "eval_test")
     m = result.metrics
     return {"dataset": dataset, "setup": setup, "seed": seed, "model": MODELS[dataset], "mode": mode,
             "accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "n_test": len(result.predictions),
@@ -203,8 +204,9 @@ def score_dev(dataset: str, setup: str, seed: int, train_file: Path, code: str, 
         if not (run_dir / "config.yaml").is_file():
             raise SystemExit(f"{run_dir}: no finished run to score on the dev set")
         target, system, out = str(run_dir), None, run_dir / "eval_dev"
-    result = evaluate(target, dev_file, task="classification", labels=labels_of(train_file), mode="choice",
-                      batch_size=16, system_prompt=system, output_dir=out)
+    settings = EvalSection(task="classification", labels=labels_of(train_file), mode="choice", batch_size=16,
+                           system_prompt=system)
+    result = evaluate(target, dev_file, settings, output_dir=out)
     m = result.metrics
     return {"dataset": dataset, "setup": setup, "seed": seed, "dev_accuracy": m["accuracy"],
             "dev_macro_f1": m["macro_f1"], "n_dev": len(result.predictions), "eval_s": round(result.settings["seconds"], 1),

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from fewtune.config import build_config
+from fewtune.config import EvalSection, build_config
 from fewtune.datasets.common import DatasetNotFound
 from fewtune.datasets.snips import INTENTS, SYSTEM_PROMPT, find_snips, write_intent_splits
 from fewtune.eval.compare import compare_results, write_compare
@@ -55,11 +55,13 @@ def train_run(train_file: Path, run_dir: Path) -> dict:
 
 def evaluate_both_ways(target: str, val_file: Path, batch_size: int, skip_generate: bool) -> dict[str, EvalResult]:
     loaded = load_for_inference(target, system_prompt=SYSTEM_PROMPT)
-    out = {"choice": evaluate(loaded, val_file, "classification", list(INTENTS), "choice", batch_size=batch_size)}
+    out = {"choice": evaluate(loaded, val_file, EvalSection(task="classification", labels=list(INTENTS), mode="choice",
+                                                   batch_size=batch_size))}
     print(f"{target}: choice scoring {out['choice'].settings['seconds']} s, accuracy {out['choice'].metrics['accuracy']:.3f}",
           flush=True)
     if not skip_generate:
-        out["generate"] = evaluate(loaded, val_file, "classification", list(INTENTS), "generate", batch_size=16)
+        out["generate"] = evaluate(loaded, val_file, EvalSection(task="classification", labels=list(INTENTS),
+                                                            mode="generate", batch_size=16))
         print(f"{target}: generation {out['generate'].settings['seconds']} s, "
               f"accuracy {out['generate'].metrics['accuracy']:.3f}", flush=True)
     return out
