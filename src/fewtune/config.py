@@ -180,8 +180,8 @@ class TrainSection(Section):
     grad_accum: int = Field(1, gt=0, description="Micro-batches accumulated into one optimizer step.")
     group_by_length: bool = Field(True, description="Batches of similar length: less padding, the same examples "
                                   "per epoch.")
-    lr: float | None = Field(None, gt=0, description="Peak learning rate; None: the method's usual rate (1e-4 "
-                             "for LoRA, 1e-5 for full fine-tuning).")
+    lr: float | None = Field(None, gt=0, description="Peak learning rate; None: the method's own default "
+                             "(fewtune.methods: 1e-4 LoRA/QLoRA, 1e-5 full, 3e-3 IA3, 1e-2 prompt methods).")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient's global L2 norm to this; None: "
                                         "no clipping.")
@@ -196,7 +196,8 @@ class TrainSection(Section):
                                   "deleted.")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 on GPUs that have it (else fp16 with loss scaling); on CPU bf16 only if a "
-        "probe finds it faster. no: float32.")
+        "probe finds it faster, else float32. no: float32. FEWTUNE_MIXED_PRECISION=no|bf16|fp16 forces "
+        "what auto picks.")
     packing: bool = Field(True, description="A micro-batch is one row without padding; attention stays inside each "
                           "example.")
     share_prefix: bool = Field(True, description="With packing: a token prefix common to a micro-batch is computed "
