@@ -51,7 +51,7 @@ import torch
 import yaml
 
 from fewtune.advice.suggest import suggest
-from fewtune.config import EvalSection, build_config, load_config
+from fewtune.config import EvalSection, build_config, dotted_keys, load_config
 from fewtune.datasets import fewclue
 from fewtune.datasets.common import DatasetNotFound
 from fewtune.datasets.snips import find_snips, write_intent_splits
@@ -69,17 +69,6 @@ MODELS = {"snips": "smollm2-135m-instruct", "eprstmt": "gemma3-270m", "tnews": "
 USUAL = CONFIGS / "small_data_usual.yaml"  # LLaMA-Factory's defaults for LoRA SFT, the recipe most users start from
 
 
-def _dotted(values: dict, prefix: str = "") -> dict[str, object]:
-    """A nested config mapping as dotted keys, in file order: {'train': {'lr': 5e-4}} -> {'train.lr': 5e-4}."""
-    out: dict[str, object] = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            out.update(_dotted(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def best_changes(dataset: str) -> dict[str, object]:
     """The "best" setup's changes on top of suggest's config (dotted keys), from configs/small_data_best_<dataset>.yaml
     (checked against the config schema; how each was chosen is written there)."""
@@ -87,7 +76,7 @@ def best_changes(dataset: str) -> dict[str, object]:
     if not path.is_file():
         return {}
     load_config(path)  # an unknown key fails here, naming the nearest valid one
-    return _dotted(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
+    return dotted_keys(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
 
 
 BEST: dict[str, dict] = {dataset: best_changes(dataset) for dataset in MODELS}

@@ -488,6 +488,17 @@ MOVED_KEYS = {
 }
 
 
+def dotted_keys(tree: dict, prefix: str = "") -> dict[str, object]:
+    """A nested config mapping as dotted keys, in order: {'train': {'lr': 5e-4}} -> {'train.lr': 5e-4}."""
+    out: dict[str, object] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(dotted_keys(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def moved_key(key: str) -> str | None:
     """The new dotted key path of a key that moved (``train.early_stopping.patience`` ->
     ``eval.early_stopping.patience``), or None."""

@@ -13,7 +13,7 @@ import hashlib
 import struct
 from pathlib import Path
 
-from fewtune.config import Config, moved_key
+from fewtune.config import Config, dotted_keys, moved_key
 from fewtune.files import file_sha256
 
 # keys that may differ on resume without changing what the finished run means: where it is written,
@@ -27,16 +27,6 @@ RESUME_MAY_CHANGE = ("train.output_dir", "train.resume", "train.max_steps", "tra
 # paths are compared by the content they point to, not by how they are spelt
 FILE_KEYS = ("data.train", "data.validation", "data.replay.general", "regularise.ewc.general")
 EDGE_BYTES = 1 << 20  # of each weight file's start and end: enough to tell two checkpoints apart, cheap for 8B
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict[str, object]:
-    out: dict[str, object] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def model_fingerprint(name: str) -> str:
@@ -73,7 +63,7 @@ def rendered_hash(*sets) -> str:
 
 
 def run_inputs(cfg: Config, train_set, val_set) -> dict:
-    flat = _flatten(cfg.model_dump(mode="json"))
+    flat = dotted_keys(cfg.model_dump(mode="json"))
     files = {key: file_sha256(Path(flat[key])) for key in FILE_KEYS if flat.get(key) and Path(flat[key]).is_file()}
     config = {k: v for k, v in flat.items()
               if k not in FILE_KEYS and k != "model.name" and not k.startswith(RESUME_MAY_CHANGE)}
@@ -103,7 +93,7 @@ def changes(saved: dict, now: dict) -> list[str]:
         found.append(f"model.name: the model changed ({saved.get('model_name')!r}, fingerprint "
                      f"{str(saved.get('model'))[:12]} -> {now['model_name']!r}, {now['model'][:12]})")
     old_config = _current_keys(saved.get("config", {}))
-    defaults = _flatten(Config().model_dump(mode="json"))
+    defaults = dotted_keys(Config().model_dump(mode="json"))
     for key in sorted(set(old_config) | set(now["config"])):
         before = old_config.get(key, defaults.get(key))
         if before != now["config"].get(key):
