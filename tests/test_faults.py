@@ -209,25 +209,31 @@ def test_resume_accepts_what_may_change(make_config, tmp_path):
 
 
 def test_summary_wall_time_adds_up_every_session_of_a_resumed_run(make_config, tmp_path, monkeypatch):
+    import types
+
+    from fewtune.train import loop as loop_module
+
     cfg = make_config(train__max_steps=6, train__output_dir=str(tmp_path / "run"), train__save_every=2)
-    slow_step = Trainer._train_step
+    slow_step, offset = Trainer._train_step, [0.0]
+    clock = types.SimpleNamespace(time=lambda: time.time() + offset[0])  # the loop's clock, real time + offset
 
     def slow(self, micro):
-        time.sleep(1.0)  # the first session takes at least 4 s of training
+        offset[0] += 100.0  # each step of the first session takes 100 s on the loop's clock, however busy the machine
         return slow_step(self, micro)
 
+    monkeypatch.setattr(loop_module, "time", clock)
     monkeypatch.setattr(Trainer, "_train_step", slow)
     with pytest.raises(Interrupted):
         train(cfg, stop_after=4)
     first = json.loads((tmp_path / "run" / "checkpoints" / "step-0000004" / "loop.json").read_text())["wall_s"]
-    assert first >= 4.0
-    monkeypatch.setattr(Trainer, "_train_step", slow_step)
+    assert first >= 400.0
+    monkeypatch.setattr(Trainer, "_train_step", slow_step)  # the second session runs in real time
     started = time.time()
     train(cfg, resume=True)
     second = time.time() - started
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert second < 400.0  # so the last session alone cannot explain the total
     assert first < summary["wall_s"] <= first + second  # both sessions, not only the last one
-    assert second < first  # (so the last session alone could not explain the total)
 
 
 def test_a_resumed_auto_run_keeps_the_precision_its_first_session_chose(make_config, tmp_path, monkeypatch):
