@@ -368,7 +368,7 @@ class Config(Section):
         return self
 
 
-def _section_class(annotation: Any) -> type[BaseModel] | None:
+def section_class(annotation: Any) -> type[BaseModel] | None:
     return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
 
 
@@ -377,7 +377,7 @@ def _fields_at(path: tuple[Any, ...]) -> list[str]:
     cls: type[BaseModel] = Config
     for part in path:
         field = cls.model_fields.get(str(part))
-        sub = _section_class(field.annotation) if field is not None else None
+        sub = section_class(field.annotation) if field is not None else None
         if sub is None:
             return []
         cls = sub
@@ -390,7 +390,7 @@ def schema_paths(cls: type[BaseModel] | None = None, prefix: tuple[str, ...] = (
     for name, field in (cls or Config).model_fields.items():
         path = (*prefix, name)
         out.append(path)
-        sub = _section_class(field.annotation)
+        sub = section_class(field.annotation)
         if sub is not None:
             out += schema_paths(sub, path)
     return out

@@ -20,13 +20,11 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
+from fewtune.config import Config, section_class
+
 START = "<!-- config-reference:start -->"
 END = "<!-- config-reference:end -->"
 COMMAND = "make config-reference"
-
-
-def _section_class(annotation: Any) -> type[BaseModel] | None:
-    return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
 
 
 def yaml_value(value: Any) -> str:
@@ -69,7 +67,7 @@ def type_name(annotation: Any) -> str:
         return f"list of {' or '.join(inner)}" if inner else "list"
     if origin is dict:
         return f"mapping of {type_name(args[0])} to {type_name(args[1])}" if args else "mapping"
-    if _section_class(annotation) is not None:
+    if section_class(annotation) is not None:
         return "section"
     return getattr(annotation, "__name__", str(annotation))
 
@@ -114,7 +112,7 @@ def _code(text: str) -> str:
 def _table(cls: type[BaseModel], prefix: tuple[str, ...]) -> list[str]:
     rows = ["| key | type | default | constraints | description |", "|---|---|---|---|---|"]
     for name, field in cls.model_fields.items():
-        if _section_class(field.annotation) is not None:
+        if section_class(field.annotation) is not None:
             continue
         key = ".".join((*prefix, name))
         rows.append("| " + " | ".join(_cell(c) for c in (
@@ -125,7 +123,7 @@ def _table(cls: type[BaseModel], prefix: tuple[str, ...]) -> list[str]:
 
 def _sections(cls: type[BaseModel], prefix: tuple[str, ...], about: str, level: int) -> list[str]:
     """The section at prefix, then its nested sections, depth first in schema order."""
-    nested = [(name, field) for name, field in cls.model_fields.items() if _section_class(field.annotation)]
+    nested = [(name, field) for name, field in cls.model_fields.items() if section_class(field.annotation)]
     leaves = len(cls.model_fields) - len(nested)
     lines: list[str] = []
     if prefix:
@@ -139,17 +137,14 @@ def _sections(cls: type[BaseModel], prefix: tuple[str, ...], about: str, level: 
     if leaves:
         lines += [*_table(cls, prefix), ""]
     for name, field in nested:
-        lines += _sections(_section_class(field.annotation), (*prefix, name), field.description or "",
+        lines += _sections(section_class(field.annotation), (*prefix, name), field.description or "",
                            level + 1 if prefix else level)
     return lines
 
 
 def render_reference(cls: type[BaseModel] | None = None, level: int = 3) -> str:
     """The reference of a schema (default: fewtune's Config) as Markdown; top-level sections get `level` headings."""
-    if cls is None:
-        from fewtune.config import Config
-
-        cls = Config
+    cls = cls or Config
     return "\n".join(_sections(cls, (), "", level)).rstrip("\n") + "\n"
 
 
