@@ -73,9 +73,38 @@ class CurriculumSection(Section):
     epochs: int = Field(1, ge=1, description="Epochs in curriculum order; later epochs are shuffled as usual.")
 
 
+class AugmentSection(Section):
+    """Augmentation during training: cheap, model-free methods applied afresh each epoch to training examples
+    (never to validation). LLM-based methods run beforehand with `fewtune augment` and are mixed in with
+    `fewtune data mix`."""
+
+    methods: list[str] = Field([], description="Methods applied on the fly (fewtune.augment's table, those marked "
+                               "online: eda, noise); []: no augmentation during training.")
+    prob: float = Field(0.5, ge=0.0, le=1.0, description="Chance that a training example is replaced by an "
+                        "augmentation of it in an epoch (one method, drawn from methods).")
+    options: dict[str, dict[str, Any]] = Field({}, description="Per-method options, e.g. {eda: {alpha_sr: 0.1}}; "
+                                               "the keys each method takes are in fewtune augment --help.")
+    seed: int | None = Field(None, description="Seed of the augmentations (with the epoch and the example's "
+                             "index, so a resumed run sees the same data); None: train.seed.")
+
+    @model_validator(mode="after")
+    def _known_methods(self):
+        if not self.methods and not self.options:
+            return self
+        from fewtune.augment.base import get_method
+
+        for name in {*self.methods, *self.options}:
+            method = get_method(name)  # AugmentError (a ValueError) names the known ones
+            if name in self.methods and not method.online:
+                raise ValueError(f"data.augment.methods: {name!r} needs a model and cannot run each epoch; run "
+                                 f"`fewtune augment --methods {name}` first and mix its output in with `fewtune data mix`")
+            method.options(**self.options.get(name, {}))
+        return self
+
+
 class DataSection(Section):
     """The training and validation data, how examples are rendered into tokens, and what shapes the training
-    data: replay of general examples, curriculum order."""
+    data: replay of general examples, curriculum order, augmentation each epoch."""
 
     train: str | None = Field(None, description="Training data: a JSONL, JSON array or CSV file, or a "
                               "LLaMA-Factory dataset_info.json (with data.dataset).")
@@ -100,6 +129,8 @@ class DataSection(Section):
     replay: ReplaySection = Field(ReplaySection(), description="General data mixed into the training examples.")
     curriculum: CurriculumSection = Field(CurriculumSection(), description="The order of the first epochs, easy "
                                           "to hard.")
+    augment: AugmentSection = Field(AugmentSection(), description="Augmentation of the training examples afresh "
+                                    "each epoch.")
 
 
 class LoraSection(Section):
