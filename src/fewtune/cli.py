@@ -480,8 +480,10 @@ def pseudo_label(
     typer.echo(f"summary: {result.out_dir / 'summary.md'}")
 
 
+from fewtune.augment.cli import augment as augment_command  # noqa: E402
 from fewtune.data.cli import app as data_app  # noqa: E402
 
+app.command("augment")(augment_command)
 app.add_typer(data_app, name="data")
 
 

@@ -35,6 +35,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
     import yaml
 
+    from fewtune.augment.base import AugmentError
     from fewtune.config import ConfigError
     from fewtune.data.formats import DataError
     from fewtune.data.render import RenderError
@@ -45,7 +46,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from fewtune.methods import MethodError
     from fewtune.train.loop import TrainingError
 
-    return (ConfigError, DataError, RenderError, ModelNotFoundError, TrainingError, EvalError, RunFormatError,
+    return (AugmentError, ConfigError, DataError, RenderError, ModelNotFoundError, TrainingError, EvalError, RunFormatError,
             RunDirError, PromptError, MethodError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
             PermissionError, FileExistsError, UnicodeDecodeError, yaml.YAMLError, _json.JSONDecodeError)
 
