@@ -8,9 +8,21 @@ TORCH_SPEC ?= torch==2.13.0
 PIP := $(BIN)/python -m pip -q --disable-pip-version-check
 STAMP := $(VENV)/.fewtune-installed
 
-.PHONY: setup setup-gemma demo test test-fast test-precision bench-speed config-reference clean
+.PHONY: setup lexicons setup-gemma demo test test-fast test-precision bench-speed config-reference clean
 
-setup: $(STAMP)
+setup: $(STAMP) lexicons
+
+# WordNet 3.0 for English synonym replacement (`fewtune augment --methods eda`): no PyPI wheel ships its
+# data, so it comes from Debian (wordnet-base, wordnet-sense-index; about 30 MB). Installed when missing,
+# as root or through sudo; otherwise the command to run is printed and English EDA says the same.
+WORDNET := /usr/share/wordnet/data.noun
+lexicons:
+	@if [ -f $(WORDNET) ] && [ -f /usr/share/wordnet/index.sense ]; then :; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get install -y -q --no-install-recommends wordnet-base wordnet-sense-index \
+	  || (apt-get update -q && apt-get install -y -q --no-install-recommends wordnet-base wordnet-sense-index); \
+	elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then \
+	  sudo apt-get install -y -q --no-install-recommends wordnet-base wordnet-sense-index; \
+	else echo "WordNet is missing: run 'sudo apt-get install wordnet-base wordnet-sense-index' (English EDA needs it)"; fi
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
