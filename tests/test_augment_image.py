@@ -99,3 +99,17 @@ def test_missing_image_file_is_an_error(tmp_path):
     example = Example([Message("user", "hi")], meta={"images": [str(tmp_path / "gone.png")]})
     with pytest.raises(AugmentError, match="does not exist"):
         get_method("image").make()(example, 1, random.Random(0), [])
+
+
+def test_the_pipeline_keeps_image_candidates_whose_text_is_unchanged(tmp_path):
+    from fewtune.augment.pipeline import AugmentSettings, augment_examples
+
+    src = tmp_path / "cat.png"
+    picture().save(src)
+    examples = [Example([Message("user", "What colour is the bar?"), Message("assistant", "green")], "d.jsonl", 1,
+                        meta={"images": [str(src)]}),
+                Example([Message("user", "What colour is the bar?"), Message("assistant", "green")], "d.jsonl", 2)]
+    settings = AugmentSettings(["image"], per_example=2, options={"image": {"out_dir": str(tmp_path / "aug")}})
+    kept, rejected, counts = augment_examples(examples, settings, progress=False)
+    assert [(i, name) for i, name, _ in kept] == [(0, "image"), (0, "image")]
+    assert not rejected and counts["image"].generated == 2

@@ -89,7 +89,7 @@ def _leaf_fields():
 
 
 def _kinds(annotation) -> set:
-    """The value kinds an annotation accepts: int, float, str, bool, list, none, literal."""
+    """The value kinds an annotation accepts: int, float, str, bool, list, dict, none, literal."""
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         return set().union(*(_kinds(a) for a in typing.get_args(annotation)))
@@ -97,6 +97,8 @@ def _kinds(annotation) -> set:
         return {"literal"}
     if origin is list:
         return {"list"}
+    if origin is dict:
+        return {"dict"}
     return {{int: "int", float: "float", str: "str", bool: "bool", type(None): "none"}[annotation]}
 
 
@@ -111,7 +113,7 @@ def _wrong_value(annotation):
         return "no-such-choice"
     if "str" in kinds:
         return 12.5  # YAML `key: 12.5`: a number where text is expected
-    if "list" in kinds:
+    if kinds & {"list", "dict"}:
         return 7
     raise AssertionError(f"no wrong value for {annotation}")
 

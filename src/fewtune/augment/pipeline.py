@@ -27,7 +27,7 @@ import json
 import logging
 import random
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -106,19 +106,25 @@ def _excluded_keys(files: list[str]) -> dict[tuple, str]:
     return keys
 
 
+def _key(example: Example) -> tuple:
+    """What makes two examples the same input: the normalised text and the images it shows (an image
+    augmentation changes only the latter)."""
+    return input_key(example), tuple(str(p) for p in example.meta.get("images") or ())
+
+
 def _reject_reason(source: Example, cand: Example, spans: list[str], originals: set, kept: set,
                    excluded: dict[tuple, str], min_similarity: float) -> str | None:
     text = input_text(cand)
     if not normalize(text):
         return "empty"
-    key = input_key(cand)
-    if key == input_key(source):
+    key = _key(cand)
+    if key == _key(source):
         return "unchanged"
     if key in originals:
         return "duplicate of an original"
     if key in kept:
         return "duplicate of another augmentation"
-    if key in excluded:
+    if input_key(cand) != input_key(source) and input_key(cand) in excluded:
         return "leaks into an excluded file"
     if spans_kept(cand, spans):
         return "protected span lost"
@@ -150,7 +156,7 @@ def augment_examples(examples: list[Example], settings: AugmentSettings,
     if settings.per_example < 1:
         raise AugmentError(f"per_example must be at least 1, got {settings.per_example}")
     excluded = _excluded_keys(settings.exclude)
-    originals = {input_key(e) for e in examples}
+    originals = {_key(e) for e in examples}
     leaking = sum(1 for e in examples if input_key(e) in excluded)
     if leaking:
         log.warning("%d of the %d input examples are themselves in an excluded file (leakage before augmenting): "
@@ -173,7 +179,7 @@ def augment_examples(examples: list[Example], settings: AugmentSettings,
                 reason = _reject_reason(example, cand.example, spans, originals, kept_keys, excluded,
                                         settings.min_similarity)
                 if reason is None:
-                    kept_keys.add(input_key(cand.example))
+                    kept_keys.add(_key(cand.example))
                     kept.append((index, name, cand))
                 else:
                     rejected.append({"index": index, "method": name, "candidate": cand, "reason": reason})
@@ -221,6 +227,11 @@ def augment_file(path: str | Path, out: str | Path, settings: AugmentSettings, f
 
     data = load_checked(path, fmt, dataset, rename, encoding)
     fmt_out = data.fmt or "messages"
+    if "image" in settings.methods and not settings.options.get("image", {}).get("out_dir"):
+        # new images beside the output file (not in a temporary folder the output would point into)
+        images = Path(out).with_name(Path(out).name.removesuffix(".jsonl") + ".images")
+        settings = replace(settings, options={**settings.options,
+                                              "image": {**settings.options.get("image", {}), "out_dir": str(images)}})
     examples = data.examples
     kept, rejected, counts = augment_examples(examples, settings, progress)
     theirs = data.their_names  # --map: the augmentations use the file's own field names, as the originals do
