@@ -164,6 +164,21 @@ def test_extraction_targets_quoted_strings_are_protected(tmp_path, fake_method):
     assert result.counts["fake"].kept == 0
 
 
+def test_target_strings_said_otherwise_keep_their_pieces():
+    from fewtune.data.formats import Example, Message
+
+    def spans(prompt, target):
+        return protected_spans(Example([Message("user", prompt), Message("assistant", json.dumps(
+            target, ensure_ascii=False))], "c.jsonl", 1))
+
+    # "关闭香氛和氛围灯" says 关闭氛围灯 with 关闭 shared: both of its pieces must stay, or the target no longer fits
+    assert spans("当熄火时，就关闭香氛和氛围灯一下", {"conditions": ["熄火"], "actions": ["关闭香氛", "关闭氛围灯"]}) == [
+        "关闭香氛", "氛围灯", "关闭", "熄火"]
+    assert spans("book a table at luigi's tonight", {"place": "Luigi's Pizzeria", "when": "tonight"}) == ["tonight"]
+    assert spans("play songs by the Rolling Stones now", {"artist": "The Rolling Stones"}) == ["Rolling Stones"]
+    assert spans("play the beatles", {"artist": "The Beatles"}) == []  # no whole word in common ("eatles")
+
+
 def test_split_protected_keeps_spans_whole_and_text_intact():
     text = "如果下雨的时候，就打开雨刷和关闭车窗"
     pieces = split_protected(text, ["打开雨刷", "下雨", "关闭车窗"])
