@@ -1,6 +1,7 @@
 """EDA (Wei & Zou, 2019): synonym replacement, random insertion, random swap, random deletion, English and Chinese.
 
-Each candidate applies one operation (drawn from ``ops``) to every user turn, with EDA's rate: a
+Each candidate applies one operation (drawn from ``ops``; the next one when it finds nothing to
+change) to every user turn, with EDA's rate: a
 sentence of ``l`` words gets ``max(1, round(alpha * l))`` replacements, insertions or swaps, and each
 word is deleted with probability ``p_rd``. Only words outside protected spans move or change.
 English words are whitespace tokens (punctuation kept on the word it is attached to), synonyms from
@@ -198,13 +199,19 @@ def build_eda(options: EdaOptions, resources):
 
     def augment(example, n, rng, protected):
         out = []
+        ops = options.ops
         for k in range(n):
-            op = options.ops[(rng.randrange(len(options.ops)) + k) % len(options.ops)]
-            new, changed = {}, []
-            for i in augmentable_turns(example):
-                text = example.messages[i].content
-                new[i], c = eda_text(text, op, options, rng, protected, _is_zh(text, language))
-                changed += c
+            first = (rng.randrange(len(ops)) + k) % len(ops)
+            # the drawn operation, else the next ones in turn when it finds nothing to change (no synonym
+            # outside the protected spans, say), so a candidate is not an unchanged copy when one could differ
+            for op in [ops[(first + j) % len(ops)] for j in range(len(ops))]:
+                new, changed = {}, []
+                for i in augmentable_turns(example):
+                    text = example.messages[i].content
+                    new[i], c = eda_text(text, op, options, rng, protected, _is_zh(text, language))
+                    changed += c
+                if changed:
+                    break
             out.append(Candidate(with_turns(example, new), {"op": op, "changed": changed[:20]}))
         return out
 
