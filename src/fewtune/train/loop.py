@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from fewtune.augment.online import build_online_augmenter
 from fewtune.config import Config, save_config
 from fewtune.data.cache import cached_render_set
 from fewtune.data.dataset import RenderedSet, load_train_val
@@ -101,8 +102,8 @@ class Trainer:
         cfg = self.cfg
         self.tokenizer = load_tokenizer(cfg.model.name)
         self.template = Template.from_config(self.tokenizer, cfg)
-        train_examples, val_examples = load_train_val(cfg.data)
-        train_examples = add_replay(train_examples, cfg.data, self.run_dir)
+        task_examples, val_examples = load_train_val(cfg.data)
+        train_examples = add_replay(task_examples, cfg.data, self.run_dir)
         cache = cfg.train.cache_tokenized
         self.train_set: RenderedSet = cached_render_set(train_examples, self.tokenizer, self.template, cfg.data,
                                                         "training", cache)
@@ -111,6 +112,11 @@ class Trainer:
         if not self.train_set.items:
             raise TrainingError("no training example is left after dropping the ones with nothing to learn")
         self.lengths = [len(r) for r in self.train_set.items]
+        # data.augment: some task examples replaced each epoch by a fresh augmentation (same count, so the same
+        # steps per epoch; batches are formed on the originals' lengths, so the order does not depend on it)
+        self.augmenter = build_online_augmenter(cfg, self.train_set, task_examples, self.tokenizer, self.template)
+        self.items = self.train_set.items  # the current epoch's (fit sets them per epoch)
+        self.augment_stats: list[dict] = []
 
     def _setup_model(self) -> None:
         cfg = self.cfg
@@ -156,6 +162,20 @@ class Trainer:
         order = self.curriculum.batch_order(epoch) if self.curriculum else None
         return order or epoch_batches(
             self.lengths, t.batch_size, acc.num_processes, acc.process_index, t.seed, epoch, t.group_by_length)
+
+    def _use_epoch_items(self, epoch: int) -> None:
+        """The epoch's training items: the rendered set, with data.augment's replacements for this epoch."""
+        self.items, stats = self.augmenter.epoch_items(epoch)
+        if stats is not None:
+            record = stats.to_dict()
+            self.augment_stats.append(record)
+            kept = ", ".join(f"{n} {r}" for r, n in stats.kept_original.items())
+            log.info("augment: epoch %d: %d of %d training examples replaced by an augmentation (%s)%s", epoch + 1,
+                     sum(stats.replaced.values()), len(self.augmenter.augmentable),
+                     ", ".join(f"{m} {n}" for m, n in stats.replaced.items()) or "none",
+                     f"; {stats.drawn - sum(stats.replaced.values())} drawn kept their original ({kept})" if kept else "")
+            if self.main:
+                self._log({"step": self.state.step, "event": "augment", **record})
 
     # -------------------------------------------------------------- bookkeeping
 
@@ -324,14 +344,14 @@ class Trainer:
         """One optimizer step over the group's micro-batches, with the callbacks around it; its log record."""
         s, acc = self.state, self.accelerator
         started = time.time()
-        micro = [self.make_batch([self.train_set.items[i] for i in idx]) for idx in group]
+        micro = [self.make_batch([self.items[i] for i in idx]) for idx in group]
         for callback in self.callbacks:
             getattr(callback, "on_step_begin", lambda trainer: None)(self)
         loss, grad_norm = self._train_step(micro)
         for callback in self.callbacks:
             getattr(callback, "on_step_end", lambda trainer: None)(self)
         # real tokens of the examples (no padding; a shared prefix counts once per example)
-        tokens = acc.reduce(torch.tensor(sum(len(self.train_set.items[i]) for idx in group for i in idx),
+        tokens = acc.reduce(torch.tensor(sum(len(self.items[i]) for idx in group for i in idx),
                                          device=acc.device), "sum").item()
         s.tokens, s.batch, s.step = s.tokens + tokens, s.batch + len(group), s.step + 1
         return {"step": s.step, "train_loss": loss, "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm,
@@ -386,6 +406,7 @@ class Trainer:
             self.loss_module.train()
             while s.step < self.total_steps and not s.stopped_early:
                 batches = self.epoch_order(s.epoch)
+                self._use_epoch_items(s.epoch)
                 while s.batch < len(batches) and s.step < self.total_steps:
                     record = self._step(batches[s.batch:s.batch + t.grad_accum])
                     session_steps += 1
@@ -445,7 +466,9 @@ class Trainer:
                        "train_examples": len(self.train_set.items), "val_examples": len(self.val_set.items),
                        "dropped_examples": len(self.train_set.dropped) + len(self.val_set.dropped),
                        "partly_truncated": self.train_set.partly_truncated, "train_tokens_seen": s.tokens,
-                       "best_weights_damaged": bool(damaged)}
+                       "best_weights_damaged": bool(damaged),
+                       **({"augmented_per_epoch": [sum(r["replaced"].values()) for r in self.augment_stats]}
+                          if self.augment_stats else {})}
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
             self._log({"step": s.step, "event": "end", **summary})
             from fewtune.plots import plot_loss_curve
