@@ -83,7 +83,7 @@ class AugmentSection(Section):
     prob: float = Field(0.5, ge=0.0, le=1.0, description="Chance that a training example is replaced by an "
                         "augmentation of it in an epoch (one method, drawn from methods).")
     options: dict[str, dict[str, Any]] = Field({}, description="Per-method options, e.g. {eda: {alpha_sr: 0.1}}; "
-                                               "the keys each method takes are in fewtune augment --help.")
+                                               "the keys each method takes: fewtune augment --list-methods.")
     seed: int | None = Field(None, description="Seed of the augmentations (with the epoch and the example's "
                              "index, so a resumed run sees the same data); None: train.seed.")
 

@@ -27,10 +27,29 @@ def parse_option_overrides(pairs: list[str]) -> dict[str, dict[str, Any]]:
     return options
 
 
+def methods_table():
+    """The method table as the user sees it: name, kind, whether data.augment can run it each epoch, options."""
+    from rich.table import Table
+
+    from fewtune.augment.base import AUGMENT_METHODS
+    from fewtune.augment import methods as _  # noqa: F401  (fills the table)
+
+    table = Table(title="augmentation methods (--set METHOD.OPTION=VALUE; data.augment.options)")
+    for column in ("method", "kind", "each epoch", "options (default)", "what it does"):
+        table.add_column(column, overflow="fold")
+    for name, method in AUGMENT_METHODS.items():
+        options = ", ".join(f"{key}={field.default!r}" for key, field in method.options.model_fields.items()
+                            if key != "examples")
+        table.add_row(name, method.kind, "yes" if method.online else "no (fewtune augment, then data mix)",
+                      options, method.description)
+    return table
+
+
 def augment(
-    file: Annotated[Path, typer.Argument(help="data to augment (any format `fewtune data check` reads)")],
-    out: Annotated[Path, typer.Option(help="output JSON lines, same format as FILE: originals in order, each followed "
-                                           "by its augmentations (with an 'augment' provenance field)")],
+    file: Annotated[Optional[Path], typer.Argument(help="data to augment (any format `fewtune data check` reads)")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="output JSON lines, same format as FILE: originals in order, each "
+                                                     "followed by its augmentations (with an 'augment' provenance "
+                                                     "field)")] = None,
     methods: Annotated[Optional[list[str]], typer.Option("--methods", "-m", help="methods, comma-separated or "
                        "repeated: eda, noise, backtranslate, paraphrase, dialogue, image")] = None,
     per_example: Annotated[int, typer.Option(help="candidates per example from each method")] = 1,
@@ -51,6 +70,8 @@ def augment(
     seed: int = 42,
     fmt: Annotated[str, typer.Option("--format", help="auto, or the input's format")] = "auto",
     encoding: Annotated[str, typer.Option(help="the input's text encoding (utf-8, auto, or a codec name)")] = "utf-8",
+    list_methods: Annotated[bool, typer.Option("--list-methods", help="print the methods and their options, "
+                            "then stop")] = False,
 ):
     """Grow a small data set: new examples that keep every label and quoted answer, none matching validation/test data."""
     from rich.console import Console
@@ -58,6 +79,12 @@ def augment(
     from fewtune.augment.pipeline import AugmentSettings, augment_file, summary_table
     from fewtune.cli_errors import run_stage
 
+    if list_methods:
+        Console().print(methods_table())
+        return
+    if file is None or out is None:
+        typer.echo("error: give the data FILE and --out AUGMENTED.jsonl (or --list-methods)", err=True)
+        raise typer.Exit(2)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     options = run_stage(parse_option_overrides, set_ or [], broad=True)
     settings = AugmentSettings(methods=_split(methods), per_example=per_example, options=options, seed=seed,
