@@ -130,3 +130,15 @@ def test_missing_wordnet_says_what_to_install(monkeypatch, tmp_path):
     finally:
         lexicon.wordnet.cache_clear()
         lexicon.english_synonyms.cache_clear()
+
+
+def test_chinese_swap_moves_content_words_of_one_class_only():
+    swapped = 0
+    for seed in range(40):
+        _, changed = run("如果电量低于二十并且启动车辆，就打电话给妈妈", "rs", seed, [], True, alpha_rs=0.3)
+        for a, b in changed:
+            assert a not in lexicon.STOPWORDS_ZH and b not in lexicon.STOPWORDS_ZH
+            assert {a, b}.isdisjoint({"如果", "并且", "就"})  # conjunctions and adverbs stay where they are
+            assert lexicon.pos_class(lexicon.chinese_pos(a)) == lexicon.pos_class(lexicon.chinese_pos(b)) != ""
+            swapped += 1
+    assert swapped

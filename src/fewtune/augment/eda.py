@@ -7,7 +7,8 @@ word is deleted with probability ``p_rd``. Only words outside protected spans mo
 English words are whitespace tokens (punctuation kept on the word it is attached to), synonyms from
 WordNet; Chinese words come from jieba, synonyms from HIT Cilin, and only content words (nouns,
 verbs, adjectives of two characters or more) are replaced or give insertions, by a synonym of the
-same part of speech: particles, pronouns, prepositions, adverbs, numbers and names never change.
+same part of speech, and only content words are swapped: particles, pronouns, prepositions,
+adverbs, numbers and names never change or move (deletion may drop any word).
 """
 
 from __future__ import annotations
@@ -137,12 +138,22 @@ def random_insertion(words: list[Word], lex: _Lexicon, n: int, rng: random.Rando
     return changed
 
 
-def random_swap(words: list[Word], n: int, rng: random.Random) -> list[list[str]]:
-    """Swap two words ``n`` times; English words swap their letters only, the punctuation around them stays."""
+def random_swap(words: list[Word], n: int, rng: random.Random, zh: bool = False) -> list[list[str]]:
+    """Swap two words ``n`` times; English words swap their letters only, the punctuation around them stays.
+    Chinese swaps content words only: swapped particles and conjunctions (如果 <-> 并且) turn a command into
+    nonsense, or into another command; a noun swaps with a noun, a verb with a verb."""
+    from fewtune.augment.lexicon import STOPWORDS_ZH, pos_class
+
     movable = _movable(words)
+    if zh:  # content words, each swapped with one of the same class (noun with noun, verb with verb)
+        movable = [i for i in movable if pos_class(words[i].pos) and words[i].text not in STOPWORDS_ZH]
     changed = []
     for _ in range(n if len(movable) >= 2 else 0):
-        a, b = rng.sample(movable, 2)
+        a = rng.choice(movable)
+        partners = [i for i in movable if i != a and (not zh or pos_class(words[i].pos) == pos_class(words[a].pos))]
+        if not partners:
+            continue
+        b = rng.choice(partners)
         ma, mb = _EN_WORD.match(words[a].text), _EN_WORD.match(words[b].text)
         if ma and mb and not words[a].pos and not words[b].pos:  # English words with letters
             (pa, ca, sa), (pb, cb, sb) = ma.groups(), mb.groups()
@@ -180,7 +191,7 @@ def eda_text(text: str, op: str, options: EdaOptions, rng: random.Random, protec
     elif op == "ri":
         changed = random_insertion(words, lex, _count(options.alpha_ri, n), rng)
     elif op == "rs":
-        changed = random_swap(words, _count(options.alpha_rs, n), rng)
+        changed = random_swap(words, _count(options.alpha_rs, n), rng, zh)
     else:
         words, changed = random_deletion(words, options.p_rd, rng)
     return _join(words, zh), changed
