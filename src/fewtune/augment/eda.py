@@ -5,7 +5,7 @@ change) to every user turn, with EDA's rate: a
 sentence of ``l`` words gets ``max(1, round(alpha * l))`` replacements, insertions or swaps, and each
 word is deleted with probability ``p_rd``. Only words outside protected spans move or change.
 English words are whitespace tokens (punctuation kept on the word it is attached to), synonyms from
-WordNet; Chinese words come from jieba, synonyms from HIT Cilin, and only content words (nouns,
+WordNet; capitalised words inside a sentence are taken for names and never change or move; Chinese words come from jieba, synonyms from HIT Cilin, and only content words (nouns,
 verbs, adjectives of two characters or more) are replaced or give insertions, by a synonym of the
 same part of speech, and only content words are swapped: particles, pronouns, prepositions,
 adverbs, numbers and names never change or move (deletion may drop any word).
@@ -45,14 +45,25 @@ _EN_WORD = re.compile(r"^([^\w]*)([A-Za-z][A-Za-z']*)([^\w]*)$")
 
 
 def _words_en(text: str, protected: list[str]) -> list[Word]:
+    """Whitespace tokens; a capitalised word that does not start a sentence is taken for a name (Isle of Man,
+    Michel Strogoff) and locked like a protected span: "Man" must not become "Serviceman"."""
     words: list[Word] = []
+    starts_sentence = True
     for piece, locked in split_protected(text, protected):
         if locked:
             words.append(Word(piece, True))
+            starts_sentence = False
             continue
         for token in re.split(r"(\s+)", piece):
-            if token:
-                words.append(Word(token, False, space=token.isspace()))
+            if not token:
+                continue
+            if token.isspace():
+                words.append(Word(token, False, space=True))
+                continue
+            letters = token.lstrip("\"'([¿¡")
+            name = not starts_sentence and letters[:1].isupper()
+            words.append(Word(token, name))
+            starts_sentence = token.rstrip("\"')]").endswith((".", "?", "!", ":"))
     return words
 
 
@@ -130,12 +141,20 @@ def random_insertion(words: list[Word], lex: _Lexicon, n: int, rng: random.Rando
         # a word boundary: before a word (English: one after whitespace, not punctuation glued to a protected
         # span), or at the end; never inside a protected span (it is one Word)
         slots = [i for i, w in enumerate(words) if not w.space and (lex.zh or i == 0 or words[i - 1].space)]
-        slots.append(len(words))
+        if lex.zh or not re.search(r"[.?!]\W*$", words[-1].text):  # not after a final full stop
+            slots.append(len(words))
         at = rng.choice(slots)
         space = [] if lex.zh else [Word(" ", False, space=True)]
         words[at:at] = space + [Word(synonym, False)] if at == len(words) else [Word(synonym, False)] + space
         changed.append(["", synonym])
     return changed
+
+
+def _case_like(word: str, place: str) -> str:
+    """``word`` capitalised as the word whose place it takes (only a capital first letter moves; "I" stays)."""
+    if word == "I" or word[1:] != word[1:].lower():
+        return word
+    return word[:1].upper() + word[1:] if place[:1].isupper() else word[:1].lower() + word[1:]
 
 
 def random_swap(words: list[Word], n: int, rng: random.Random, zh: bool = False) -> list[list[str]]:
@@ -157,7 +176,9 @@ def random_swap(words: list[Word], n: int, rng: random.Random, zh: bool = False)
         ma, mb = _EN_WORD.match(words[a].text), _EN_WORD.match(words[b].text)
         if ma and mb and not words[a].pos and not words[b].pos:  # English words with letters
             (pa, ca, sa), (pb, cb, sb) = ma.groups(), mb.groups()
-            words[a], words[b] = Word(pa + cb + sa, False), Word(pb + ca + sb, False)
+            # the sentence's first word keeps its capital, the word moved away loses it ("diva some Play": no)
+            na, nb = _case_like(cb, ca), _case_like(ca, cb)
+            words[a], words[b] = Word(pa + na + sa, False), Word(pb + nb + sb, False)
             old, new = ca, cb
         else:
             words[a], words[b] = words[b], words[a]

@@ -47,7 +47,7 @@ their what which who whom whose is am are was were be been being have has had do
 could may might must of in on at by for with about against between into through during before after above below to
 from up down out off over under again then once here there when where why how all any both each few more most other
 some such no nor not only own same so than too very s t just don now and but or if because as until while please
-let lets""".split())
+let lets one two three four five six seven eight nine ten first second third""".split())
 STOPWORDS_ZH = frozenset("""的 了 吧 吗 呢 啊 嗯 呀 哦 哈 么 嘛 把 被 在 是 和 与 及 或 就 都 也 还 又 再 很 太 更 最 我 你 他 她 它 我们
 你们 他们 这 那 这个 那个 这些 那些 一下 一个 有 没 没有 不 要 会 能 可以 让 给 对 从 到 向 着 过 得 地 之 而 且 并 但 如果 当 时 时候
 的时候 以后 之后 每次 一旦 等 请 帮 帮我 麻烦 谢谢 你好 小助手""".split())
