@@ -145,6 +145,9 @@ def random_insertion(words: list[Word], lex: _Lexicon, n: int, rng: random.Rando
             slots.append(len(words))
         at = rng.choice(slots)
         space = [] if lex.zh else [Word(" ", False, space=True)]
+        if at == 0 and not lex.zh and (m := _EN_WORD.match(words[0].text)):  # a new first word takes the capital
+            pre, core, post = m.groups()
+            synonym, words[0] = _case_like(synonym, core), Word(pre + _case_like(core, "x") + post, words[0].locked)
         words[at:at] = space + [Word(synonym, False)] if at == len(words) else [Word(synonym, False)] + space
         changed.append(["", synonym])
     return changed

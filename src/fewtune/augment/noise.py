@@ -111,13 +111,22 @@ def noise_text(text: str, options: NoiseOptions, rng: random.Random, protected: 
                              if u.strip() and (zh or i == 0 or not units[i - 1][0].strip())] + [len(units)])
             if at == len(units):
                 units[at:] = space + [(filler, False)]
+            elif zh:
+                units[at:at] = [(filler + ("，" if at == 0 else ""), False)]
             else:
-                units[at:at] = [(filler + ("，" if zh and at == 0 else ""), False)] + space
+                said = filler
+                if at == 0:  # "Um, please ..." rather than "um Please ..."
+                    first = units[0][0]
+                    said = filler[:1].upper() + filler[1:] + ","
+                    if first[:1].isupper() and first[1:2].islower() and not units[0][1]:
+                        units[0] = (first[:1].lower() + first[1:], False)
+                units[at:at] = [(said, False)] + space
             applied.append(f"filler:{filler}")
         elif kind == "repeat" and (words := [i for i in free if zh or i == 0 or not units[i - 1][0].strip()]):
             i = rng.choice(words)
-            units[i:i] = [units[i]] + space
-            applied.append(f"repeat:{units[i][0]}")
+            said = units[i][0] if zh else re.sub(r"[^\w']+$", "", units[i][0])  # "lunch? lunch?": no, "lunch lunch?"
+            units[i:i] = [(said, False)] + space
+            applied.append(f"repeat:{said}")
         elif kind == "homophone":
             spots = [(i, j) for i in free for j, ch in enumerate(units[i][0]) if homophones(ch)]
             if spots:
