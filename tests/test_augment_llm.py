@@ -192,3 +192,39 @@ def test_smollm2_paraphrase_and_backtranslate():
     assert all(c.example.reference == "PlayMusic" for c in para)
     back = get_method("backtranslate").make({}, res)(EN, 1, random.Random(0), [])
     assert back and back[0].params["pivot"] == "German" and back[0].params["via"]
+
+
+@pytest.fixture(scope="module")
+def tiny_translator(tmp_path_factory):
+    """A translation model folder as a user would bring one (to/ and back/, seq2seq): tiny random MarianMT
+    models with a real tokenizer, so the path through AutoModelForSeq2SeqLM runs (the output is noise)."""
+    import torch
+    from transformers import MarianConfig, MarianMTModel
+
+    from fewtune.models import DEFAULT_MODEL, load_tokenizer
+
+    tok = load_tokenizer(DEFAULT_MODEL)
+    root = tmp_path_factory.mktemp("marian")
+    for part in ("to", "back"):
+        torch.manual_seed(1)
+        config = MarianConfig(vocab_size=len(tok), d_model=32, encoder_layers=1, decoder_layers=1,
+                              encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+                              decoder_ffn_dim=64, max_position_embeddings=128, pad_token_id=tok.pad_token_id,
+                              eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.pad_token_id,
+                              forced_eos_token_id=tok.eos_token_id)
+        MarianMTModel(config).save_pretrained(root / part)
+        tok.save_pretrained(root / part)
+    return root
+
+
+def test_backtranslate_through_a_translation_model_folder(tiny_translator, tmp_path):
+    method = get_method("backtranslate")
+    augment = method.make({"translator": str(tiny_translator), "max_new_tokens": 12}, Resources())
+    a = augment(EN, 2, random.Random(5), [])
+    b = augment(EN, 2, random.Random(5), [])
+    assert a and [c.example.messages[1].content for c in a] == [c.example.messages[1].content for c in b]
+    for cand in a:
+        assert cand.params["pivot"] == "German" and isinstance(cand.params["via"], str)
+        assert cand.example.messages[0] == EN.messages[0] and cand.example.messages[2] == EN.messages[2]
+    with pytest.raises(AugmentError, match="to/ .* and back/"):
+        method.make({"translator": str(tmp_path)}, Resources())
