@@ -9,7 +9,8 @@ import re
 import pytest
 
 from fewtune.augment import lexicon
-from fewtune.augment.base import AugmentError, Resources, get_method
+from fewtune.augment.base import AugmentError, Resources
+from fewtune.augment.methods import get_method
 from fewtune.augment.eda import EdaOptions, eda_text
 from fewtune.data.formats import Example, Message
 

@@ -6,7 +6,8 @@ import random
 
 import pytest
 
-from fewtune.augment.base import AugmentError, get_method
+from fewtune.augment.base import AugmentError
+from fewtune.augment.methods import get_method
 from fewtune.augment.image import ImageOptions, augment_image
 from fewtune.data.formats import Example, Message
 

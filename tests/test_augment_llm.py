@@ -11,7 +11,8 @@ import random
 import pytest
 
 from fewtune.augment import consistency, llm
-from fewtune.augment.base import AugmentError, Resources, get_method
+from fewtune.augment.base import AugmentError, Resources
+from fewtune.augment.methods import get_method
 from fewtune.data.formats import Example, Message
 
 EN = Example([Message("system", "Classify."), Message("user", "play jazz by Miles Davis"),

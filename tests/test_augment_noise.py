@@ -8,7 +8,8 @@ import random
 import pytest
 from pypinyin import Style, lazy_pinyin
 
-from fewtune.augment.base import Resources, get_method
+from fewtune.augment.base import Resources
+from fewtune.augment.methods import get_method
 from fewtune.augment.noise import NoiseOptions, homophones, noise_text
 from fewtune.data.formats import Example, Message
 

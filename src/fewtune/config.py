@@ -91,7 +91,7 @@ class AugmentSection(Section):
     def _known_methods(self):
         if not self.methods and not self.options:
             return self
-        from fewtune.augment.base import get_method
+        from fewtune.augment.methods import get_method
 
         for name in {*self.methods, *self.options}:
             method = get_method(name)  # AugmentError (a ValueError) names the known ones

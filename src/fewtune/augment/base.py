@@ -81,14 +81,6 @@ def register_method(method: AugmentMethod) -> AugmentMethod:
     return method
 
 
-def get_method(name: str) -> AugmentMethod:
-    from fewtune.augment import methods  # noqa: F401  (fills the table)
-
-    if name not in AUGMENT_METHODS:
-        raise AugmentError(f"unknown augmentation method {name!r}; known: {', '.join(AUGMENT_METHODS)}")
-    return AUGMENT_METHODS[name]
-
-
 def augmentable_turns(example: Example) -> list[int]:
     """Indices of the turns a text method may rewrite: every user turn (the system prompt and the
     assistant targets stay as they are, so the answer cannot change)."""

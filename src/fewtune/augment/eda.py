@@ -16,22 +16,10 @@ from __future__ import annotations
 import random
 import re
 from dataclasses import dataclass
-from typing import Literal
 
-from fewtune.augment.base import Candidate, Options, augmentable_turns, with_turns
+from fewtune.augment.base import Candidate, augmentable_turns, with_turns
+from fewtune.augment.options import EdaOptions
 from fewtune.augment.spans import split_protected
-
-Op = Literal["sr", "ri", "rs", "rd"]
-
-
-class EdaOptions(Options):
-    alpha_sr: float = 0.1  # share of words replaced by a synonym
-    alpha_ri: float = 0.1  # share of words' synonyms inserted
-    alpha_rs: float = 0.1  # share of words swapped
-    p_rd: float = 0.1  # chance each word is deleted
-    ops: list[Op] = ["sr", "ri", "rs", "rd"]
-    language: Literal["auto", "en", "zh"] = "auto"
-
 
 @dataclass
 class Word:

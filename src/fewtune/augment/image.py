@@ -18,18 +18,10 @@ import random
 import tempfile
 from pathlib import Path
 
-from pydantic import Field
 
-from fewtune.augment.base import AugmentError, Candidate, Options, Resources, with_turns
+from fewtune.augment.base import AugmentError, Candidate, Resources, with_turns
+from fewtune.augment.options import ImageOptions
 from fewtune.data.formats import Example
-
-
-class ImageOptions(Options):
-    brightness: float = Field(0.15, ge=0, le=0.5, description="Largest relative brightness change.")
-    contrast: float = Field(0.15, ge=0, le=0.5, description="Largest relative contrast change.")
-    rotate: float = Field(5, ge=0, le=20, description="Largest rotation, degrees.")
-    crop: float = Field(0.05, ge=0, le=0.2, description="Largest share cut from each side (resized back).")
-    out_dir: str | None = Field(None, description="Where augmented images are written; None: a temporary folder.")
 
 
 def augment_image(img, rng: random.Random, options: ImageOptions):

@@ -31,9 +31,9 @@ import random
 import re
 from pathlib import Path
 
-from pydantic import Field
 
-from fewtune.augment.base import AugmentError, Candidate, Options, Resources, augmentable_turns, with_messages, with_turns
+from fewtune.augment.base import AugmentError, Candidate, Resources, augmentable_turns, with_messages, with_turns
+from fewtune.augment.options import BacktranslateOptions, DialogueOptions, ParaphraseOptions
 from fewtune.data.formats import Example, Message
 
 NO_MODEL = ("LLM augmentation needs a model: give --model (a run directory, a model folder, a .gguf file "
@@ -42,46 +42,9 @@ NO_MODEL = ("LLM augmentation needs a model: give --model (a run directory, a mo
 LANGUAGE_NAMES = {"en": "English", "zh": "Chinese", "de": "German", "fr": "French", "ja": "Japanese"}
 DEFAULT_PIVOT = {"zh": "English", "en": "German"}
 
-# the default few-shot pairs of the paraphrase prompt: one English, one Chinese
-EXAMPLES = [
-    ["Play some jazz by Miles Davis in the kitchen", "Put on some Miles Davis jazz in the kitchen"],
-    ["把空调温度调到二十四度", "帮我把空调调成二十四度"],
-]
-
 _PREFIX = re.compile(r"^\s*(paraphrase|rewritten|rewrite|translation|question|answer|output|sentence|user|改写|翻译|译文|句子|问题)"
                      r"\s*[:：]\s*", re.IGNORECASE)
 _QUOTES = "\"'“”‘’「」『』`"
-
-
-class BacktranslateOptions(Options):
-    pivot: str | None = Field(None, description="Pivot language (name or code); None: English for Chinese text, "
-                              "German for English text.")
-    temperature: float = Field(0.7, ge=0)
-    top_p: float = Field(0.9, gt=0, le=1)
-    max_new_tokens: int | None = Field(None, gt=0, description="None: twice the input's tokens + 16, at most 256.")
-    translator: str | None = Field(None, description="A local translation model folder (e.g. MarianMT) holding "
-                                   "to/ (source -> pivot) and back/ (pivot -> source); used instead of --model.")
-    prompt: str | None = Field(None, description="Translation instruction with {source}, {target}, {keep} and {text}; "
-                               "None: a built-in one, in the target language's words for the way back.")
-
-
-class ParaphraseOptions(Options):
-    temperature: float = Field(0.9, ge=0)
-    top_p: float = Field(0.95, gt=0, le=1)
-    max_new_tokens: int | None = Field(None, gt=0, description="None: twice the input's tokens + 16, at most 256.")
-    instruction: str | None = Field(None, description="System instruction with {keep} (the protected phrases); "
-                                    "None: a built-in one in the input's language.")
-    examples: list[list[str]] = Field(EXAMPLES, description="Few-shot [source, paraphrase] pairs, shown as earlier "
-                                      "user/assistant turns.")
-
-
-class DialogueOptions(Options):
-    modes: list[str] = Field(["vary_user", "new_turn"], description="vary_user: paraphrase one user turn; "
-                             "new_turn: append a follow-up question and the model's reply.")
-    temperature: float = Field(0.8, ge=0)
-    top_p: float = Field(0.95, gt=0, le=1)
-    max_new_tokens: int = Field(96, gt=0)
-    train_generated: bool = Field(False, description="Train on the generated assistant replies (default: weight 0).")
 
 
 # ---------------------------------------------------------------- the model and one call to it

@@ -15,9 +15,9 @@ from __future__ import annotations
 import random
 import re
 from functools import lru_cache
-from typing import Literal
 
-from fewtune.augment.base import Candidate, Options, augmentable_turns, with_turns
+from fewtune.augment.base import Candidate, augmentable_turns, with_turns
+from fewtune.augment.options import NoiseOptions
 from fewtune.augment.spans import split_protected
 
 # about 700 frequent characters: where homophones are drawn from (a misheard character is a common one)
@@ -62,15 +62,6 @@ def homophones(ch: str) -> list[str]:
 
     sound = lazy_pinyin(ch, style=Style.NORMAL)[0]
     return [c for c in _by_sound().get(sound, []) if c != ch]
-
-
-class NoiseOptions(Options):
-    p_filler: float = 0.5
-    p_repeat: float = 0.3
-    p_homophone: float = 0.3
-    language: Literal["auto", "en", "zh"] = "auto"
-    fillers_zh: list[str] = ["嗯", "那个", "就是", "呃", "嗯嗯", "然后"]
-    fillers_en: list[str] = ["um", "uh", "like", "you know", "so"]
 
 
 def _free(pieces: list[tuple[str, bool]]) -> list[int]:

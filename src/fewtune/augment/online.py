@@ -19,7 +19,8 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 
-from fewtune.augment.base import Resources, get_method
+from fewtune.augment.base import Resources
+from fewtune.augment.methods import get_method
 from fewtune.augment.spans import input_text, protected_spans, spans_kept
 from fewtune.data.render import render_conversation
 from fewtune.quality.textstats import normalize

@@ -31,7 +31,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from fewtune.augment.base import AugmentError, Candidate, Resources, get_method
+from fewtune.augment.base import AugmentError, Candidate, Resources
+from fewtune.augment.methods import get_method
 from fewtune.augment.spans import input_text, protected_spans, spans_kept
 from fewtune.data.formats import Example, to_record
 from fewtune.quality.duplicates import input_key
