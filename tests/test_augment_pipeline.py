@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from fewtune.augment import base
 from fewtune.augment.base import AugmentMethod, Candidate, Options, augmentable_turns, with_turns
-from fewtune.augment.pipeline import AugmentSettings, augment_file, similarity
+from fewtune.augment.pipeline import AugmentSettings, augment_file, length_ratio, similarity
 from fewtune.augment.spans import protected_spans, split_protected
 from fewtune.cli import app
 from fewtune.data.collect import collect
@@ -189,12 +189,59 @@ def test_split_protected_keeps_spans_whole_and_text_intact():
 def test_generation_examples_that_drift_off_are_rejected(tmp_path, fake_method):
     rows = [{"prompt": "summarise the meeting notes from monday", "completion": "ok"}]
     src = write_jsonl(tmp_path / "gen.jsonl", rows)
-    far = AugmentSettings(["fake"], options={"fake": {"mode": "replace", "text": "zzz qqq"}})
+    far = AugmentSettings(["fake"], options={"fake": {"mode": "replace", "text": "a cat sat on my warm mat by the door"}})
     assert augment_file(src, tmp_path / "a.jsonl", far, progress=False).counts["fake"].rejected == {
         "too different from its source": 1}
     near = AugmentSettings(["fake"], options={"fake": {"mode": "replace", "text": "summarize the notes of monday's meeting"}})
     assert augment_file(src, tmp_path / "b.jsonl", near, progress=False).counts["fake"].kept == 1
     assert similarity("今天天气很好", "今天天气不错") > similarity("今天天气很好", "我要去机场")
+
+
+def _replaced(tmp_path, rows, text, name, **settings):
+    src = write_jsonl(tmp_path / f"{name}.jsonl", rows)
+    aug = AugmentSettings(["fake"], options={"fake": {"mode": "replace", "text": text}}, **settings)
+    return augment_file(src, tmp_path / f"{name}.aug.jsonl", aug, progress=False).counts["fake"]
+
+
+@pytest.mark.parametrize("source, text, kept", [
+    ("play some jazz music", "我们可以在确定有效的材料上播放", False),  # an LLM answering English in Chinese
+    ("play some jazz music", "play some jazz 音乐", False),  # Chinese creeping into an English input
+    ("帮我播放一首周杰伦的歌", "play a song by Jay Chou for me", False),  # a round trip that never came back
+    ("帮我播放一首周杰伦的歌", "帮我放一首周杰伦的歌曲", True),
+    ("播放Spotify上的新歌", "在Spotify上播放新歌", True),  # English words inside Chinese stay Chinese
+])
+def test_labelled_augmentations_in_another_language_are_rejected(tmp_path, fake_method, source, text, kept):
+    counts = _replaced(tmp_path, [{"text": source, "label": "PlayMusic"}], text, "lang")
+    assert (counts.kept, dict(counts.rejected)) == ((1, {}) if kept else (0, {"another language than its source": 1}))
+
+
+def test_labelled_augmentations_far_longer_or_shorter_are_rejected(tmp_path, fake_method):
+    rows = [{"text": "book Pollen Street Social in South Dartmouth this morning", "label": "BookRestaurant"}]
+    ramble = ("I'm glad you're planning to book Pollen Street Social in South Dartmouth this morning. "
+              "Unfortunately, I don't have the exact details of the restaurant, but I can help you find it.")
+    assert dict(_replaced(tmp_path, rows, ramble, "long").rejected) == {"length far from its source": 1}
+    assert dict(_replaced(tmp_path, rows, "book it", "short").rejected) == {"length far from its source": 1}
+    assert _replaced(tmp_path, rows, "reserve Pollen Street Social in South Dartmouth for this morning please",
+                     "near").kept == 1
+    assert _replaced(tmp_path, rows, ramble, "off", max_length_ratio=0).kept == 1  # 0 turns the check off
+    # a short input may gain or lose a word: the slack keeps 'play jazz' -> 'um play jazz'
+    assert _replaced(tmp_path, [{"text": "play jazz", "label": "PlayMusic"}], "um play jazz", "slack").kept == 1
+    res = CliRunner().invoke(app, ["augment", str(tmp_path / "long.jsonl"), "--out", str(tmp_path / "cli.jsonl"),
+                                   "-m", "fake", "--set", "fake.mode=replace", "--set", f"fake.text={ramble}",
+                                   "--max-length-ratio", "5"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "cli.summary.json").read_text())["methods"]["fake"]["kept"] == 1
+
+
+def test_length_ratio_leaves_out_the_turns_a_dialogue_extension_adds(tmp_path):
+    turn = [{"role": "user", "content": "what is the weather in paris"}, {"role": "assistant", "content": "sunny"}]
+    more = [{"role": "user", "content": "and tomorrow, will it rain in paris or stay dry all day long?"},
+            {"role": "assistant", "content": "dry"}]
+    src = write_jsonl(tmp_path / "chat.jsonl", [{"messages": turn}, {"messages": turn + more},
+                                                {"messages": [turn[0] | {"content": "weather paris"}, turn[1]]}])
+    one, two, short = collect(src).examples
+    assert length_ratio(one, two) == 1.0
+    assert length_ratio(one, short) == pytest.approx((12 + 5) / (23 + 5))
 
 
 def test_only_new_and_field_names_of_the_file(tmp_path, fake_method):

@@ -65,6 +65,8 @@ def augment(
     threshold: Annotated[float, typer.Option(help="--consistency: reject at this probability of another label")] = 0.8,
     min_similarity: Annotated[float, typer.Option(help="examples without a label: reject augmentations less similar "
                               "than this to their source (0..1; 0: off)")] = 0.3,
+    max_length_ratio: Annotated[float, typer.Option(help="reject augmentations whose user text is this many times "
+                                "longer or shorter than their source's (0: off)")] = 2.0,
     only_new: Annotated[bool, typer.Option("--only-new", help="write the augmentations only (for `fewtune data "
                         "mix`)")] = False,
     seed: int = 42,
@@ -89,6 +91,7 @@ def augment(
     options = run_stage(parse_option_overrides, set_ or [], broad=True)
     settings = AugmentSettings(methods=_split(methods), per_example=per_example, options=options, seed=seed,
                                model=model, exclude=_split(exclude), min_similarity=min_similarity,
+                               max_length_ratio=max_length_ratio,
                                consistency=consistency, consistency_threshold=threshold, only_new=only_new,
                                protect=list(protect or []))
     result = run_stage(augment_file, file, out, settings, fmt, encoding=encoding, broad=True)

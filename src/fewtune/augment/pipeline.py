@@ -8,6 +8,10 @@ adding a method does not change another's output). A candidate is kept only if
 - it is not a near-duplicate of an original input or of another kept augmentation,
 - it is not a near-duplicate of a validation/test input (``exclude``: leakage),
 - every protected span of the source (the label, every string a JSON target quotes) is still in it,
+- it is in the language of its source (no Chinese in an English input, none of a Chinese input's
+  Chinese lost: a small LLM's paraphrase or round trip can answer in the other language),
+- its user turns are not far longer or shorter than the source's (``max_length_ratio``: a small
+  LLM that rambles on, or stops after two words, drifts away from the real data whatever the label),
 - for examples without a label (generation, extraction), it is similar enough to its source
   (``min_similarity``: a paraphrase that drifted off is dropped),
 - with ``consistency`` (a run or model), its label as that model predicts it by choice scoring is
@@ -36,12 +40,14 @@ from fewtune.augment.methods import get_method
 from fewtune.augment.spans import input_text, protected_spans, spans_kept
 from fewtune.data.formats import Example, to_record
 from fewtune.quality.duplicates import input_key
-from fewtune.quality.textstats import normalize
+from fewtune.quality.textstats import language, normalize
 
 log = logging.getLogger(__name__)
 
 REASONS = ("empty", "unchanged", "duplicate of an original", "duplicate of another augmentation",
-           "leaks into an excluded file", "protected span lost", "too different from its source", "label changed")
+           "leaks into an excluded file", "protected span lost", "another language than its source",
+           "length far from its source", "too different from its source", "label changed")
+LENGTH_SLACK = 5  # characters added to both lengths, so that a short input may gain or lose a word
 
 
 @dataclass
@@ -53,6 +59,7 @@ class AugmentSettings:
     model: str | None = None  # the LLM for backtranslate / paraphrase / dialogue: a run, a model folder, a .gguf
     exclude: list[str] = field(default_factory=list)  # validation / test files: no augmentation may match their inputs
     min_similarity: float = 0.3  # examples without a label: floor of the source/augmentation similarity (0: off)
+    max_length_ratio: float = 2.0  # reject a candidate whose user text is this many times longer/shorter (0: off)
     consistency: str | None = None  # a run or model judging that labels did not change (classification)
     consistency_threshold: float = 0.8  # reject when another label is predicted with at least this probability
     only_new: bool = False  # write the augmentations only, not the originals
@@ -92,6 +99,20 @@ def similarity(a: str, b: str) -> float:
     return difflib.SequenceMatcher(None, normalize(a), normalize(b), autojunk=False).ratio()
 
 
+def length_ratio(source: Example, cand: Example) -> float:
+    """How many times longer (> 1) or shorter (< 1) the candidate's user turns are than the source's, on the
+    normalised characters. Turns a dialogue extension adds after the source's last user turn do not count."""
+    turns = len([m for m in source.prompt_messages if m.role == "user"])
+    src = sum(len(normalize(m.content)) for m in source.prompt_messages if m.role == "user")
+    new = sum(len(normalize(m.content)) for m in [m for m in cand.prompt_messages if m.role == "user"][:turns])
+    return (new + LENGTH_SLACK) / (src + LENGTH_SLACK)
+
+
+def language_changed(source_text: str, text: str) -> bool:
+    """An English input that gained Chinese (or other CJK) text, or a Chinese one that lost all of it."""
+    return (language(source_text) == "en") != (language(text) == "en")
+
+
 def _excluded_keys(files: list[str]) -> dict[tuple, str]:
     """Input key -> the file it comes from, for every readable example of the excluded files."""
     from fewtune.data.collect import collect
@@ -114,7 +135,7 @@ def _key(example: Example) -> tuple:
 
 
 def _reject_reason(source: Example, cand: Example, spans: list[str], originals: set, kept: set,
-                   excluded: dict[tuple, str], min_similarity: float) -> str | None:
+                   excluded: dict[tuple, str], settings: AugmentSettings) -> str | None:
     text = input_text(cand)
     if not normalize(text):
         return "empty"
@@ -129,6 +150,12 @@ def _reject_reason(source: Example, cand: Example, spans: list[str], originals: 
         return "leaks into an excluded file"
     if spans_kept(cand, spans):
         return "protected span lost"
+    if language_changed(input_text(source), text):
+        return "another language than its source"
+    ratio = settings.max_length_ratio
+    if ratio > 0 and not 1 / ratio <= length_ratio(source, cand) <= ratio:
+        return "length far from its source"
+    min_similarity = settings.min_similarity
     if source.label is None and min_similarity > 0 and similarity(input_text(source), text) < min_similarity:
         return "too different from its source"
     return None
@@ -177,8 +204,7 @@ def augment_examples(examples: list[Example], settings: AugmentSettings,
             spans = protected_spans(example, settings.protect)
             for cand in augmenter(example, settings.per_example, rng, list(spans))[:settings.per_example]:
                 count.generated += 1
-                reason = _reject_reason(example, cand.example, spans, originals, kept_keys, excluded,
-                                        settings.min_similarity)
+                reason = _reject_reason(example, cand.example, spans, originals, kept_keys, excluded, settings)
                 if reason is None:
                     kept_keys.add(_key(cand.example))
                     kept.append((index, name, cand))
