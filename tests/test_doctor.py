@@ -44,6 +44,32 @@ def test_underfitting_found_on_high_flat_curves(tmp_path):
     assert "overfitting" not in kinds(found)
 
 
+def test_a_run_that_ends_while_validation_still_falls_is_still_improving(tmp_path):
+    # the car-command run of 30 steps: doubling its steps doubled exact match (benchmarks/results/augment.md)
+    train = [1.3 - 0.04 * i for i in range(30)]
+    found = diagnose(run_dir(tmp_path, train, [0.554, 0.2571, 0.1705, 0.1391, 0.1317, 0.1284], eval_every=5))
+    still = [f for f in found if f.kind == "still_improving"]
+    assert len(still) == 1 and still[0].numbers["mid_step"] == 15 and still[0].numbers["last_step"] == 30
+    assert "0.1705" in still[0].message and "-25%" in still[0].message
+    assert any("train more epochs" in s for s in still[0].suggestions)
+    assert "ok" not in kinds(found) and "overfitting" not in kinds(found)
+
+
+@pytest.mark.parametrize("val", [
+    [0.9, 0.3, 0.2, 0.195, 0.19, 0.19],  # converged: it fell by 5% over the second half
+    [1.8, 1.5, 1.3, 1.4, 1.6, 1.9],  # turned up: that is overfitting's finding, not this one
+    [0.5, 0.3, 0.2],  # too few evaluations to tell
+])
+def test_converged_turned_or_short_curves_are_not_still_improving(tmp_path, val):
+    found = diagnose(run_dir(tmp_path, [2.0 - 0.03 * i for i in range(60)], val))
+    assert "still_improving" not in kinds(found)
+
+
+def test_a_tie_at_the_end_still_counts_as_lowest_at_the_end(tmp_path):
+    found = diagnose(run_dir(tmp_path, [1.3 - 0.02 * i for i in range(60)], [0.30, 0.16, 0.0756, 0.0498, 0.0475, 0.0475]))
+    assert "still_improving" in kinds(found)
+
+
 def test_low_flat_curve_is_not_underfitting(tmp_path):
     found = diagnose(run_dir(tmp_path, [0.2] * 50, [0.25] * 5))
     assert kinds(found)[0] == "ok" and "underfitting" not in kinds(found)

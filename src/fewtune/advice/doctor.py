@@ -27,6 +27,7 @@ BLOCK = 25  # on a noisy curve, spikes are judged on medians of blocks of this m
 FLAT_DROP = 0.10  # underfitting: the train loss fell by less than this fraction
 HIGH_LOSS = 1.0  # nats per completion token: above this at the end counts as high
 OVERFIT_RISE = 0.02  # validation loss this fraction above its best at the end
+STILL_FALLING = 0.20  # still improving: validation loss fell by this fraction over the second half of evaluations
 COLLAPSE_SHARE = 0.8  # one class predicted for at least this share of examples
 
 EVAL_KEYS = {"step", "epoch", "val_loss", "best", "event"}
@@ -34,7 +35,7 @@ EVAL_KEYS = {"step", "epoch", "val_loss", "best", "event"}
 
 @dataclass
 class Finding:
-    kind: str  # overfitting, underfitting, instability, label_collapse, loss_metric_gap, ok, unknown, note
+    kind: str  # overfitting, underfitting, still_improving, instability, label_collapse, loss_metric_gap, ok, unknown, note
     message: str
     suggestions: list[str] = field(default_factory=list)
     numbers: dict = field(default_factory=dict)
@@ -197,6 +198,29 @@ def check_underfitting(c: Curves) -> list[Finding]:
     return []
 
 
+def check_still_improving(c: Curves) -> list[Finding]:
+    """The run ended while validation loss was still clearly falling: it stopped too early.
+
+    On small data a run of a few dozen steps often ends this way (the cosine schedule flattens the end,
+    so the last step alone looks converged); training the same examples for twice the steps doubled
+    exact match on 40 car commands (benchmarks/results/augment.md)."""
+    if len(c.val) < 4:
+        return []
+    if c.val[-1][1] > min(v for _, v in c.val) * (1 + OVERFIT_RISE):  # it turned (overfitting's finding)
+        return []
+    mid_step, mid = c.val[(len(c.val) - 1) // 2]
+    last_step, last = c.val[-1]
+    if mid <= 0 or (mid - last) / mid < STILL_FALLING:
+        return []
+    return [Finding("still_improving", f"validation loss was at its lowest at the end and still falling: "
+                    f"{mid:.4f} at step {mid_step} -> {last:.4f} at step {last_step} "
+                    f"(-{100 * (mid - last) / mid:.0f}% over the second half): the run stopped while it was improving",
+                    ["train more epochs (train.epochs; early stopping ends it when validation turns)",
+                     "with very few examples, repeat them or add augmentations (fewtune augment): either gives "
+                     "more steps per epoch"],
+                    {"mid_step": mid_step, "mid_val_loss": mid, "last_step": last_step, "last_val_loss": last})]
+
+
 def check_loss_metric_gap(c: Curves) -> list[Finding]:
     """One finding when the task metrics peak away from the validation-loss minimum, led by the metric that
     matters most (the one that selected checkpoints, else accuracy, else macro-F1)."""
@@ -283,7 +307,8 @@ def diagnose(run_dir: str | Path, predictions: str | Path | None = None) -> list
     c = read_curves(run_dir)
     if predictions is None and Path(run_dir).is_dir():
         predictions = find_predictions(Path(run_dir))
-    findings = check_instability(c) + check_overfitting(c) + check_underfitting(c) + check_loss_metric_gap(c)
+    findings = (check_instability(c) + check_overfitting(c) + check_underfitting(c) + check_still_improving(c)
+                + check_loss_metric_gap(c))
     if all(f.kind == "note" for f in findings):
         end = _mean([v for _, v in c.train[-_window(c.train):]])
         val = f", validation loss best {min(v for _, v in c.val):.4f}" if c.val else ", no validation loss logged"
