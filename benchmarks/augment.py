@@ -1,7 +1,7 @@
 """What augmentation is worth on small data: no augmentation vs each method vs the best combination vs on-the-fly EDA.
 
     python benchmarks/augment.py [--datasets snips10,snips40,car50,eprstmt] [--arms none,eda,noise,...]
-        [--seeds 0,1,2] [--per-example 2] [--fp32] [--table-only]
+        [--seeds 0,1,2] [--per-example 1] [--fp32] [--table-only]
 
 Data (read in place, never copied; see fewtune.datasets), the same test sets as small_data.py:
 - snips10 / snips40: 10 / 40 SNIPS training utterances per intent (seeded sample), tested on the 700
@@ -20,13 +20,15 @@ Arms:
 - METHOD[+METHOD...]: `fewtune augment --methods ... --per-example N` on the training part (LLM methods
   use the embedded SmolLM2-135M-Instruct as the paraphraser/translator);
 - online-eda: `data.augment: {methods: [eda], prob: 0.5}`: EDA afresh each epoch, no new examples;
-- repeat: the control for the augmented arms' longer training: each training example written 1 + N times
-  (N = --per-example), so the run has the steps of a one-method arm that kept every augmentation, and
-  only what the extra lines say differs (copies here, variants there);
+- repeat, repeatK: the control for the augmented arms' longer training: each training example written
+  1 + N times (N = --per-example), or K times, so the run has the steps of an arm that kept every
+  augmentation of one method (of K - 1 methods at N = 1), and only what the extra lines say differs
+  (copies here, variants there);
 - best: the arm whose mean dev score is highest among those run (never chosen on the test column).
 
 Each (data set, arm, seed) appends a JSON line to benchmarks/results/augment.jsonl (a rerun skips what
-is there); the table goes to benchmarks/results/augment.md, above the hand-written notes. The CPU kind
+is there), with the test and dev scores, steps, augmentations kept and rejected by reason, examples
+dropped by max_length (suggest's, for the originals) and what `fewtune doctor` says of the run; the table goes to benchmarks/results/augment.md, above the hand-written notes. The CPU kind
 is printed and recorded. `--fp32` forces mixed_precision "no" (on AMX machines auto's bf16 is slower
 for this model today: issue 16).
 """
@@ -119,6 +121,15 @@ def labels_of(path: Path) -> list[str]:
     return sorted({json.loads(line)["label"] for line in _lines(path)})
 
 
+def is_repeat(arm: str) -> bool:
+    return re.fullmatch(r"repeat\d*", arm) is not None
+
+
+def copies(arm: str, per_example: int) -> int:
+    """How many times a repeat arm writes each example: repeatK K times, repeat 1 + per_example times."""
+    return int(arm[6:]) if arm[6:] else 1 + per_example
+
+
 def recipe(dataset: str) -> dict:
     """The data set's changes on top of suggest's config (RECIPES; none for eprstmt: suggest's config as it is)."""
     if dataset not in RECIPES:
@@ -165,9 +176,9 @@ def run_one(dataset: str, arm: str, seed: int, files: dict[str, Path], per_examp
     fit, val = run_dir / "data" / "train.jsonl", run_dir / "data" / "validation.jsonl"
     augment_s, counts = 0.0, {}
     train_file = fit
-    if arm == "repeat":
+    if is_repeat(arm):
         train_file = _write(run_dir / "data" / "repeated.jsonl",
-                            [line for line in _lines(fit) for _ in range(1 + per_example)])
+                            [line for line in _lines(fit) for _ in range(copies(arm, per_example))])
     elif arm not in ("none", "online-eda"):
         result = augment_file(fit, run_dir / "data" / "augmented.jsonl",
                               AugmentSettings(methods=arm.split("+"), per_example=per_example, seed=seed, model=LLM,
@@ -216,7 +227,7 @@ def best_arm(rows: list[dict], dataset: str) -> str | None:
     """The augmentation arm with the highest mean dev score (ties: the first run); none and repeat are references."""
     arms: dict[str, list[float]] = {}
     for r in rows:
-        if r["dataset"] == dataset and r["arm"] not in ("none", "repeat"):
+        if r["dataset"] == dataset and r["arm"] != "none" and not is_repeat(r["arm"]):
             arms.setdefault(r["arm"], []).append(r["dev"])
     return max(arms, key=lambda a: statistics.mean(arms[a])) if arms else None
 
@@ -224,13 +235,21 @@ def best_arm(rows: list[dict], dataset: str) -> str | None:
 # the command of the rows written before each row recorded its own
 FIRST_COMMAND = ("python benchmarks/augment.py --datasets snips10,car50 --arms none,eda,noise,online-eda --seeds 0,1,2 "
                  "--per-example 1 --fp32")
-REFERENCES = ("none", "repeat")
 
 
 def _delta(rs: list[dict], ref: list[dict] | None) -> str:
     if not ref or rs is ref:
         return ""
     return f"{statistics.mean(r['test'] for r in rs) - statistics.mean(r['test'] for r in ref):+.3f}"
+
+
+def matched_repeat(groups: dict[tuple, list[dict]], dataset: str, arm: str, per_example: int) -> list[dict] | None:
+    """The runs of the repeat arm that has as many lines as ``arm`` would have kept every augmentation."""
+    if arm == "none" or arm.startswith("online") or is_repeat(arm):
+        return None
+    want = 1 + len(arm.split("+")) * per_example
+    return next((rs for (ds, a), rs in groups.items()
+                 if ds == dataset and is_repeat(a) and copies(a, rs[0]["per_example"]) == want), None)
 
 
 def table(rows: list[dict]) -> str:
@@ -240,10 +259,11 @@ def table(rows: list[dict]) -> str:
              f"Machine: {', '.join(cpus)}; {os.cpu_count()} cores, torch {torch.__version__}, no GPU. "
              "Mean ± standard deviation over seeds (a seed changes the validation split, the augmentations, the data "
              "order and the adapter initialisation). `dev` is the dev-set score that `best` is chosen by; the test "
-             "column is never looked at for choosing. `repeat` is the control for the longer training of the "
-             "augmented arms: the same training examples written 1 + N times, so `Δ vs repeat` is what the "
-             "variants add beyond more steps. Raw results: `augment.jsonl` beside this file; the script's docstring "
-             "says how each arm is made.", "", "Commands, in the order they ran:", "",
+             "column is never looked at for choosing. `repeat` and `repeatK` are the controls for the longer "
+             "training of the augmented arms: the same training examples written 1 + N (or K) times, so "
+             "`Δ vs repeat` (against the repeat arm with the steps an arm would have had if it kept every "
+             "augmentation) is what the variants add beyond more steps. Raw results: `augment.jsonl` beside this "
+             "file; the script's docstring says how each arm is made.", "", "Commands, in the order they ran:", "",
              *[f"    {c}" for c in commands], "",
              "| data set | arm | augmentations | seeds | test | Δ vs none | Δ vs repeat | dev | train examples | steps "
              "| kept / generated | wall time / run |",
@@ -251,18 +271,23 @@ def table(rows: list[dict]) -> str:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["dataset"], r["arm"]), []).append(r)
-    order = lambda kv: (kv[0][0], REFERENCES.index(kv[0][1]) if kv[0][1] in REFERENCES else 2, kv[0][1])  # noqa: E731
+    order = lambda kv: (kv[0][0], 0 if kv[0][1] == "none" else 1 if is_repeat(kv[0][1]) else 2, kv[0][1])  # noqa: E731
     for (ds, arm), rs in sorted(groups.items(), key=order):
         kept = sum(c["kept"] for r in rs for c in r["augment"].values())
         generated = sum(c["generated"] for r in rs for c in r["augment"].values())
-        shown = f"**best (dev)**: {arm}" if arm == best_arm(rows, ds) else arm
+        shown = arm
+        if arm == best_arm(rows, ds):
+            none = groups.get((ds, "none"))
+            below = none and statistics.mean(r["dev"] for r in rs) <= statistics.mean(r["dev"] for r in none)
+            shown = f"**best (dev)**: {arm}" + (" (below none on dev)" if below else "")
         made = ("-" if arm == "none" else "each epoch, prob 0.5" if arm.startswith("online")
-                else f"each example {1 + rs[0]['per_example']} times" if arm == "repeat"
+                else f"each example {copies(arm, rs[0]['per_example'])} times" if is_repeat(arm)
                 else f"{rs[0]['per_example']} per example and method")
         lines.append(f"| {ds} ({rs[0]['metric']}, n={rs[0]['n_test']}) | {shown} | {made} "
                      f"| {', '.join(str(r['seed']) for r in rs)} "
                      f"| {_ms([r['test'] for r in rs])} | {_delta(rs, groups.get((ds, 'none')))} "
-                     f"| {_delta(rs, groups.get((ds, 'repeat')))} | {_ms([r['dev'] for r in rs])} "
+                     f"| {_delta(rs, matched_repeat(groups, ds, arm, rs[0]['per_example']))} "
+                     f"| {_ms([r['dev'] for r in rs])} "
                      f"| {statistics.mean(r['n_train'] for r in rs):.0f} | {statistics.mean(r['steps'] for r in rs):.0f} "
                      f"| {f'{kept} / {generated}' if generated else '-'} "
                      f"| {statistics.mean(r['wall_s'] for r in rs):.0f} s |")
@@ -296,9 +321,9 @@ def code_version() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--datasets", default="snips10,car50,snips40,eprstmt")
-    parser.add_argument("--arms", default="none,eda,noise,backtranslate,paraphrase,eda+noise,online-eda")
+    parser.add_argument("--arms", default="none,repeat,eda,noise,backtranslate,paraphrase,eda+noise,repeat3,online-eda")
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--per-example", type=int, default=2, help="augmentations asked per example and method")
+    parser.add_argument("--per-example", type=int, default=1, help="augmentations asked per example and method")
     parser.add_argument("--fp32", action="store_true", help="train in fp32 (mixed_precision: no)")
     parser.add_argument("--table-only", action="store_true")
     args = parser.parse_args()

@@ -35,7 +35,7 @@ EVAL_KEYS = {"step", "epoch", "val_loss", "best", "event"}
 
 @dataclass
 class Finding:
-    kind: str  # overfitting, underfitting, still_improving, instability, label_collapse, loss_metric_gap, ok, unknown, note
+    kind: str  # overfitting, underfitting, still_improving, instability, label_collapse, loss_metric_gap, ok, note, unknown
     message: str
     suggestions: list[str] = field(default_factory=list)
     numbers: dict = field(default_factory=dict)
