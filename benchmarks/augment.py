@@ -185,11 +185,10 @@ def run_one(dataset: str, arm: str, seed: int, files: dict[str, Path], per_examp
                                               exclude=[str(val), str(files["dev"]), str(files["test"])]))
         augment_s, counts = time.time() - start, {m: c.to_dict() for m, c in result.counts.items()}
         train_file = result.out
-    values["data"].update(train=str(train_file), validation=str(val), val_ratio=0.0, seed=seed)
-    if train_file not in (fit, run_dir / "data" / "repeated.jsonl"):
         # max_length is suggest's for the originals; an augmentation whose answer it would cut away entirely is
         # dropped (and counted) rather than failing the run. The originals fit, or suggest says drop itself.
         values["data"]["on_bad_example"] = "drop"
+    values["data"].update(train=str(train_file), validation=str(val), val_ratio=0.0, seed=seed)
     if arm == "online-eda":
         values["data"]["augment"] = {"methods": ["eda"], "prob": 0.5}
     values["train"].update(seed=seed, output_dir=str(run_dir), num_threads=torch.get_num_threads())

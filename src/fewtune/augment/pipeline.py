@@ -102,10 +102,9 @@ def similarity(a: str, b: str) -> float:
 def length_ratio(source: Example, cand: Example) -> float:
     """How many times longer (> 1) or shorter (< 1) the candidate's user turns are than the source's, on the
     normalised characters. Turns a dialogue extension adds after the source's last user turn do not count."""
-    turns = len([m for m in source.prompt_messages if m.role == "user"])
-    src = sum(len(normalize(m.content)) for m in source.prompt_messages if m.role == "user")
-    new = sum(len(normalize(m.content)) for m in [m for m in cand.prompt_messages if m.role == "user"][:turns])
-    return (new + LENGTH_SLACK) / (src + LENGTH_SLACK)
+    src = [len(normalize(m.content)) for m in source.prompt_messages if m.role == "user"]
+    new = [len(normalize(m.content)) for m in cand.prompt_messages if m.role == "user"][:len(src)]
+    return (sum(new) + LENGTH_SLACK) / (sum(src) + LENGTH_SLACK)
 
 
 def language_changed(source_text: str, text: str) -> bool:
