@@ -29,7 +29,8 @@ Arms:
 Each (data set, arm, seed) appends a JSON line to benchmarks/results/augment.jsonl (a rerun skips what
 is there), with the test and dev scores, steps, augmentations kept and rejected by reason, examples
 dropped by max_length (suggest's, for the originals) and what `fewtune doctor` says of the run; the table goes to benchmarks/results/augment.md, above the hand-written notes. The CPU kind
-is printed and recorded. `--fp32` forces mixed_precision "no" (on AMX machines auto's bf16 is slower
+is printed and recorded. While a file `runs/augment/PAUSE` exists the script waits before starting its next
+run (to free the CPU for another measurement without losing a run half done). `--fp32` forces mixed_precision "no" (on AMX machines auto's bf16 is slower
 for this model today: issue 16).
 """
 
@@ -67,6 +68,7 @@ WORK = ROOT / "runs" / "augment"
 CONFIGS = ROOT / "benchmarks" / "configs"
 RESULTS = ROOT / "benchmarks" / "results" / "augment.jsonl"
 TABLE = ROOT / "benchmarks" / "results" / "augment.md"
+PAUSE = WORK / "PAUSE"
 NOTES = "<!-- written by hand below this line; augment.py keeps it when it rewrites the table -->"
 DEMO_DATA = ROOT / "src" / "fewtune" / "demo" / "data"
 MODELS = {"snips10": DEFAULT_MODEL, "snips40": DEFAULT_MODEL, "car50": DEFAULT_MODEL, "eprstmt": "gemma3-270m"}
@@ -317,6 +319,13 @@ def code_version() -> str:
     return head + ("+dirty" if git("status", "--porcelain", "--untracked-files=no", "--", "src", "benchmarks/*.py") else "")
 
 
+def wait_while_paused() -> None:
+    if PAUSE.exists():
+        print(f"paused: waiting until {PAUSE} is removed", flush=True)
+    while PAUSE.exists():
+        time.sleep(5)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--datasets", default="snips10,car50,snips40,eprstmt")
@@ -338,6 +347,7 @@ def main() -> None:
                 for arm in args.arms.split(","):
                     if any((r["dataset"], r["arm"], r["seed"]) == (dataset, arm, seed) for r in done):
                         continue
+                    wait_while_paused()
                     print(f"== {dataset} / {arm} / seed {seed}", flush=True)
                     row = run_one(dataset, arm, seed, files, args.per_example, args.fp32, code, command)
                     done.append(row)
