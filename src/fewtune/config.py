@@ -226,9 +226,9 @@ class TrainSection(Section):
     keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept in checkpoints/; older ones are "
                                   "deleted.")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
-        "auto", description="auto: bf16 on GPUs that have it (else fp16 with loss scaling); on CPU bf16 only if a "
-        "probe finds it faster, else float32. no: float32. FEWTUNE_MIXED_PRECISION=no|bf16|fp16 forces "
-        "what auto picks.")
+        "auto", description="auto: bf16 on GPUs that have it (else fp16 with loss scaling); on CPU bf16 only if the "
+        "run's own training steps, timed in both, run faster in it (cached per machine and model), else float32. "
+        "no: float32. FEWTUNE_MIXED_PRECISION=no|bf16|fp16 forces what auto picks.")
     packing: bool = Field(True, description="A micro-batch is one row without padding; attention stays inside each "
                           "example.")
     share_prefix: bool = Field(True, description="With packing: a token prefix common to a micro-batch is computed "

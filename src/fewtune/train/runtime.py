@@ -130,6 +130,49 @@ def keep_trainable_fp32(model) -> int:
     return cast
 
 
+LOW_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def store_frozen_low_precision(model, precision: str) -> int:
+    """Frozen floating-point weights stored once in the run's low precision (bf16/fp16); returns how many.
+
+    Under autocast a float32 weight is cast to bf16 at every use, every step, and the copies cost memory
+    traffic; a frozen weight never changes, so it can be cast once. Trainable weights (and with them the
+    optimizer state) stay float32. Weights set in a config's model.dtype are left as loaded.
+    """
+    dtype = LOW_DTYPES.get(precision)
+    if dtype is None:
+        return 0
+    cast = 0
+    for p in model.parameters():
+        if not p.requires_grad and p.is_floating_point() and p.dtype == torch.float32:
+            p.data = p.data.to(dtype)
+            cast += 1
+    return cast
+
+
+def _cast_unless_autocast(layer, x, dtype):
+    """peft's input cast, skipped while autocast runs the layer (autocast casts for the product itself)."""
+    if x is not None and torch.is_autocast_enabled(x.device.type):
+        return x
+    return type(layer)._cast_input_dtype(layer, x, dtype)
+
+
+def skip_adapter_input_casts(model) -> int:
+    """peft casts each adapter's input to the adapter's dtype (bf16 activations to float32) before the
+    adapter's matrix products, which autocast then casts back to bf16: two copies of the activations per
+    adapted layer and step for nothing. Those casts are skipped while autocast is on (outside it, for
+    generation or merging, they happen as before). Returns the layers changed."""
+    import types
+
+    changed = 0
+    for module in model.modules():
+        if hasattr(module, "cast_input_dtype_enabled") and hasattr(type(module), "_cast_input_dtype"):
+            module._cast_input_dtype = types.MethodType(_cast_unless_autocast, module)
+            changed += 1
+    return changed
+
+
 def enable_gradient_checkpointing(model) -> None:
     """Recompute each block's activations in the backward pass instead of storing them."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -141,10 +184,12 @@ def enable_gradient_checkpointing(model) -> None:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def run_precision(setting: str, checkpoints: list, resume: bool) -> str:
+def run_precision(setting: str, checkpoints: list, resume: bool, measure=None) -> str:
     """The run's mixed precision. A resumed ``auto`` run keeps what its first session chose (``checkpoints``:
     the run's checkpoint folders, newest first): the probe behind ``auto`` is a timing, and a busy machine
-    could tip it the other way halfway through a run. ValueError for a setting this machine cannot run."""
+    could tip it the other way halfway through a run. ``measure()``, when given, decides ``auto`` for a
+    single process on a CPU by timing the run's own steps (fewtune.train.precision_probe); otherwise the
+    linear-layer probe decides. ValueError for a setting this machine cannot run."""
     import json
 
     if setting == "auto" and resume and forced_precision() is None:
@@ -156,6 +201,9 @@ def run_precision(setting: str, checkpoints: list, resume: bool) -> str:
             if chosen:
                 log.info("mixed precision auto: %s, as the run's first session chose", chosen)
                 return chosen
+    single_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) == 1
+    if setting == "auto" and measure is not None and forced_precision() is None and single_cpu:
+        return measure()
     return resolve_mixed_precision(setting)
 
 
