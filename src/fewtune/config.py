@@ -239,6 +239,9 @@ class TrainSection(Section):
                                          "memory, one more forward.")
     num_threads: int | None = Field(None, gt=0, description="CPU threads per process; None: the available cores "
                                     "divided by the processes.")
+    adapt_threads: bool = Field(True, description="On a CPU with num_threads unset: train on fewer threads while "
+                                "other processes use part of the cores (measured every 5 s), all of them again once "
+                                "they stop. Without it a second busy process slows training several times over.")
     cache_tokenized: bool = Field(True, description="Keep rendered token ids on disk for resumes and sweeps.")
     seed: int = Field(42, description="Seed of the weights' initialisation, the data order and dropout.")
     resume: bool = Field(False, description="Continue the run in train.output_dir from its newest intact "

@@ -95,6 +95,9 @@ class Trainer:
             self.accelerator = runtime.make_accelerator(precision, cfg.train.num_threads)
         except ValueError as err:
             raise TrainingError(str(err)) from None
+        adapt = (cfg.train.adapt_threads and cfg.train.num_threads is None and self.accelerator.device.type == "cpu"
+                 and self.accelerator.num_processes == 1)
+        self.threads = runtime.ThreadGovernor(torch.get_num_threads()) if adapt else None
         self._setup_model()
         self._setup_optimization()
         self.inputs = fingerprint.run_inputs(cfg, self.train_set, self.val_set)
@@ -446,6 +449,8 @@ class Trainer:
                 self._use_epoch_items(s.epoch)
                 while s.batch < len(batches) and s.step < self.total_steps:
                     record = self._step(batches[s.batch:s.batch + t.grad_accum])
+                    if self.threads is not None:
+                        record["threads"] = self.threads.after_step()
                     session_steps += 1
                     elapsed = time.time() - self._session_start
                     tok_s = (s.tokens - tokens_at_start) / max(elapsed, 1e-9)
@@ -475,6 +480,8 @@ class Trainer:
         finally:
             for sig, handler in previous_handlers.items():
                 signal.signal(sig, handler)
+            if self.threads is not None:
+                torch.set_num_threads(self.threads.max_threads)
         bar.close()
         self._save_checkpoint()
         return self._finish(self._wall_s())
