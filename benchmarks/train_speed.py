@@ -17,6 +17,8 @@ its peak memory is its own (peak RSS on CPU, peak allocated on GPU).
 - padded:   fewtune, packing off (length-grouped padded batches, logits only where trained).
 - packed:   fewtune, packed rows without padding, no prefix sharing.
 - fewtune:  fewtune defaults (packing, shared prompt prefix computed once, auto precision).
+- fewtune-fp32, fewtune-bf16: the same with the precision pinned, so the report can say whether auto's
+  choice was the faster one (a warning when it was not).
 
 tokens/s counts the real tokens of the examples trained on (no padding; a prompt prefix
 computed once still counts once per example, as the baseline computes it). MFU is model
@@ -58,8 +60,11 @@ ARMS = {
     "baseline": "transformers.Trainer, default precision, DataCollatorForSeq2Seq padding",
     "padded": "fewtune, packing off: length-grouped padded batches",
     "packed": "fewtune, packed rows, no prefix sharing",
-    "fewtune": "fewtune defaults: packed rows + shared prompt prefix",
+    "fewtune": "fewtune defaults: packed rows + shared prompt prefix, mixed_precision auto",
+    "fewtune-fp32": "fewtune defaults, mixed_precision no (fp32)",
+    "fewtune-bf16": "fewtune defaults, mixed_precision bf16",
 }
+PINNED = {"fewtune-fp32": "no", "fewtune-bf16": "bf16"}
 
 
 # ------------------------------------------------------------------ data and configuration
@@ -89,7 +94,9 @@ def make_config(args, data_path: str | None, arm: str, run_dir: str):
         overrides.append("train.packing=false")
     if arm == "packed":
         overrides.append("train.share_prefix=false")
-    if args.mixed_precision:
+    if arm in PINNED:
+        overrides.append(f"train.mixed_precision={PINNED[arm]}")
+    elif args.mixed_precision:
         overrides.append(f"train.mixed_precision={args.mixed_precision}")
     if args.config:
         return load_config(args.config, overrides)
@@ -264,7 +271,9 @@ def run_fewtune(args, spec: dict) -> dict:
     return {"times": [t for t, _ in marks], "tokens": tokens, "losses": losses, "peak_memory": marks[-1][1],
             "profile": profiler.summary, "step0_flops": counter.flops,
             "device": device, "precision": trainer.accelerator.mixed_precision, "packing": trainer.packing,
-            "threads": torch.get_num_threads(), "lora_params": trainer.trainable}
+            "threads": torch.get_num_threads(), "lora_params": trainer.trainable,
+            "precision_choice": trainer.precision_decision.describe() if trainer.precision_decision else None,
+            "precision_setting": trainer.cfg.train.mixed_precision}
 
 
 def run_baseline(args, spec: dict) -> dict:
@@ -366,7 +375,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--examples", type=int, default=None, help="use this many SNIPS examples (default: all)")
-    parser.add_argument("--arms", default="baseline,padded,packed,fewtune", help=f"from {', '.join(ARMS)}")
+    parser.add_argument("--arms", default="baseline,padded,packed,fewtune,fewtune-fp32,fewtune-bf16",
+                        help=f"from {', '.join(ARMS)}")
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--mixed-precision", default=None, help="fewtune arms: train.mixed_precision (default auto)")
     parser.add_argument("--config", default=None, help="a fewtune YAML config to benchmark instead of SNIPS")
@@ -440,6 +450,26 @@ def main() -> None:
     report(args, results, machine(), peak, peak_flops, flops, mean_len, len(rendered), load_before, load_after)
 
 
+def precision_lines(results: dict) -> list[str]:
+    """What `auto` chose for the fewtune arm and why, and a warning when the other precision trained faster."""
+    auto = results.get("fewtune")
+    if not auto or auto.get("precision_setting") != "auto":
+        return []
+    lines = [f"`auto` chose {'fp32' if auto['precision'] == 'no' else auto['precision']}"
+             + (f" ({auto['precision_choice']})." if auto.get("precision_choice") else ".")]
+    pinned = {PINNED[a]: results[a]["tokens_per_s"] for a in PINNED if a in results}
+    if len(pinned) == 2:
+        faster = max(pinned, key=pinned.get)
+        name = lambda p: "fp32" if p == "no" else p  # noqa: E731
+        if faster != auto["precision"]:
+            lines.append(f"**Warning: auto's choice is not the faster one here**: {name(faster)} trained at "
+                         f"{pinned[faster]:.1f} tokens/s, {name(auto['precision'])} at {pinned[auto['precision']]:.1f}.")
+        else:
+            lines.append(f"That is the faster of the two here: fp32 {pinned['no']:.1f} tokens/s, bf16 "
+                         f"{pinned['bf16']:.1f} ({pinned['bf16'] / pinned['no']:.2f}x).")
+    return lines
+
+
 def report(args, results, info, peak, peak_flops, flops, mean_len, n_examples, load_before, load_after) -> None:
     base = results.get("baseline")
     lines = ["| arm | what | precision | tokens/s | s/step | peak memory | MFU | HFU | vs baseline |",
@@ -455,6 +485,9 @@ def report(args, results, info, peak, peak_flops, flops, mean_len, n_examples, l
                      f"{mem} | {100 * mfu:.1f}% | {hfu} | {ratio} |")
     table = "\n".join(lines)
     print("\n" + table + "\n")
+    choice = precision_lines(results)
+    for line in choice:
+        print(line)
     if base and "fewtune" in results:
         f = results["fewtune"]
         print(f"fewtune vs baseline: {f['tokens_per_s'] / base['tokens_per_s']:.2f}x tokens/s, peak memory "
@@ -468,7 +501,7 @@ def report(args, results, info, peak, peak_flops, flops, mean_len, n_examples, l
         f"Command: `{cmd.strip()}`", "",
         f"Data: {source}; mean {mean_len:.1f} tokens per example; batch size {args.batch_size}; "
         f"{args.warmup} warm-up steps, then {args.steps} timed steps per arm, each arm in its own process.", "",
-        table, "",
+        table, "", *choice, *([""] if choice else []),
         f"Machine: {info['cpu']}, {info['cores']} cores, CPU bf16 flags: {', '.join(info['cpu_bf16_flags'])}; "
         f"PyTorch {info['torch']} (CPU capability {info['cpu_capability']}), transformers {info['transformers']}, "
         f"peft {info['peft']}, accelerate {info['accelerate']}, Python {info['python']}"

@@ -81,6 +81,17 @@ def make_config(tmp_path, tiny_model, pc_data):
     return make
 
 
+@pytest.fixture(scope="session")
+def _precision_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("precision-cache") / "precision.json"
+
+
+@pytest.fixture(autouse=True)
+def _precision_cache_in_tmp(_precision_cache, monkeypatch):
+    """auto's step timings go to one cache per test session (the tiny models live there too), not the user's."""
+    monkeypatch.setattr("fewtune.train.precision_probe._cache_path", lambda: _precision_cache)
+
+
 @pytest.fixture(autouse=True)
 def _render_cache_in_tmp(tmp_path, monkeypatch):
     """Tests keep the tokenization cache in their own temporary folder, not in the user's cache."""

@@ -240,10 +240,15 @@ def test_a_resumed_auto_run_keeps_the_precision_its_first_session_chose(make_con
     """auto is a timing: a busy machine could tip it the other way between two sessions of one run."""
     monkeypatch.delenv(runtime.PRECISION_ENV, raising=False)
     cfg = make_config(train__max_steps=4, train__output_dir=str(tmp_path / "run"), train__mixed_precision="auto")
-    monkeypatch.setattr(runtime, "cpu_bf16_speedup", lambda: 3.0)  # the first session measures bf16 as faster
+    from fewtune.train import precision_probe
+
+    def measures(chosen: str):
+        return lambda time_steps, key, cache=None: precision_probe.Decision(chosen, "measured", 1.0, 0.5, 3.0)
+
+    monkeypatch.setattr(precision_probe, "decide", measures("bf16"))  # the first session measures bf16 as faster
     with pytest.raises(Interrupted):
         train(cfg, stop_after=2)
-    monkeypatch.setattr(runtime, "cpu_bf16_speedup", lambda: 0.5)  # the second one would measure the opposite
+    monkeypatch.setattr(precision_probe, "decide", measures("no"))  # the second one would measure the opposite
     trainer = Trainer(cfg, resume=True)
     assert trainer.accelerator.mixed_precision == "bf16"
     assert trainer.fit(resume=True).steps == 4

@@ -133,3 +133,58 @@ def test_rendering_is_cached_and_keyed_by_its_inputs(make_config, tokenizer, mon
     with caplog.at_level(logging.WARNING, logger="fewtune.data.cache"):
         redone = cached_render_set(train, tokenizer, template, cfg.data, "training")
     assert "unreadable" in caplog.text and [r.input_ids for r in redone.items] == [r.input_ids for r in first.items]
+
+
+def test_thread_governor_trains_on_the_cores_other_processes_leave(monkeypatch, caplog):
+    """The governor's arithmetic on a 2-core machine, with /proc/stat's readings scripted: (machine busy s,
+    own CPU s) per reading."""
+    readings = iter([(0.0, 0.0), (20.0, 10.0), (35.0, 20.0), (55.0, 35.0), (65.0, 45.0), (85.0, 65.0)])
+    monkeypatch.setattr(runtime, "_cpu_seconds", lambda: next(readings))
+    monkeypatch.setattr(runtime, "available_cores", lambda: 2)
+    clock = iter([0.0, 1.0, 10.0, 20.0, 30.0, 40.0, 50.0])
+    before = torch.get_num_threads()
+    try:
+        governor = runtime.ThreadGovernor(2, interval_s=5.0, clock=lambda: next(clock))
+        assert governor.active
+        with caplog.at_level(logging.INFO, logger="fewtune.train.runtime"):
+            assert governor.after_step() == 2  # 1 s since the start: too soon to measure
+            assert governor.after_step() == 1  # others used (20 - 10) / 10 s = 1 core of 2
+            assert torch.get_num_threads() == 1
+            assert governor.after_step() == 1  # (15 - 10) / 10 = 0.5 core: still a competitor
+            assert governor.after_step() == 1  # (20 - 15) / 10 = 0.5
+            assert governor.after_step() == 2  # (10 - 10) / 10 = 0: it stopped
+            assert governor.after_step() == 2  # (20 - 20) / 10 = 0
+        assert governor.changes == [(1.0, 1), (0.0, 2)]
+        assert "other processes used 1.0 of 2 cores" in caplog.text and "1 CPU thread now" in caplog.text
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("others,cores,expected", [(0.0, 2, 2), (0.3, 2, 2), (0.5, 2, 1), (1.0, 2, 1), (1.9, 2, 1),
+                                                   (1.0, 8, 7), (2.5, 8, 5), (0.0, 8, 8)])
+def test_thread_governor_target(monkeypatch, others, cores, expected):
+    monkeypatch.setattr(runtime, "available_cores", lambda: cores)
+    assert runtime.ThreadGovernor(cores).target(others) == expected
+
+
+def test_thread_governor_reads_this_machine():
+    reading = runtime._cpu_seconds()
+    if reading is None:
+        pytest.skip("no /proc/stat here")
+    busy, own = reading
+    assert busy > 0 and 0 < own
+    sum(i * i for i in range(200_000))  # some CPU time of our own
+    later = runtime._cpu_seconds()
+    assert later[0] >= busy and later[1] > own
+
+
+def test_training_reports_its_threads_and_a_set_thread_count_is_kept(make_config, tmp_path):
+    adaptive = Trainer(make_config(train__max_steps=2, train__output_dir=str(tmp_path / "a")))
+    fixed = Trainer(make_config(train__max_steps=2, train__num_threads=1, train__output_dir=str(tmp_path / "b")))
+    assert fixed.threads is None
+    if runtime.available_cores() > 1:
+        assert adaptive.threads is not None and adaptive.threads.max_threads == runtime.available_cores()
+        result = adaptive.fit()
+        steps = [json.loads(l) for l in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert [r["threads"] for r in steps if "train_loss" in r] == [runtime.available_cores()] * 2
+        assert torch.get_num_threads() == runtime.available_cores()

@@ -226,9 +226,9 @@ class TrainSection(Section):
     keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept in checkpoints/; older ones are "
                                   "deleted.")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
-        "auto", description="auto: bf16 on GPUs that have it (else fp16 with loss scaling); on CPU bf16 only if a "
-        "probe finds it faster, else float32. no: float32. FEWTUNE_MIXED_PRECISION=no|bf16|fp16 forces "
-        "what auto picks.")
+        "auto", description="auto: bf16 on GPUs that have it (else fp16 with loss scaling); on CPU bf16 only if the "
+        "run's own training steps, timed in both, run faster in it (cached per machine and model), else float32. "
+        "no: float32. FEWTUNE_MIXED_PRECISION=no|bf16|fp16 forces what auto picks.")
     packing: bool = Field(True, description="A micro-batch is one row without padding; attention stays inside each "
                           "example.")
     share_prefix: bool = Field(True, description="With packing: a token prefix common to a micro-batch is computed "
@@ -239,6 +239,9 @@ class TrainSection(Section):
                                          "memory, one more forward.")
     num_threads: int | None = Field(None, gt=0, description="CPU threads per process; None: the available cores "
                                     "divided by the processes.")
+    adapt_threads: bool = Field(True, description="On a CPU with num_threads unset: train on fewer threads while "
+                                "other processes use part of the cores (measured every 5 s), all of them again once "
+                                "they stop. Without it a second busy process slows training several times over.")
     cache_tokenized: bool = Field(True, description="Keep rendered token ids on disk for resumes and sweeps.")
     seed: int = Field(42, description="Seed of the weights' initialisation, the data order and dropout.")
     resume: bool = Field(False, description="Continue the run in train.output_dir from its newest intact "

@@ -163,7 +163,9 @@ def setup_packing(loss_module, share_prefix: bool = True) -> bool:
             device = next(base.parameters()).device
             padded = loss_module(**{k: v.to(device) for k, v in collate(items, 0).items()})[0]
             packed = loss_module(**{k: v.to(device) for k, v in pack(items, share_prefix).items()})[0]
-        ok = torch.allclose(padded.float(), packed.float(), rtol=2e-2 if padded.dtype != torch.float32 else 1e-4)
+        # the loss is summed in float32 either way; bf16/fp16 weights round each form's activations differently
+        low = next(base.parameters()).dtype != torch.float32
+        ok = torch.allclose(padded.float(), packed.float(), rtol=2e-2 if low else 1e-4)
         if not ok:
             log.warning("packing is off: packed and padded losses differ on a test batch (%.6f vs %.6f)",
                         packed.item(), padded.item())

@@ -38,7 +38,7 @@ from fewtune.methods import (apply_method, get_method, load_base, load_trainable
 from fewtune import runlog
 from fewtune.runinfo import RunFormatError, check_run_format, write_marker
 from fewtune.train import checkpoint as ckpt
-from fewtune.train import fingerprint, runtime, validate
+from fewtune.train import fingerprint, precision_probe, runtime, validate
 from fewtune.train.batching import batch_weight, collate, pack, setup_packing
 from fewtune.train.loss import WeightedLMLoss
 from fewtune.train.optim import build_optimizer, build_scheduler, epoch_batches
@@ -84,13 +84,20 @@ class Trainer:
         try:
             if resume:  # a run directory a newer fewtune wrote (or whose marker is damaged) is not continued
                 check_run_format(self.run_dir)
-            precision = runtime.run_precision(cfg.train.mixed_precision, ckpt.checkpoints_newest_first(self.run_dir),
-                                              resume)
-            self.accelerator = runtime.make_accelerator(precision, cfg.train.num_threads)
-        except (RunFormatError, ValueError) as err:
+        except RunFormatError as err:
             raise TrainingError(str(err)) from None
         set_seed(cfg.train.seed)
         self._setup_data()
+        self.precision_decision: precision_probe.Decision | None = None
+        try:
+            precision = runtime.run_precision(cfg.train.mixed_precision, ckpt.checkpoints_newest_first(self.run_dir),
+                                              resume, measure=self._measure_precision)
+            self.accelerator = runtime.make_accelerator(precision, cfg.train.num_threads)
+        except ValueError as err:
+            raise TrainingError(str(err)) from None
+        adapt = (cfg.train.adapt_threads and cfg.train.num_threads is None and self.accelerator.device.type == "cpu"
+                 and self.accelerator.num_processes == 1)
+        self.threads = runtime.ThreadGovernor(torch.get_num_threads()) if adapt else None
         self._setup_model()
         self._setup_optimization()
         self.inputs = fingerprint.run_inputs(cfg, self.train_set, self.val_set)
@@ -118,18 +125,50 @@ class Trainer:
         self.items = self.train_set.items  # the current epoch's (fit sets them per epoch)
         self.augment_stats: list[dict] = []
 
-    def _setup_model(self) -> None:
+    def _build_model(self, precision: str) -> tuple:
+        """(model, loss module, base model, its attention before packing, packing on) for ``precision``."""
         cfg = self.cfg
-        self.model = apply_method(load_base(cfg.model, cfg.method), cfg.method, cfg.model.name)
-        runtime.keep_trainable_fp32(self.model)
+        model = apply_method(load_base(cfg.model, cfg.method), cfg.method, cfg.model.name)
+        runtime.keep_trainable_fp32(model)
+        if cfg.model.dtype == "auto" and runtime.store_frozen_low_precision(model, precision):
+            log.debug("frozen weights stored in %s, trainable ones in float32", precision)
+        if precision in runtime.LOW_DTYPES:
+            runtime.skip_adapter_input_casts(model)
         if cfg.train.gradient_checkpointing:
-            runtime.enable_gradient_checkpointing(self.model)
+            runtime.enable_gradient_checkpointing(model)
+        loss_module = WeightedLMLoss(model, chunk_size=cfg.train.loss_chunk_size,
+                                     label_smoothing=cfg.regularise.label_smoothing)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        attention_before = attention_implementation(base)
+        packing = cfg.train.packing and setup_packing(loss_module, cfg.train.share_prefix)
+        return model, loss_module, base, attention_before, packing
+
+    def _setup_model(self) -> None:
+        self.model, self.loss_module, self.base_model, self.attention_before, self.packing = self._build_model(
+            self.accelerator.mixed_precision)
         self.trainable, self.total = parameter_counts(self.model)
-        self.loss_module = WeightedLMLoss(self.model, chunk_size=cfg.train.loss_chunk_size,
-                                          label_smoothing=cfg.regularise.label_smoothing)
-        self.base_model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
-        self.attention_before = attention_implementation(self.base_model)
-        self.packing = cfg.train.packing and setup_packing(self.loss_module, cfg.train.share_prefix)
+
+    def _measure_precision(self) -> str:
+        """auto on a CPU: the precision whose training steps run faster here (precision_probe)."""
+        cfg, t = self.cfg, self.cfg.train
+        runtime.configure_threads(t.num_threads)
+        key = precision_probe.cache_key(cfg.model.name, cfg.method.name, t.batch_size, t.packing, t.share_prefix,
+                                        t.gradient_checkpointing)
+        order = epoch_batches(self.lengths, t.batch_size, 1, 0, t.seed, 0, t.group_by_length)
+        batches = [[self.train_set.items[i] for i in b] for b in order[:precision_probe.PROBE_STEPS]]
+
+        def build(precision: str):
+            _, loss_module, _, _, packing = self._build_model(precision)
+            return loss_module, (lambda items: pack(items, t.share_prefix)) if packing else (
+                lambda items: collate(items, self.tokenizer.pad_token_id))
+
+        def time_steps(precision: str) -> float:
+            with precision_probe.RandomStates():
+                return precision_probe.time_training_steps(build, batches, precision)
+
+        self.precision_decision = precision_probe.decide(time_steps, key)
+        log.info("mixed precision auto on CPU: %s", self.precision_decision.describe())
+        return self.precision_decision.chosen
 
     def _setup_optimization(self) -> None:
         cfg, acc = self.cfg, self.accelerator
@@ -390,7 +429,8 @@ class Trainer:
         self._log({"step": self.state.step, "event": "start", "trainable_params": self.trainable,
                    "total_params": self.total, "train_examples": len(self.train_set.items),
                    "val_examples": len(self.val_set.items), "dropped": len(self.train_set.dropped),
-                   "total_steps": self.total_steps})
+                   "total_steps": self.total_steps, "mixed_precision": self.accelerator.mixed_precision,
+                   **({"precision_choice": self.precision_decision.describe()} if self.precision_decision else {})})
 
     def fit(self, resume: bool = False, stop_after: int | None = None, force: bool = False) -> TrainResult:
         """Train to the end (or early stop). ``stop_after`` stops like Ctrl-C after that many steps; ``force``
@@ -409,6 +449,8 @@ class Trainer:
                 self._use_epoch_items(s.epoch)
                 while s.batch < len(batches) and s.step < self.total_steps:
                     record = self._step(batches[s.batch:s.batch + t.grad_accum])
+                    if self.threads is not None:
+                        record["threads"] = self.threads.after_step()
                     session_steps += 1
                     elapsed = time.time() - self._session_start
                     tok_s = (s.tokens - tokens_at_start) / max(elapsed, 1e-9)
@@ -438,6 +480,8 @@ class Trainer:
         finally:
             for sig, handler in previous_handlers.items():
                 signal.signal(sig, handler)
+            if self.threads is not None:
+                torch.set_num_threads(self.threads.max_threads)
         bar.close()
         self._save_checkpoint()
         return self._finish(self._wall_s())

@@ -70,7 +70,14 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout:
     if kv_heads != heads:
         k = k.repeat_interleave(heads // kv_heads, dim=1)
         v = v.repeat_interleave(heads // kv_heads, dim=1)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling)
+    if q.device.type == "cpu" and (q.dtype != torch.float32 or torch.is_autocast_enabled("cpu")):
+        # PyTorch's CPU flash attention runs its backward pass about 4x slower in bf16 than in fp32 (measured on
+        # AMX: 12 vs 3 ms a call), while the products around it gain from bf16: attention alone runs in fp32
+        with torch.autocast("cpu", enabled=False):
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, dropout_p=dropout,
+                                                 scale=scaling).to(query.dtype)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, scale=scaling)
     segments, _, width, dim = out.shape
     out = out.transpose(1, 2).reshape(segments * width, heads, dim)[layout.out_index]  # (T, H, D)
     return out.unsqueeze(0), None

@@ -11,9 +11,11 @@ under bf16 autocast and picks bf16 only when it is clearly faster.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -116,6 +118,69 @@ def configure_threads(num_threads: int | None, processes_on_this_machine: int = 
     return n
 
 
+def _cpu_seconds() -> tuple[float, float] | None:
+    """(busy CPU seconds of the whole machine, CPU seconds of this process) so far; None where /proc is missing."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    except OSError:
+        return None
+    ticks = os.sysconf("SC_CLK_TCK")
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+    own = os.times()
+    return (user + nice + system + irq + softirq + steal) / ticks, own.user + own.system
+
+
+class ThreadGovernor:
+    """Fewer threads while other processes use part of the CPU, all of them again once they stop.
+
+    PyTorch's OpenMP threads wait for each other at the end of every parallel operation, spinning
+    for a while before they sleep. With as many threads as cores, a second busy process takes a core
+    away from one of them, and every operation then waits for the thread that is off its core: on 2
+    cores a LoRA step went from 1.6 to 6.4 s next to a single busy loop (4x for half the CPU). Every
+    ``interval_s`` at a step boundary this measures how many cores the other processes used (the
+    machine's busy time less this process's own, from /proc/stat) and trains on the cores left.
+    """
+
+    def __init__(self, threads: int, interval_s: float = 5.0, reserve: float = 0.6, clock=time.monotonic):
+        self.max_threads, self.threads, self.interval_s, self.reserve = threads, threads, interval_s, reserve
+        self.cores, self.clock = available_cores(), clock
+        self.last = _cpu_seconds()
+        self.last_wall = clock()
+        self.changes: list[tuple[float, int]] = []  # (others' cores, threads) at each change
+
+    @property
+    def active(self) -> bool:
+        return self.max_threads > 1 and self.last is not None
+
+    def others_cores(self, now: tuple[float, float], wall: float) -> float:
+        busy, own = now[0] - self.last[0], now[1] - self.last[1]
+        return max(0.0, busy - own) / max(wall - self.last_wall, 1e-9)
+
+    def target(self, others: float) -> int:
+        """Threads for the cores the other processes leave: they count once they use more than 1 - reserve
+        of a core (``reserve`` 0.6: 0.4 of a core is background noise; half a core is a competitor)."""
+        return max(1, min(self.max_threads, self.cores - math.floor(others + self.reserve)))
+
+    def after_step(self) -> int:
+        """Called at each step boundary; returns the threads in use."""
+        wall = self.clock()
+        if not self.active or wall - self.last_wall < self.interval_s:
+            return self.threads
+        now = _cpu_seconds()
+        if now is None:
+            return self.threads
+        others = self.others_cores(now, wall)
+        self.last, self.last_wall = now, wall
+        wanted = self.target(others)
+        if wanted != self.threads:
+            log.info("other processes used %.1f of %d cores over the last %.0f s: %d CPU thread%s now", others,
+                     self.cores, self.interval_s, wanted, "" if wanted == 1 else "s")
+            torch.set_num_threads(wanted)
+            self.threads = wanted
+            self.changes.append((round(others, 2), wanted))
+        return self.threads
+
+
 def keep_trainable_fp32(model) -> int:
     """Trainable parameters in float32 (optimizer state follows them); returns how many were cast.
 
@@ -130,6 +195,49 @@ def keep_trainable_fp32(model) -> int:
     return cast
 
 
+LOW_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def store_frozen_low_precision(model, precision: str) -> int:
+    """Frozen floating-point weights stored once in the run's low precision (bf16/fp16); returns how many.
+
+    Under autocast a float32 weight is cast to bf16 at every use, every step, and the copies cost memory
+    traffic; a frozen weight never changes, so it can be cast once. Trainable weights (and with them the
+    optimizer state) stay float32. Weights set in a config's model.dtype are left as loaded.
+    """
+    dtype = LOW_DTYPES.get(precision)
+    if dtype is None:
+        return 0
+    cast = 0
+    for p in model.parameters():
+        if not p.requires_grad and p.is_floating_point() and p.dtype == torch.float32:
+            p.data = p.data.to(dtype)
+            cast += 1
+    return cast
+
+
+def _cast_unless_autocast(layer, x, dtype):
+    """peft's input cast, skipped while autocast runs the layer (autocast casts for the product itself)."""
+    if x is not None and torch.is_autocast_enabled(x.device.type):
+        return x
+    return type(layer)._cast_input_dtype(layer, x, dtype)
+
+
+def skip_adapter_input_casts(model) -> int:
+    """peft casts each adapter's input to the adapter's dtype (bf16 activations to float32) before the
+    adapter's matrix products, which autocast then casts back to bf16: two copies of the activations per
+    adapted layer and step for nothing. Those casts are skipped while autocast is on (outside it, for
+    generation or merging, they happen as before). Returns the layers changed."""
+    import types
+
+    changed = 0
+    for module in model.modules():
+        if hasattr(module, "cast_input_dtype_enabled") and hasattr(type(module), "_cast_input_dtype"):
+            module._cast_input_dtype = types.MethodType(_cast_unless_autocast, module)
+            changed += 1
+    return changed
+
+
 def enable_gradient_checkpointing(model) -> None:
     """Recompute each block's activations in the backward pass instead of storing them."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -141,10 +249,12 @@ def enable_gradient_checkpointing(model) -> None:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def run_precision(setting: str, checkpoints: list, resume: bool) -> str:
+def run_precision(setting: str, checkpoints: list, resume: bool, measure=None) -> str:
     """The run's mixed precision. A resumed ``auto`` run keeps what its first session chose (``checkpoints``:
     the run's checkpoint folders, newest first): the probe behind ``auto`` is a timing, and a busy machine
-    could tip it the other way halfway through a run. ValueError for a setting this machine cannot run."""
+    could tip it the other way halfway through a run. ``measure()``, when given, decides ``auto`` for a
+    single process on a CPU by timing the run's own steps (fewtune.train.precision_probe); otherwise the
+    linear-layer probe decides. ValueError for a setting this machine cannot run."""
     import json
 
     if setting == "auto" and resume and forced_precision() is None:
@@ -156,6 +266,9 @@ def run_precision(setting: str, checkpoints: list, resume: bool) -> str:
             if chosen:
                 log.info("mixed precision auto: %s, as the run's first session chose", chosen)
                 return chosen
+    single_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) == 1
+    if setting == "auto" and measure is not None and forced_precision() is None and single_cpu:
+        return measure()
     return resolve_mixed_precision(setting)
 
 
