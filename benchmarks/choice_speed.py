@@ -90,6 +90,8 @@ def main() -> None:
     parser.add_argument("--batch-sizes", default="8,16")
     parser.add_argument("--run", default=None, help="also time a fine-tuned run directory on all 700")
     parser.add_argument("--eval-batch", type=int, default=32, help="batch size for the whole-set timings")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="the weights' dtype (bfloat16: every product in bf16)")
     args = parser.parse_args()
     try:
         _, val_file = write_intent_splits(find_snips(), ROOT / "runs" / "snips" / "data")
@@ -99,10 +101,10 @@ def main() -> None:
     step = len(examples) // args.n
     conversations = [e.prompt_messages for e in examples[::step][:args.n]]  # every intent represented
     labels = list(INTENTS)
-    loaded = load_for_inference("smollm2-135m-instruct")
+    loaded = load_for_inference("smollm2-135m-instruct", dtype=args.dtype)
     load_before = os.getloadavg()
     lines = [f"# Choice scoring on CPU: {len(conversations)} SNIPS utterances x {len(labels)} intents "
-             f"(smollm2-135m-instruct, torch {torch.__version__}, {torch.get_num_threads()} thread(s))", "",
+             f"(smollm2-135m-instruct, {args.dtype}, torch {torch.__version__}, {torch.get_num_threads()} thread(s))", "",
              "| method | batch | seconds | per 700 examples (extrapolated) | agrees with flat |", "|---|---:|---:|---:|---|"]
     t = time.time()
     flat, positions = flat_scores(loaded, conversations, labels)
@@ -128,7 +130,7 @@ def main() -> None:
     gold = [e.label for e in examples]
     targets = [("base", "smollm2-135m-instruct")] + ([("fine-tuned", args.run)] if args.run else [])
     for name, target in targets:
-        loaded = load_for_inference(target, merge=True)
+        loaded = load_for_inference(target, merge=True, dtype=args.dtype)
         runs = {}
         for prune in (False, True):
             count = PositionCounter(loaded.model)
