@@ -55,10 +55,14 @@ def test_neftune_noise_only_while_training(make_config):
     noisy = emb(ids)
     bound = 5.0 / (ids.shape[1] * clean.shape[-1]) ** 0.5
     diff = (noisy - clean).abs()
-    assert 0 < diff.max().item() <= bound + 1e-7
+    # a bf16 run keeps the frozen embeddings in bf16: embedding + noise is rounded to bf16 (half a unit in the
+    # last place of the sum: its size times 2^-8)
+    low = clean.dtype != torch.float32
+    slack = noisy.abs().max().item() * 2 ** -8 if low else 1e-7
+    assert 0 < diff.max().item() <= bound + slack
     assert diff.mean().item() == pytest.approx(bound / 2, rel=0.1)  # uniform in +-bound
     g = torch.Generator().manual_seed(0)
-    assert neftune_noise(clean, 5.0, g).abs().max().item() <= bound + 1e-7
+    assert neftune_noise(clean, 5.0, g).abs().max().item() <= bound * (1 + 2 ** -8 if low else 1) + 1e-7
     train(make_config(regularise__neftune_alpha=5.0, train__max_steps=2))
 
 

@@ -183,7 +183,7 @@ def test_thread_governor_reads_this_machine():
 
 
 def test_training_reports_its_threads_and_a_set_thread_count_is_kept(make_config, tmp_path):
-    adaptive = Trainer(make_config(train__max_steps=2, train__output_dir=str(tmp_path / "a")))
+    adaptive = Trainer(make_config(train__max_steps=2, train__output_dir=str(tmp_path / "a"), train__adapt_threads=True))
     fixed = Trainer(make_config(train__max_steps=2, train__num_threads=1, train__output_dir=str(tmp_path / "b")))
     assert fixed.threads is None
     if runtime.available_cores() > 1:
