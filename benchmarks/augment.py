@@ -24,7 +24,8 @@ Arms:
   1 + N times (N = --per-example), or K times, so the run has the steps of an arm that kept every
   augmentation of one method (of K - 1 methods at N = 1), and only what the extra lines say differs
   (copies here, variants there);
-- best: the arm whose mean dev score is highest among those run (never chosen on the test column).
+- best: the arm whose mean dev score is highest among those run on the most seeds, over the seeds they all ran
+  (never chosen on the test column). `Δ vs none` and `Δ vs repeat` compare the seeds both arms ran (named when not all).
 
 Each (data set, arm, seed) appends a JSON line to benchmarks/results/augment.jsonl (a rerun skips what
 is there), with the test and dev scores, steps, augmentations kept and rejected by reason, examples
@@ -228,12 +229,18 @@ def _ms(values: list[float]) -> str:
 
 
 def best_arm(rows: list[dict], dataset: str) -> str | None:
-    """The augmentation arm with the highest mean dev score (ties: the first run); none and repeat are references."""
-    arms: dict[str, list[float]] = {}
+    """The augmentation arm with the highest mean dev score; candidates are the arms run on the most seeds, compared
+    on the seeds they all ran (ties: the first run); none and repeat are references."""
+    arms: dict[str, dict[int, float]] = {}
     for r in rows:
         if r["dataset"] == dataset and r["arm"] != "none" and not is_repeat(r["arm"]):
-            arms.setdefault(r["arm"], []).append(r["dev"])
-    return max(arms, key=lambda a: statistics.mean(arms[a])) if arms else None
+            arms.setdefault(r["arm"], {})[r["seed"]] = r["dev"]
+    if not arms:
+        return None
+    most = max(len(d) for d in arms.values())
+    arms = {a: d for a, d in arms.items() if len(d) == most}
+    common = set.intersection(*(set(d) for d in arms.values()))
+    return max(arms, key=lambda a: statistics.mean(v for k, v in arms[a].items() if not common or k in common))
 
 
 # the command of the rows written before each row recorded its own
@@ -241,10 +248,24 @@ FIRST_COMMAND = ("python benchmarks/augment.py --datasets snips10,car50 --arms n
                  "--per-example 1 --fp32")
 
 
+def _paired(rs: list[dict], ref: list[dict]) -> tuple[list[dict], list[dict]]:
+    """Both arms' runs on the seeds both ran: a seed changes the validation split and the start, and one bad
+    seed moves a mean by more than most arms differ."""
+    seeds = {r["seed"] for r in rs} & {r["seed"] for r in ref}
+    return [r for r in rs if r["seed"] in seeds], [r for r in ref if r["seed"] in seeds]
+
+
 def _delta(rs: list[dict], ref: list[dict] | None) -> str:
     if not ref or rs is ref:
         return ""
-    return f"{statistics.mean(r['test'] for r in rs) - statistics.mean(r['test'] for r in ref):+.3f}"
+    a, b = _paired(rs, ref)
+    if not a:
+        return "no common seed"
+    delta = f"{statistics.mean(r['test'] for r in a) - statistics.mean(r['test'] for r in b):+.3f}"
+    if len(a) < max(len(rs), len(ref)):
+        seeds = sorted(r["seed"] for r in a)
+        delta += f" (seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))})"
+    return delta
 
 
 def matched_repeat(groups: dict[tuple, list[dict]], dataset: str, arm: str, per_example: int) -> list[dict] | None:
@@ -282,7 +303,8 @@ def table(rows: list[dict]) -> str:
         shown = arm
         if arm == best_arm(rows, ds):
             none = groups.get((ds, "none"))
-            below = none and statistics.mean(r["dev"] for r in rs) <= statistics.mean(r["dev"] for r in none)
+            a, b = _paired(rs, none) if none else ([], [])
+            below = bool(a) and statistics.mean(r["dev"] for r in a) <= statistics.mean(r["dev"] for r in b)
             shown = f"**best (dev)**: {arm}" + (" (below none on dev)" if below else "")
         made = ("-" if arm == "none" else "each epoch, prob 0.5" if arm.startswith("online")
                 else f"each example {copies(arm, rs[0]['per_example'])} times" if is_repeat(arm)
