@@ -4,8 +4,9 @@ Mixed precision on a CPU is chosen by measurement, not by name: bfloat16 helps o
 the CPU has bf16 matrix instructions (AVX-512 BF16, AMX) and PyTorch's kernels use them.
 Elsewhere bf16 matrix products fall back to slow generic kernels (an AVX2-only AMD EPYC:
 a bf16 linear layer ran at about a fifth of the fp32 speed, a square bf16 matmul at 1/100;
-oneDNN refuses bf16 there outright). So ``auto`` times a small linear layer in fp32 and
-under bf16 autocast and picks bf16 only when it is clearly faster.
+oneDNN refuses bf16 there outright). A training run decides ``auto`` by timing its own steps in
+both precisions (fewtune.train.precision_probe); the small linear-layer probe here rules bf16 out
+cheaply where it is hopeless, and decides for launches of several processes.
 """
 
 from __future__ import annotations
@@ -119,15 +120,21 @@ def configure_threads(num_threads: int | None, processes_on_this_machine: int = 
 
 
 def _cpu_seconds() -> tuple[float, float] | None:
-    """(busy CPU seconds of the whole machine, CPU seconds of this process) so far; None where /proc is missing."""
+    """(busy CPU seconds of the cores this process may run on, CPU seconds of this process) so far; None where
+    /proc is missing. Cores outside the process's affinity do not count: what runs there takes nothing from us."""
     try:
-        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    except OSError:
+        lines = Path("/proc/stat").read_text().splitlines()
+        allowed = {f"cpu{i}" for i in os.sched_getaffinity(0)}
+    except (OSError, AttributeError):
         return None
-    ticks = os.sysconf("SC_CLK_TCK")
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+    busy = 0
+    for line in lines:
+        fields = line.split()
+        if fields and fields[0] in allowed:
+            user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[1:9])
+            busy += user + nice + system + irq + softirq + steal
     own = os.times()
-    return (user + nice + system + irq + softirq + steal) / ticks, own.user + own.system
+    return busy / os.sysconf("SC_CLK_TCK"), own.user + own.system
 
 
 class ThreadGovernor:
@@ -137,8 +144,8 @@ class ThreadGovernor:
     for a while before they sleep. With as many threads as cores, a second busy process takes a core
     away from one of them, and every operation then waits for the thread that is off its core: on 2
     cores a LoRA step went from 1.6 to 6.4 s next to a single busy loop (4x for half the CPU). Every
-    ``interval_s`` at a step boundary this measures how many cores the other processes used (the
-    machine's busy time less this process's own, from /proc/stat) and trains on the cores left.
+    ``interval_s`` at a step boundary this measures how many of its cores the other processes used (their
+    busy time in /proc/stat less this process's own) and trains on the cores left.
     """
 
     def __init__(self, threads: int, interval_s: float = 5.0, reserve: float = 0.6, clock=time.monotonic):
@@ -203,7 +210,8 @@ def store_frozen_low_precision(model, precision: str) -> int:
 
     Under autocast a float32 weight is cast to bf16 at every use, every step, and the copies cost memory
     traffic; a frozen weight never changes, so it can be cast once. Trainable weights (and with them the
-    optimizer state) stay float32. Weights set in a config's model.dtype are left as loaded.
+    optimizer state) stay float32. (The training loop skips this when model.dtype is set: those weights stay
+    as the user asked.)
     """
     dtype = LOW_DTYPES.get(precision)
     if dtype is None:
