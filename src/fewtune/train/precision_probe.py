@@ -56,7 +56,8 @@ class Decision:
                     "training step was timed")
         timed = (f"a training step took {self.fp32_s:.3f} s in fp32 and {self.bf16_s:.3f} s in bf16 "
                  f"({self.speedup:.2f}x; bf16 needs {MIN_SPEEDUP:.2f}x)")
-        return f"{name}: {timed}" + (" (measured earlier on this machine)" if self.how == "cached" else "")
+        return f"{name}: {timed}" + (" (measured earlier on this machine for this model, method and batch size)"
+                                   if self.how == "cached" else "")
 
 
 def machine_id() -> str:
