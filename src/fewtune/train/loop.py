@@ -33,7 +33,7 @@ from fewtune.data.dataset import RenderedSet, load_train_val
 from fewtune.data.replay import add_replay
 from fewtune.data.render import Template
 from fewtune.models import load_tokenizer
-from fewtune.methods import (apply_method, get_method, load_base, load_trainable_state, parameter_counts,
+from fewtune.methods import (MethodError, apply_method, get_method, load_base, load_trainable_state, parameter_counts,
                              trainable_state)
 from fewtune import runlog
 from fewtune.runinfo import RunFormatError, check_run_format, write_marker
@@ -93,6 +93,8 @@ class Trainer:
             precision = runtime.run_precision(cfg.train.mixed_precision, ckpt.checkpoints_newest_first(self.run_dir),
                                               resume, measure=self._measure_precision)
             self.accelerator = runtime.make_accelerator(precision, cfg.train.num_threads)
+        except MethodError:  # the probe builds the model first: a method this machine cannot run says so itself
+            raise
         except ValueError as err:
             raise TrainingError(str(err)) from None
         adapt = (cfg.train.adapt_threads and cfg.train.num_threads is None and self.accelerator.device.type == "cpu"
