@@ -40,6 +40,8 @@ class Loaded:
     template: Template
     config: Config | None  # the run's config, when loaded from a run directory
     source: str
+    precision: str = "no"  # what the weights run in: "no" (float32), "bf16" (fewtune.inference_precision)
+    precision_reason: str = ""
 
 
 def is_run_dir(path: str | Path) -> bool:
@@ -123,13 +125,28 @@ def _damaged(part: Path, err: BaseException) -> RunDirError:
 
 
 def load_for_inference(path_or_model: str, template_kind: str = "auto", system_prompt: str | None = None,
-                       dtype: str = "auto", merge: bool = False) -> Loaded:
+                       dtype: str = "auto", merge: bool = False, precision: str = "auto") -> Loaded:
     """A run directory (base + adapter, or full model) or any model name/folder/.gguf.
 
     ``merge=True`` folds a weight adapter (LoRA, DoRA, IA3) into the base weights in memory:
     the same outputs (within float rounding) without the adapter's extra matrix products,
     which matters on a CPU. Prompt-learning adapters (virtual tokens) stay as they are.
+    ``precision`` (auto, no, bf16) is what the weights run in after loading and merging: auto is
+    the run's training precision, or for another model what runs faster here
+    (:mod:`fewtune.inference_precision`); a ``dtype`` other than auto loads and stays in that dtype.
     """
+    loaded = _load(path_or_model, template_kind, system_prompt, dtype, merge)
+    if dtype == "auto" and (loaded.config is None or loaded.config.model.dtype == "auto"):
+        from fewtune import inference_precision
+
+        name = loaded.config.model.name if loaded.config is not None else path_or_model
+        run = loaded.source if loaded.config is not None else None
+        choice, loaded.model = inference_precision.resolve(precision, loaded.model, name, run)
+        loaded.precision, loaded.precision_reason = choice.precision, choice.reason
+    return loaded
+
+
+def _load(path_or_model: str, template_kind: str, system_prompt: str | None, dtype: str, merge: bool) -> Loaded:
     if looks_like_run_dir(path_or_model):
         run = Path(path_or_model)
         cfg, template = check_run_dir(run)  # (what check_target does for a run directory)
