@@ -150,7 +150,7 @@ def _merge(base: dict, changes: dict) -> dict:
 
 
 def base_values(dataset: str, files: dict[str, Path], fp32: bool) -> dict:
-    values = _merge(suggest(files["train"], model=MODELS[dataset]).config.model_dump(), recipe(dataset))
+    values = _merge(suggest(files["train"], model=MODELS[dataset], measure=False).config.model_dump(), recipe(dataset))
     if dataset == "car50" and values["data"]["system_prompt"] != CAR_SYSTEM:
         raise SystemExit("configs/augment_car50.yaml must train with the demo's system prompt")
     if fp32:

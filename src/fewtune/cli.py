@@ -370,6 +370,8 @@ def suggest(
     method: Annotated[str, typer.Option(help="auto, lora or full")] = "auto",
     lr_rule: Annotated[str, typer.Option(help="scale the learning rate to the batch size: sqrt or linear")] = "sqrt",
     out: Annotated[Optional[Path], typer.Option(help="write the config here (YAML with the reasons as comments)")] = None,
+    measure: Annotated[bool, typer.Option("--measure/--no-measure", help="time training at batch sizes 1-32 here "
+                                          "and weigh the tokens/s in the batch size (about half a minute)")] = True,
 ):
     """Read the data and write a complete config for it, printing every rule applied and the number behind it."""
     _setup_logging()
@@ -380,7 +382,7 @@ def suggest(
         _fail(ValueError(f"--task must be auto, classification or generation, got {task!r}"))
     if method not in ("auto", "lora", "full"):
         _fail(ValueError(f"--method must be auto, lora or full, got {method!r}"))
-    result = _run(suggest_config, data, model or DEFAULT_MODEL, task, lr_rule, method, out)
+    result = _run(suggest_config, data, model or DEFAULT_MODEL, task, lr_rule, method, out, measure)
     typer.echo(result.report())
     if out:
         typer.echo(f"config written to {out}; train with: fewtune train {out}")
