@@ -16,6 +16,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from fewtune import decode
 from fewtune.config import Config, GenerateSection, load_config
 from fewtune.data.formats import Message
 from fewtune.data.render import Template, render_conversation
@@ -350,10 +351,30 @@ def generate(loaded: Loaded, conversations: Sequence[Sequence[Message]], gen: Ge
     order = sorted(range(len(all_ids)), key=lambda i: -len(all_ids[i]))
     outputs: list[list[str]] = [[] for _ in all_ids]
     torch.manual_seed(gen.seed)
+    # fewtune's decoding loop (fewtune.decode): the prefix every prompt shares runs once, finished rows leave
+    # the batch; models it does not cover go through model.generate
+    own_loop = decode.supported(model)
+    n_prefix = decode.common_prefix(all_ids) if own_loop and len(all_ids) > 1 else 0
+    prefix_layers = decode.prefix_cache(model, all_ids[0][:n_prefix]) if n_prefix else None
+    string_stops = [s for s in stops if s != tokenizer.eos_token]
     bar = tqdm(total=len(all_ids), desc="generate", disable=not progress or len(all_ids) < 2, dynamic_ncols=True)
     for start in range(0, len(order), gen.batch_size):
         chunk = order[start:start + gen.batch_size]
         width = max(len(all_ids[i]) for i in chunk)
+        if own_loop:
+            check = StopOnStrings(tokenizer, string_stops, width)
+            new_ids = decode.decode(
+                model, [all_ids[i] for i in chunk], prefix_layers, n_prefix, max_new_tokens=gen.max_new_tokens,
+                eos_ids=eos_ids, pad_id=tokenizer.pad_token_id, temperature=gen.temperature,
+                top_k=gen.top_k if sample else None, top_p=gen.top_p if sample else None,
+                repetition_penalty=gen.repetition_penalty, num_return_sequences=gen.num_return_sequences,
+                stop=(lambda seqs, w: check(seqs, None)) if string_stops else None)
+            for row, tokens in enumerate(new_ids):
+                text = tokenizer.decode(tokens, skip_special_tokens=False)
+                outputs[chunk[row // gen.num_return_sequences]].append(
+                    cut_at_stop(text, stops + [t for t in (tokenizer.pad_token,) if t]).strip())
+            bar.update(len(chunk))
+            continue
         ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
         for row, i in enumerate(chunk):  # left padding: every prompt ends where generation starts
