@@ -135,7 +135,7 @@ def test_measured_throughput_moves_the_batch_and_the_lr_follows(tmp_path, tiny_m
     # 0.2% of 1000 is 2; batch 8 runs within 5% of the fastest (16) and keeps 113 x 2 steps: 8
     assert result.config.train.batch_size == 8 and measured == [("lora", 1000, [1, 2, 4, 8, 16, 32])]
     why = rule(result, "train.batch_size").reason
-    assert "8: 400" in why and "the 0.2% rule alone gives 2" in why and "113 per epoch x 2" in why
+    assert "8: 400" in why and "the 0.2% rule alone gives 2" in why and "113 steps per epoch x 2" in why
     assert result.config.train.lr == pytest.approx(2e-4)  # the reference lr at the reference batch 8
     assert "to batch 8" in rule(result, "train.lr").reason
 

@@ -115,6 +115,7 @@ def choose(results: list[Throughput], low: int, high: int, train_n: int, epochs:
     best = max(r.tokens_per_s for r in fits)
     pick = min((r for r in fits if r.tokens_per_s >= (1 - tolerance) * best), key=lambda r: r.batch_size)
     table = ", ".join(f"{r.batch_size}: {r.tokens_per_s:.0f}" for r in results)
-    return pick.batch_size, (f"measured training tokens/s by batch size here ({table}); batch {pick.batch_size} is "
-                             f"the smallest within {tolerance:.0%} of the fastest that keeps at least {min_updates} "
-                             f"optimizer steps ({math.ceil(train_n / pick.batch_size)} per epoch x {epochs:g})")
+    return pick.batch_size, (f"measured training tokens/s by batch size here ({table}); of the sizes that keep at "
+                             f"least {min_updates} optimizer steps, batch {pick.batch_size} is the fastest or the "
+                             f"smallest within {tolerance:.0%} of it ({math.ceil(train_n / pick.batch_size)} steps "
+                             f"per epoch x {epochs:g})")
