@@ -150,7 +150,7 @@ def _merge(base: dict, changes: dict) -> dict:
 
 
 def base_values(dataset: str, files: dict[str, Path], fp32: bool) -> dict:
-    values = _merge(suggest(files["train"], model=MODELS[dataset]).config.model_dump(), recipe(dataset))
+    values = _merge(suggest(files["train"], model=MODELS[dataset], measure=False).config.model_dump(), recipe(dataset))
     if dataset == "car50" and values["data"]["system_prompt"] != CAR_SYSTEM:
         raise SystemExit("configs/augment_car50.yaml must train with the demo's system prompt")
     if fp32:
@@ -357,9 +357,12 @@ def main() -> None:
     parser.add_argument("--arms", default="none,repeat,eda,noise,backtranslate,paraphrase,eda+noise,repeat3,online-eda")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--per-example", type=int, default=1, help="augmentations asked per example and method")
-    parser.add_argument("--fp32", action="store_true", help="train in fp32 (mixed_precision: no)")
+    parser.add_argument("--fp32", action="store_true", help="train in fp32 (mixed_precision: no), and run the "
+                        "augmenting LLM and the evaluation in fp32 too (FEWTUNE_MIXED_PRECISION=no)")
     parser.add_argument("--table-only", action="store_true")
     args = parser.parse_args()
+    if args.fp32:  # inference follows auto too (paraphrase/backtranslate models): the table's earlier rows ran fp32
+        os.environ["FEWTUNE_MIXED_PRECISION"] = "no"
     print(f"CPU: {cpu_kind()}; torch threads {torch.get_num_threads()}", flush=True)
     code = code_version()
     command = " ".join(["python benchmarks/augment.py", *sys.argv[1:]])

@@ -10,7 +10,9 @@ short JSON answers and stops, so rows of a batch finish at different steps.
 
 - plain:   `model.generate` per batch of the prompts in file order, left padding, greedy, stopping
            at the end-of-turn token only, as a user of transformers writes it;
-- fewtune: `fewtune.generate.generate` (what eval, chat and the server call) with the same batch size.
+- fewtune: `fewtune.generate.generate` (what eval, chat and the server call) with the same batch size:
+           its own decoding loop (fewtune.decode): batches sorted by prompt length, the prefix all
+           prompts share run once, finished rows dropped from the batch.
 
 Both arms' texts are cut at the template's stop strings and compared: the table says whether every
 output is the same. tokens/s counts generated tokens up to the stop (what the user gets), over the
@@ -101,7 +103,7 @@ def main() -> None:
     lines = ["# Batched generation speed", "",
              f"Command: `python benchmarks/generate_speed.py --n {args.n} --batch-size {args.batch_size} "
              f"--max-new-tokens {args.max_new_tokens} --dtype {args.dtype}" + (f" --run {args.run}`" if args.run else "`"),
-             "", f"Machine: {machine}; torch {torch.__version__}, {torch.get_num_threads()} threads. Model: {target} "
+             "", f"Measured {time.strftime('%Y-%m-%d')} on {machine}; torch {torch.__version__}, {torch.get_num_threads()} threads. Model: {target} "
              f"({args.dtype}), greedy, {len(conversations)} car commands, batch {args.batch_size}.", "",
              "| arm | seconds | generated tokens | tokens/s | vs plain |", "|---|---:|---:|---:|---:|"]
     for name, texts, seconds in rows:
@@ -109,7 +111,11 @@ def main() -> None:
         lines.append(f"| {name} | {seconds:.1f} | {n:,} | {n / seconds:.1f} | {plain_s / seconds:.2f}x |")
     lines += ["", f"Same outputs as plain: {same} of {len(conversations)}."]
     text = "\n".join(lines) + "\n"
-    OUT.write_text(text, encoding="utf-8")
+    # each run adds its section above the hand-written notes (a run per model and dtype is one table each)
+    old = OUT.read_text(encoding="utf-8") if OUT.exists() else "# Batched generation speed\n"
+    head, marker, notes = old.partition("## Notes")
+    body = text.split("\n", 2)[2]  # without the title line
+    OUT.write_text(head.rstrip("\n") + "\n\n" + body + ("\n" + marker + notes if marker else ""), encoding="utf-8")
     print(text)
 
 

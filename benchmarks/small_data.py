@@ -142,7 +142,7 @@ def config_for(dataset: str, setup: str, train_file: Path, seed: int, run_dir: P
         recipe = yaml.safe_load(USUAL.read_text(encoding="utf-8"))
         values = _merge(recipe, {"model": {"name": model}, "data": {"train": str(train_file)}})
     else:
-        values = suggest(train_file, model=model).config.model_dump()
+        values = suggest(train_file, model=model, measure=False).config.model_dump()
     # paths go in as values, not as dotted overrides (which parse as YAML)
     values = _merge(values, {"data": {"seed": seed},
                              "train": {"seed": seed, "output_dir": str(run_dir), "num_threads": torch.get_num_threads()}})

@@ -95,6 +95,20 @@ def _precision_cache_in_tmp(_precision_cache, monkeypatch):
 
 
 @pytest.fixture(autouse=True)
+def _precision_pinned(monkeypatch):
+    """``auto`` (training and inference) is pinned to float32 unless FEWTUNE_MIXED_PRECISION is set from outside:
+    left to time itself, it would choose bf16 on some CPUs and fp32 on others, and the suite would test
+    different arithmetic on each kind. `make test-precision` sets it to bf16; the tests of the choice itself
+    unset it."""
+    import os
+
+    from fewtune.train import runtime
+
+    if not os.environ.get(runtime.PRECISION_ENV):
+        monkeypatch.setenv(runtime.PRECISION_ENV, "no")
+
+
+@pytest.fixture(autouse=True)
 def _render_cache_in_tmp(tmp_path, monkeypatch):
     """Tests keep the tokenization cache in their own temporary folder, not in the user's cache."""
     monkeypatch.setattr("fewtune.data.cache._cache_dir", lambda: tmp_path / "render-cache")
@@ -103,7 +117,7 @@ def _render_cache_in_tmp(tmp_path, monkeypatch):
 def pytest_collection_modifyitems(config, items):
     """Mark `precision` every test that trains with the precision `auto` picks (it uses make_config and does
     not pin one itself): these are the tests a bf16 machine and an fp32 machine run differently, so .ci/run
-    runs them again under each forced precision (FEWTUNE_MIXED_PRECISION=no and =bf16)."""
+    runs them again in bf16 (FEWTUNE_MIXED_PRECISION=bf16; the suite itself pins fp32)."""
     for item in items:
         pinned = "precision" in getattr(getattr(item, "callspec", None), "params", {})
         if "make_config" in getattr(item, "fixturenames", ()) and not pinned:

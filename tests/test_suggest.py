@@ -3,6 +3,7 @@
 import math
 
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -33,7 +34,7 @@ def rule(result, key):
 @pytest.mark.parametrize("n, epochs, rank, batch", [(20, 5, 4, 1), (30, 3, 4, 1), (300, 3, 4, 1),
                                                      (1000, 2, 8, 2), (5200, 2, 16, 10)])
 def test_rules_by_data_size(tmp_path, tiny_model, n, epochs, rank, batch):
-    result = suggest(classification(tmp_path, n), model=tiny_model)
+    result = suggest(classification(tmp_path, n), model=tiny_model, measure=False)
     cfg = result.config
     assert cfg.train.epochs == epochs and cfg.method.lora.r == rank and cfg.train.batch_size == batch
     assert cfg.method.name == "lora" and cfg.method.lora.alpha == 2 * rank
@@ -58,15 +59,15 @@ def test_epochs_rule_follows_the_legacy_formula():
 
 def test_linear_rule_and_full_method(tmp_path, tiny_model):
     data = classification(tmp_path, 5200)
-    lin = suggest(data, model=tiny_model, lr_rule="linear")
+    lin = suggest(data, model=tiny_model, lr_rule="linear", measure=False)
     assert lin.config.train.lr == pytest.approx(min(2e-4, 2e-4 * 10 / 8))
     assert "kept within [0.0001, 0.0002]" in rule(lin, "train.lr").reason
-    full = suggest(data, model=tiny_model, method="full")
+    full = suggest(data, model=tiny_model, method="full", measure=False)
     assert full.config.method.name == "full" and full.config.train.lr == pytest.approx(1e-5 * math.sqrt(10 / 8), rel=1e-2)
 
 
 def test_max_length_covers_99_percent_and_generation_task(tmp_path, tiny_model):
-    result = suggest(generation(tmp_path, 200), model=tiny_model)
+    result = suggest(generation(tmp_path, 200), model=tiny_model, measure=False)
     lengths = sorted(result.profile.lengths)
     assert result.profile.task == "generation"
     assert result.config.data.max_length % 32 == 0 and result.config.data.max_length >= lengths[math.ceil(0.99 * 200) - 1]
@@ -78,19 +79,19 @@ def test_max_length_covers_99_percent_and_generation_task(tmp_path, tiny_model):
 def test_long_outliers_are_dropped_not_fatal(tmp_path, tiny_model):
     rows = [{"prompt": f"short {i}", "completion": "ok"} for i in range(199)]
     rows.append({"prompt": "word " * 3000, "completion": "ok"})
-    result = suggest(write_jsonl(tmp_path / "outlier.jsonl", rows), model=tiny_model)
+    result = suggest(write_jsonl(tmp_path / "outlier.jsonl", rows), model=tiny_model, measure=False)
     assert result.config.data.max_length < 3000 and result.config.data.on_bad_example == "drop"
     assert "1 example(s) longer than" in rule(result, "data.on_bad_example").reason
 
 
 def test_unbalanced_classes_are_flagged(tmp_path, tiny_model):
-    result = suggest(classification(tmp_path, 300, ["a", "b"], [9, 1]), model=tiny_model)
+    result = suggest(classification(tmp_path, 300, ["a", "b"], [9, 1]), model=tiny_model, measure=False)
     assert any("unbalanced" in r.reason and "9.0" in r.reason for r in result.rules)
 
 
 def test_written_config_loads_and_carries_reasons(tmp_path, tiny_model):
     out = tmp_path / "suggested.yaml"
-    result = suggest(classification(tmp_path, 300), model=tiny_model, out=out)
+    result = suggest(classification(tmp_path, 300), model=tiny_model, out=out, measure=False)
     text = out.read_text()
     assert "# written by `fewtune suggest`" in text and "lr: " in text
     lr_line = next(l for l in text.splitlines() if l.strip().startswith("lr:"))
@@ -105,5 +106,61 @@ def test_suggest_command(tmp_path, tiny_model):
                                    "--out", str(out)])
     assert res.exit_code == 0, res.output
     assert "train.epochs = 3" in res.output and "n=40" in res.output and out.is_file()
+    # measured on the tiny model (32 training examples x 3 epochs: only batch 1 keeps 50 optimizer steps)
+    assert "measured training tokens/s by batch size here (1: " in res.output and "train.batch_size = 1" in res.output
     bad = CliRunner().invoke(app, ["suggest", str(tmp_path / "missing.jsonl"), "--model", tiny_model])
     assert bad.exit_code == 2 and "missing.jsonl" in bad.output
+
+
+MEASURED = {1: 100.0, 2: 180.0, 4: 300.0, 8: 400.0, 16: 410.0, 32: 380.0}
+
+
+@pytest.fixture
+def measured(monkeypatch):
+    """throughput.measure replaced by fixed tokens/s per batch size (a CPU's usual shape: flat from 8 on)."""
+    from fewtune.advice import throughput
+
+    calls = []
+
+    def fake(cfg, items, sizes, precision=None, seed=0, progress=True):
+        calls.append((cfg.method.name, len(items), list(sizes)))
+        return [throughput.Throughput(b, MEASURED[b], b * 50 / MEASURED[b]) for b in sizes]
+
+    monkeypatch.setattr(throughput, "measure", fake)
+    return calls
+
+
+def test_measured_throughput_moves_the_batch_and_the_lr_follows(tmp_path, tiny_model, measured):
+    result = suggest(classification(tmp_path, 1000), model=tiny_model, progress=False)
+    # 0.2% of 1000 is 2; batch 8 runs within 5% of the fastest (16) and keeps 113 x 2 steps: 8
+    assert result.config.train.batch_size == 8 and measured == [("lora", 1000, [1, 2, 4, 8, 16, 32])]
+    why = rule(result, "train.batch_size").reason
+    assert "8: 400" in why and "the 0.2% rule alone gives 2" in why and "113 steps per epoch x 2" in why
+    assert result.config.train.lr == pytest.approx(2e-4)  # the reference lr at the reference batch 8
+    assert "to batch 8" in rule(result, "train.lr").reason
+
+
+def test_measured_batch_keeps_enough_optimizer_steps(tmp_path, tiny_model, measured):
+    # 70 examples: 56 train x 3 epochs; batch 4 would leave 42 steps (< 50), so 2 is the fastest allowed
+    result = suggest(classification(tmp_path, 70), model=tiny_model, progress=False)
+    assert result.config.train.batch_size == 2
+    assert result.config.train.lr == pytest.approx(1e-4)  # 2e-4 x sqrt(2/8), the floor of the range
+    tiny = suggest(classification(tmp_path, 20), model=tiny_model, progress=False)  # 16 x 5 epochs = 80 steps at 1
+    assert tiny.config.train.batch_size == 1
+
+
+def test_throughput_probe_times_real_training_passes(tmp_path, tiny_model):
+    from fewtune.advice import throughput
+    from fewtune.data.dataset import render_set
+    from fewtune.data.formats import load_examples
+    from fewtune.data.render import Template
+    from fewtune.models import load_tokenizer
+
+    data = classification(tmp_path, 60)
+    cfg = suggest(data, model=tiny_model, measure=False).config
+    tok = load_tokenizer(tiny_model)
+    items = render_set(load_examples(data), tok, Template.from_config(tok, cfg), cfg.data, "training").items
+    state = torch.get_rng_state()
+    results = throughput.measure(cfg, items, [1, 4], progress=False)
+    assert [r.batch_size for r in results] == [1, 4] and all(r.tokens_per_s > 0 and r.step_s > 0 for r in results)
+    assert torch.equal(torch.get_rng_state(), state)  # the probe leaves no trace in the random stream

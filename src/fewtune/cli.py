@@ -110,6 +110,10 @@ def train(
         typer.echo(f"report: {_run(build_report, result.run_dir)}")
 
 
+PRECISION_HELP = ("auto | no | bf16: what the model computes in (auto: a run's training precision; another model's "
+                  "by timed forward passes on a CPU)")
+
+
 @app.command()
 def generate(
     target: Annotated[str, typer.Argument(help="run directory, model folder, .gguf file or model name")],
@@ -127,6 +131,7 @@ def generate(
     num_return_sequences: Optional[int] = None,
     seed: Optional[int] = None,
     batch_size: Optional[int] = None,
+    precision: Annotated[Optional[str], typer.Option(help=PRECISION_HELP)] = None,
 ):
     """Batched generation with the run's own template."""
     _setup_logging()
@@ -135,7 +140,8 @@ def generate(
 
     gen = _run(_generate_section, config, dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                                                top_p=top_p, repetition_penalty=repetition_penalty, stop=stop,
-                                               num_return_sequences=num_return_sequences, seed=seed, batch_size=batch_size))
+                                               num_return_sequences=num_return_sequences, seed=seed, batch_size=batch_size,
+                                               precision=precision))
     if not prompt and not input:
         _fail(ValueError("give --prompt TEXT or --input FILE"))
     if output is not None and output.is_dir():
@@ -154,7 +160,7 @@ def generate(
             conversations.append(_run(prompt_conversation, record, str(input), line))  # as training reads it
             names.append(f"{input} line {line}")
     _run(check_prompts, None, conversations, gen.max_new_tokens, names)  # empty ones: before loading the model
-    loaded = _run(load_for_inference, target, system_prompt=system, merge=True)
+    loaded = _run(load_for_inference, target, system_prompt=system, merge=True, precision=gen.precision)
     outputs = _run(run_generate, loaded, conversations, gen, names=names)
     sink = _run(open, output, "w", encoding="utf-8") if output else None
     try:
@@ -185,6 +191,7 @@ def chat(
     top_k: Optional[int] = None,
     top_p: Optional[float] = None,
     config: Optional[Path] = None,
+    precision: Annotated[Optional[str], typer.Option(help=PRECISION_HELP)] = None,
 ):
     """Interactive terminal chat with the run's template. /reset clears the history, /exit quits."""
     _setup_logging()
@@ -192,8 +199,8 @@ def chat(
     from fewtune.generate import PromptError, context_limit, fit_history, generate as run_generate, load_for_inference
 
     gen = _run(_generate_section, config, dict(max_new_tokens=max_new_tokens, temperature=temperature,
-                                               top_k=top_k, top_p=top_p))
-    loaded = _run(load_for_inference, target, system_prompt=system, merge=True)
+                                               top_k=top_k, top_p=top_p, precision=precision))
+    loaded = _run(load_for_inference, target, system_prompt=system, merge=True, precision=gen.precision)
     typer.echo(f"chatting with {loaded.source} ({loaded.template.kind} template). /reset clears, /exit quits.")
     history: list[Message] = []
     while True:
@@ -272,6 +279,7 @@ def eval_(
     system: Annotated[Optional[str], typer.Option(help="system prompt (models without a run's template)")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="folder for results.json and predictions.jsonl")] = None,
     report: Annotated[bool, typer.Option("--report", help="also write a Markdown/HTML report")] = False,
+    precision: Annotated[Optional[str], typer.Option(help=PRECISION_HELP)] = None,
 ):
     """Task metrics with the training template: accuracy/F1, ROUGE/BLEU, JSON fields, perplexity."""
     _setup_logging()
@@ -280,7 +288,7 @@ def eval_(
 
     settings = _run(_section, config, "eval", dict(task=task, labels=_labels(labels), mode=mode, normalize=normalize,
                                                    limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                                   window=window, system_prompt=system))
+                                                   window=window, system_prompt=system, precision=precision))
     out = output or _default_output(target, "eval")
     result = _run(evaluate, target, data, settings, out)
     print_eval(result)
@@ -308,6 +316,7 @@ def compare(
     system: Annotated[Optional[str], typer.Option(help="system prompt for plain models (default: the run's)")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o")] = None,
     report: Annotated[bool, typer.Option("--report", help="also write a Markdown/HTML report")] = False,
+    precision: Annotated[Optional[str], typer.Option(help=PRECISION_HELP + "; one for every model compared")] = None,
 ):
     """Same examples through each model: metrics side by side, differences with 95% bootstrap intervals."""
     _setup_logging()
@@ -317,7 +326,7 @@ def compare(
     settings = _run(_section, config, "eval", dict(
         general=str(general) if general else None, general_limit=None if general_limit == 0 else general_limit,
         task=task, labels=_labels(labels), mode=mode, limit=limit, batch_size=batch_size,
-        max_new_tokens=max_new_tokens, n_resamples=resamples, system_prompt=system),
+        max_new_tokens=max_new_tokens, n_resamples=resamples, system_prompt=system, precision=precision),
         none=("general_limit",) if general_limit == 0 else ())
     out = output or _default_output(targets[-1], "compare")
     result = _run(run_compare, targets, data, settings, out)
@@ -361,6 +370,8 @@ def suggest(
     method: Annotated[str, typer.Option(help="auto, lora or full")] = "auto",
     lr_rule: Annotated[str, typer.Option(help="scale the learning rate to the batch size: sqrt or linear")] = "sqrt",
     out: Annotated[Optional[Path], typer.Option(help="write the config here (YAML with the reasons as comments)")] = None,
+    measure: Annotated[bool, typer.Option("--measure/--no-measure", help="time training at batch sizes 1-32 here "
+                                          "and weigh the tokens/s in the batch size (about half a minute)")] = True,
 ):
     """Read the data and write a complete config for it, printing every rule applied and the number behind it."""
     _setup_logging()
@@ -371,7 +382,7 @@ def suggest(
         _fail(ValueError(f"--task must be auto, classification or generation, got {task!r}"))
     if method not in ("auto", "lora", "full"):
         _fail(ValueError(f"--method must be auto, lora or full, got {method!r}"))
-    result = _run(suggest_config, data, model or DEFAULT_MODEL, task, lr_rule, method, out)
+    result = _run(suggest_config, data, model or DEFAULT_MODEL, task, lr_rule, method, out, measure)
     typer.echo(result.report())
     if out:
         typer.echo(f"config written to {out}; train with: fewtune train {out}")
@@ -444,6 +455,7 @@ def pseudo_label(
                                                       "log-probs (default: the config's eval.normalize)")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="prompts scored together (default: the config's eval.batch_size)")] = None,
     exclude: Annotated[Optional[list[Path]], typer.Option(help="leave out prompts found in this file, e.g. the test set (repeatable)")] = None,
+    precision: Annotated[Optional[str], typer.Option(help=PRECISION_HELP)] = None,
 ):
     """Label unlabeled data with a run, keep confident class-balanced examples, retrain on labeled + pseudo-labeled."""
     _setup_logging()
@@ -467,7 +479,7 @@ def pseudo_label(
     # scored as the config (--config, else the run's own) says, the options given on top
     scoring_config = config or (run_dir / "config.yaml" if (run_dir / "config.yaml").is_file() else None)
     scoring = _run(_section, scoring_config, "eval", dict(labels=_labels(labels), normalize=normalize,
-                                                          batch_size=batch_size))
+                                                          batch_size=batch_size, precision=precision))
     try:
         result = _run(run_pseudo, run_dir, unlabeled, _run(settings), scoring, out, config)
     except PseudoError as err:

@@ -330,6 +330,10 @@ class EvalSection(Section):
     system_prompt: str | None = Field(
         None, description="System prompt for a model without a run's template (a run directory keeps its own); "
         "None: none (compare: the first run directory's).")
+    precision: Literal["auto", "no", "bf16", "fp16"] = Field(
+        "auto", description="What fewtune eval, compare and pseudo-label compute in. auto: a run's training "
+        "precision (fp32 where bf16 is far slower on this CPU); another model's by timed forward passes on a CPU, "
+        "bf16 on a GPU that has it. no: float32. FEWTUNE_MIXED_PRECISION forces auto as for training.")
     general: str | None = Field(None, description="compare: a general-ability set (.txt or data file) whose "
                                 "perplexity shows forgetting; None: not measured.")
     general_limit: int | None = Field(200, gt=0, description="compare: windows or examples of eval.general used; "
@@ -344,6 +348,11 @@ class EvalSection(Section):
                                "examples (a seeded sample); None: all of them.")
     early_stopping: EarlyStoppingSection = Field(EarlyStoppingSection(), description="Training: early stopping on "
                                                  "the validation figure eval.metric names.")
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value):
+        return "no" if value is False else value  # YAML 1.1 reads a bare `no` as false
 
     @field_validator("task", mode="before")
     @classmethod
@@ -379,6 +388,13 @@ class GenerateSection(Section):
     num_return_sequences: int = Field(1, gt=0, description="Outputs per prompt.")
     seed: int = Field(0, description="Seed of sampling.")
     batch_size: int = Field(16, gt=0, description="Prompts generated together.")
+    precision: Literal["auto", "no", "bf16", "fp16"] = Field(
+        "auto", description="What fewtune generate and chat compute in; as eval.precision.")
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, value):
+        return "no" if value is False else value  # YAML 1.1 reads a bare `no` as false
 
 
 class Config(Section):

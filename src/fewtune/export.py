@@ -32,7 +32,7 @@ def export_merged(run_dir: str | Path, out_dir: str | Path) -> Path:
 
         raise MethodError(f"a {method} run cannot be merged into a plain model: its virtual tokens are not weights "
                           "of the base. Use the run directory itself with `fewtune generate RUN_DIR`.")
-    loaded = load_for_inference(str(run_dir))
+    loaded = load_for_inference(str(run_dir), precision="no")  # exports stay float32
     model = loaded.model
     check_mergeable(model)
     if hasattr(model, "merge_and_unload"):

@@ -16,6 +16,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from fewtune import decode
 from fewtune.config import Config, GenerateSection, load_config
 from fewtune.data.formats import Message
 from fewtune.data.render import Template, render_conversation
@@ -40,6 +41,8 @@ class Loaded:
     template: Template
     config: Config | None  # the run's config, when loaded from a run directory
     source: str
+    precision: str = "no"  # what the weights run in: "no" (float32), "bf16" (fewtune.inference_precision)
+    precision_reason: str = ""
 
 
 def is_run_dir(path: str | Path) -> bool:
@@ -123,13 +126,28 @@ def _damaged(part: Path, err: BaseException) -> RunDirError:
 
 
 def load_for_inference(path_or_model: str, template_kind: str = "auto", system_prompt: str | None = None,
-                       dtype: str = "auto", merge: bool = False) -> Loaded:
+                       dtype: str = "auto", merge: bool = False, precision: str = "auto") -> Loaded:
     """A run directory (base + adapter, or full model) or any model name/folder/.gguf.
 
     ``merge=True`` folds a weight adapter (LoRA, DoRA, IA3) into the base weights in memory:
     the same outputs (within float rounding) without the adapter's extra matrix products,
     which matters on a CPU. Prompt-learning adapters (virtual tokens) stay as they are.
+    ``precision`` (auto, no, bf16) is what the weights run in after loading and merging: auto is
+    the run's training precision, or for another model what runs faster here
+    (:mod:`fewtune.inference_precision`); a ``dtype`` other than auto loads and stays in that dtype.
     """
+    loaded = _load(path_or_model, template_kind, system_prompt, dtype, merge)
+    if dtype == "auto" and (loaded.config is None or loaded.config.model.dtype == "auto"):
+        from fewtune import inference_precision
+
+        name = loaded.config.model.name if loaded.config is not None else path_or_model
+        run = loaded.source if loaded.config is not None else None
+        choice, loaded.model = inference_precision.resolve(precision, loaded.model, name, run)
+        loaded.precision, loaded.precision_reason = choice.precision, choice.reason
+    return loaded
+
+
+def _load(path_or_model: str, template_kind: str, system_prompt: str | None, dtype: str, merge: bool) -> Loaded:
     if looks_like_run_dir(path_or_model):
         run = Path(path_or_model)
         cfg, template = check_run_dir(run)  # (what check_target does for a run directory)
@@ -333,10 +351,30 @@ def generate(loaded: Loaded, conversations: Sequence[Sequence[Message]], gen: Ge
     order = sorted(range(len(all_ids)), key=lambda i: -len(all_ids[i]))
     outputs: list[list[str]] = [[] for _ in all_ids]
     torch.manual_seed(gen.seed)
+    # fewtune's decoding loop (fewtune.decode): the prefix every prompt shares runs once, finished rows leave
+    # the batch; models it does not cover go through model.generate
+    own_loop = decode.supported(model)
+    n_prefix = decode.common_prefix(all_ids) if own_loop and len(all_ids) > 1 else 0
+    prefix_layers = decode.prefix_cache(model, all_ids[0][:n_prefix]) if n_prefix else None
+    string_stops = [s for s in stops if s != tokenizer.eos_token]
     bar = tqdm(total=len(all_ids), desc="generate", disable=not progress or len(all_ids) < 2, dynamic_ncols=True)
     for start in range(0, len(order), gen.batch_size):
         chunk = order[start:start + gen.batch_size]
         width = max(len(all_ids[i]) for i in chunk)
+        if own_loop:
+            check = StopOnStrings(tokenizer, string_stops, width)
+            new_ids = decode.decode(
+                model, [all_ids[i] for i in chunk], prefix_layers, n_prefix, max_new_tokens=gen.max_new_tokens,
+                eos_ids=eos_ids, pad_id=tokenizer.pad_token_id, temperature=gen.temperature,
+                top_k=gen.top_k if sample else None, top_p=gen.top_p if sample else None,
+                repetition_penalty=gen.repetition_penalty, num_return_sequences=gen.num_return_sequences,
+                stop=(lambda seqs, w: check(seqs, None)) if string_stops else None)
+            for row, tokens in enumerate(new_ids):
+                text = tokenizer.decode(tokens, skip_special_tokens=False)
+                outputs[chunk[row // gen.num_return_sequences]].append(
+                    cut_at_stop(text, stops + [t for t in (tokenizer.pad_token,) if t]).strip())
+            bar.update(len(chunk))
+            continue
         ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
         for row, i in enumerate(chunk):  # left padding: every prompt ends where generation starts

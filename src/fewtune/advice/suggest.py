@@ -7,7 +7,10 @@ triggered it, so the printed report and the YAML comments say why, not just what
   5,000, 16 above) and the epochs (OpenAI's legacy rule: 3, raised to min(25, 100 // n)
   when n * 3 < 100, lowered to 25,000 // n for large sets; 2 from ~1,000 examples);
 - batch size is ~0.2% of the examples (OpenAI's legacy default), at least 1, at most 256
-  and at most what the memory estimate allows; the learning rate starts from a reference
+  and at most what the memory estimate allows; then, unless told not to measure, training passes
+  are timed at batch 1 to 32 on this machine and the fastest size per token is taken among those
+  that still leave 50 optimizer steps (the smallest within 5% of the fastest: on a CPU batch 1
+  trains ~3x slower per token than 8); the learning rate starts from a reference
   (2e-4 at batch 8 for LoRA, 1e-5 for full fine-tuning) and is scaled to that batch by the
   square-root rule (Adam) or the linear rule (SGD-style);
 - lengths (rendered by the one render function) set max_length to cover 99% of examples;
@@ -20,6 +23,7 @@ triggered it, so the printed report and the YAML comments say why, not just what
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -30,7 +34,10 @@ import yaml
 from fewtune.config import Config, build_config
 from fewtune.models import DEFAULT_MODEL
 
+log = logging.getLogger(__name__)
+
 REFERENCE_BATCH = 8
+MIN_UPDATES = 50  # a measured batch size is taken only if it leaves at least this many optimizer steps
 REFERENCE_LR = {"lora": 2e-4, "full": 1e-5}
 LR_BOUNDS = {"lora": (1e-4, 2e-4), "full": (5e-6, 2e-5)}  # the ranges small-data practice reports
 
@@ -128,8 +135,12 @@ def memory_batch_limit(model_name: str, max_length: int) -> tuple[int, str]:
 
 
 def suggest(data: str | Path, model: str = DEFAULT_MODEL, task: str = "auto", lr_rule: str = "sqrt",
-            method: str = "auto", out: str | Path | None = None) -> Suggestion:
-    """Profile the data and build a config with the reasons. The function `fewtune suggest` calls."""
+            method: str = "auto", out: str | Path | None = None, measure: bool = True,
+            progress: bool = True) -> Suggestion:
+    """Profile the data and build a config with the reasons. The function `fewtune suggest` calls.
+
+    ``measure``: time training passes of the model on this machine at batch sizes 1 to 32 and weigh the
+    tokens/s in the batch rule (:mod:`fewtune.advice.throughput`); without it the batch is the 0.2% rule's."""
     from fewtune.data.render import Template
     from fewtune.models import load_tokenizer
 
@@ -183,6 +194,8 @@ def suggest(data: str | Path, model: str = DEFAULT_MODEL, task: str = "auto", lr
     if batch > limit:
         why += f"; {mem_why}, so {limit}"
         batch = limit
+    if measure:
+        batch, why = _weigh_throughput(data, model, rules, batch, why, limit, train_n, epochs, progress)
     add("train.batch_size", batch, why)
     base = REFERENCE_LR[method if method in REFERENCE_LR else "lora"]
     factor = (batch / REFERENCE_BATCH) ** 0.5 if lr_rule == "sqrt" else batch / REFERENCE_BATCH
@@ -222,6 +235,13 @@ def suggest(data: str | Path, model: str = DEFAULT_MODEL, task: str = "auto", lr
     else:
         add("", None, f"generation task: no labels found (n={n}); evaluate by generation against references")
 
+    cfg = _config(data, model, rules)
+    if out is not None:
+        write_config(cfg, rules, out)
+    return Suggestion(cfg, rules, p)
+
+
+def _config(data: str | Path, model: str, rules: list[Rule]) -> Config:
     values = {"model": {"name": model}, "data": {"train": str(Path(data).resolve())}, "method": {}, "train": {}}
     for rule in rules:
         if rule.key:
@@ -230,10 +250,34 @@ def suggest(data: str | Path, model: str = DEFAULT_MODEL, task: str = "auto", lr
             for part in parents:
                 node = node.setdefault(part, {})
             node[last] = rule.value
-    cfg = build_config(values, source="fewtune suggest")
-    if out is not None:
-        write_config(cfg, rules, out)
-    return Suggestion(cfg, rules, p)
+    return build_config(values, source="fewtune suggest")
+
+
+def _weigh_throughput(data, model: str, rules: list[Rule], batch: int, why: str, limit: int, train_n: int,
+                      epochs: float, progress: bool) -> tuple[int, str]:
+    """The batch size once measured training throughput is weighed in (see throughput.choose), or the rule's
+    own ``batch`` with the reason it stayed."""
+    from fewtune.advice import throughput
+    from fewtune.data.dataset import render_set
+    from fewtune.data.formats import load_examples
+    from fewtune.data.render import Template
+    from fewtune.models import load_tokenizer
+
+    cfg = _config(data, model, rules)
+    tokenizer = load_tokenizer(model)
+    items = render_set(load_examples(data), tokenizer, Template.from_config(tokenizer, cfg), cfg.data,
+                       "training").items
+    sizes = [b for b in throughput.CANDIDATES if b <= limit] or [1]
+    log.info("suggest: timing training passes at batch sizes %s on this machine (--no-measure skips this)",
+             ", ".join(map(str, sizes)))
+    results = throughput.measure(cfg, items, sizes, progress=progress)
+    picked = throughput.choose(results, 1, limit, train_n, epochs, MIN_UPDATES)
+    if picked is None:
+        return batch, why + f"; no measured batch size keeps {MIN_UPDATES} optimizer steps, so the rule's {batch} stays"
+    chosen, reason = picked
+    if chosen == batch:
+        return batch, why + f"; {reason}"
+    return chosen, f"{reason} (the 0.2% rule alone gives {batch})"
 
 
 def write_config(cfg: Config, rules: list[Rule], out: str | Path) -> Path:

@@ -25,6 +25,7 @@ from fewtune.eval.evaluate import EvalError, EvalResult, check_output_dir, detec
 from fewtune.eval.stats import bootstrap_interval, f1_codes, mcnemar, paired_difference
 from fewtune.eval.text_metrics import bleu_from_statistics, bleu_statistics, bleu_tokenizer
 from fewtune.generate import check_target, looks_like_run_dir, load_for_inference, read_template
+from fewtune.inference_precision import shared_precision
 
 log = logging.getLogger(__name__)
 
@@ -128,9 +129,13 @@ def compare(targets: Sequence[str], data: str | Path, settings: EvalSection | No
                                       "batch_size": max(1, s.batch_size // 2), "format": "auto"})
     results: list[EvalResult] = []
     general_results: list[EvalResult] = []
+    # one precision for every model compared: the differences are then the models', not the arithmetic's
+    precision = shared_precision(s.precision, targets)
     for target, name in zip(targets, names):
         loaded = load_for_inference(str(target), system_prompt=None if looks_like_run_dir(target) else system_prompt,
-                                    merge=True)
+                                    merge=True, precision=precision)
+        if precision == "auto":
+            precision = loaded.precision  # the first model's (measured) choice holds for the rest
         log.info("evaluating %s", target)
         results.append(evaluate(loaded, data, on_task, out / "models" / name if out else None, progress=progress))
         if general:

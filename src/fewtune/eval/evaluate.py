@@ -226,10 +226,10 @@ def task_metrics(loaded: Loaded, examples: Sequence[Example], settings: EvalSect
 # ---------------------------------------------------------------- the stage function
 
 
-def _as_loaded(target: str | Loaded, system_prompt: str | None) -> Loaded:
+def _as_loaded(target: str | Loaded, system_prompt: str | None, precision: str = "auto") -> Loaded:
     if isinstance(target, Loaded):
         return target
-    return load_for_inference(str(target), system_prompt=system_prompt, merge=True)
+    return load_for_inference(str(target), system_prompt=system_prompt, merge=True, precision=precision)
 
 
 def evaluate(target: str | Loaded, data: str | Path, settings: EvalSection | None = None,
@@ -246,7 +246,7 @@ def evaluate(target: str | Loaded, data: str | Path, settings: EvalSection | Non
         if not examples:
             raise DataError(str(data), None, "no examples")
     task = s.task or detect_task(data, examples)
-    loaded = _as_loaded(target, s.system_prompt)
+    loaded = _as_loaded(target, s.system_prompt, s.precision)
     start = time.time()
     if task == "perplexity":
         metrics, records = perplexity_task(loaded, data, s.limit, s.batch_size, s.window, s.format, progress)
@@ -262,7 +262,7 @@ def evaluate(target: str | Loaded, data: str | Path, settings: EvalSection | Non
     wall = time.time() - start
     settings_used = {"target": loaded.source, "data": str(data), "task": task,
                      "mode": s.mode if task == "classification" else None, "limit": s.limit,
-                     "batch_size": s.batch_size, "template": loaded.template.kind,
+                     "batch_size": s.batch_size, "template": loaded.template.kind, "precision": loaded.precision,
                      "system_prompt": loaded.template.system_prompt, "seconds": round(wall, 2),
                      "examples_per_s": round(len(records) / wall, 2) if wall > 0 else None}
     result = EvalResult(task, metrics, records, settings_used)

@@ -76,6 +76,25 @@ class TrainResult:
     wall_s: float
 
 
+def build_training_model(cfg: Config, precision: str) -> tuple:
+    """The model as training runs it in ``precision``: (model, loss module, base model, its attention before
+    packing, packing on). The trainer, its precision probe and `suggest`'s throughput probe all build it here."""
+    model = apply_method(load_base(cfg.model, cfg.method), cfg.method, cfg.model.name)
+    runtime.keep_trainable_fp32(model)
+    if cfg.model.dtype == "auto" and runtime.store_frozen_low_precision(model, precision):
+        log.debug("frozen weights stored in %s, trainable ones in float32", precision)
+    if precision in runtime.LOW_DTYPES:
+        runtime.skip_adapter_input_casts(model)
+    if cfg.train.gradient_checkpointing:
+        runtime.enable_gradient_checkpointing(model)
+    loss_module = WeightedLMLoss(model, chunk_size=cfg.train.loss_chunk_size,
+                                 label_smoothing=cfg.regularise.label_smoothing)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    attention_before = attention_implementation(base)
+    packing = cfg.train.packing and setup_packing(loss_module, cfg.train.share_prefix)
+    return model, loss_module, base, attention_before, packing
+
+
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path | None = None, resume: bool = False):
         from accelerate.utils import set_seed
@@ -129,21 +148,7 @@ class Trainer:
 
     def _build_model(self, precision: str) -> tuple:
         """(model, loss module, base model, its attention before packing, packing on) for ``precision``."""
-        cfg = self.cfg
-        model = apply_method(load_base(cfg.model, cfg.method), cfg.method, cfg.model.name)
-        runtime.keep_trainable_fp32(model)
-        if cfg.model.dtype == "auto" and runtime.store_frozen_low_precision(model, precision):
-            log.debug("frozen weights stored in %s, trainable ones in float32", precision)
-        if precision in runtime.LOW_DTYPES:
-            runtime.skip_adapter_input_casts(model)
-        if cfg.train.gradient_checkpointing:
-            runtime.enable_gradient_checkpointing(model)
-        loss_module = WeightedLMLoss(model, chunk_size=cfg.train.loss_chunk_size,
-                                     label_smoothing=cfg.regularise.label_smoothing)
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        attention_before = attention_implementation(base)
-        packing = cfg.train.packing and setup_packing(loss_module, cfg.train.share_prefix)
-        return model, loss_module, base, attention_before, packing
+        return build_training_model(self.cfg, precision)
 
     def _setup_model(self) -> None:
         self.model, self.loss_module, self.base_model, self.attention_before, self.packing = self._build_model(

@@ -44,6 +44,7 @@ class Decision:
     fp32_s: float | None = None  # median seconds of a timed forward + backward pass
     bf16_s: float | None = None
     linear_speedup: float | None = None
+    timed: str = "a training step"  # what the two timings are of (inference times a forward pass)
 
     @property
     def speedup(self) -> float | None:
@@ -52,11 +53,12 @@ class Decision:
     def describe(self) -> str:
         name = "bf16" if self.chosen == "bf16" else "fp32"
         if self.how == "linear probe":
-            return (f"{name}: a bf16 linear layer runs {self.linear_speedup:.2f}x the fp32 speed here, so no "
-                    "training step was timed")
-        timed = (f"a training step took {self.fp32_s:.3f} s in fp32 and {self.bf16_s:.3f} s in bf16 "
+            return (f"{name}: a bf16 linear layer runs {self.linear_speedup:.2f}x the fp32 speed here, so nothing "
+                    "was timed")
+        timed = (f"{self.timed} took {self.fp32_s:.3f} s in fp32 and {self.bf16_s:.3f} s in bf16 "
                  f"({self.speedup:.2f}x; bf16 needs {MIN_SPEEDUP:.2f}x)")
-        return f"{name}: {timed}" + (" (measured earlier on this machine for this model, method and batch size)"
+        scope = "model, method and batch size" if self.timed == "a training step" else "model"
+        return f"{name}: {timed}" + (f" (measured earlier on this machine for this {scope})"
                                    if self.how == "cached" else "")
 
 
@@ -111,21 +113,22 @@ def write_cache(key: str, decision: Decision, path: Path | None = None) -> None:
         log.debug("precision cache not written (%s): %s", path, err)
 
 
-def decide(time_steps: Callable[[str], float], key: str, cache: Path | None = None) -> Decision:
-    """bf16 or fp32 ("no") for this run: from the cache, else from ``time_steps(precision)`` (seconds of one
-    timed forward + backward pass), unless a bf16 linear layer is far slower than fp32 here."""
+def decide(time_steps: Callable[[str], float], key: str, cache: Path | None = None,
+           timed: str = "a training step") -> Decision:
+    """bf16 or fp32 ("no"): from the cache, else from ``time_steps(precision)`` (seconds of one timed pass:
+    ``timed`` says of what), unless a bf16 linear layer is far slower than fp32 here."""
     cached = read_cache(cache).get(key)
     if isinstance(cached, dict) and cached.get("chosen") in ("bf16", "no"):
         return Decision(cached["chosen"], "cached", cached.get("fp32_s"), cached.get("bf16_s"),
-                        cached.get("linear_speedup"))
+                        cached.get("linear_speedup"), timed)
     linear = runtime.cpu_bf16_speedup()
     if linear < LINEAR_FLOOR:
-        return Decision("no", "linear probe", linear_speedup=linear)
-    log.info("mixed precision auto: timing %d training passes in fp32 and in bf16 (once per machine, model and "
-             "batch shape)", PROBE_STEPS - 1)
+        return Decision("no", "linear probe", linear_speedup=linear, timed=timed)
+    log.info("precision auto: timing %s in fp32 and in bf16 (once per machine and model%s)", timed,
+             ", method and batch shape" if timed == "a training step" else "")
     fp32_s, bf16_s = time_steps("no"), time_steps("bf16")
     chosen = "bf16" if fp32_s / bf16_s >= MIN_SPEEDUP else "no"
-    decision = Decision(chosen, "measured", fp32_s, bf16_s, linear)
+    decision = Decision(chosen, "measured", fp32_s, bf16_s, linear, timed)
     write_cache(key, decision, cache)
     return decision
 

@@ -253,12 +253,12 @@ def drop_known(pool: list[Unlabeled], known: set[str]) -> tuple[list[Unlabeled],
 
 
 def label_pool(model_dir: str | Path, pool: Sequence[Unlabeled], labels: Sequence[str], batch_size: int = 8,
-               normalize: bool = False, progress: bool = True) -> list[Scored]:
+               normalize: bool = False, progress: bool = True, precision: str = "auto") -> list[Scored]:
     """Choice-score every unlabeled prompt with a run (its own template) and take the argmax label."""
     from fewtune.eval.scoring import choice_scores
     from fewtune.generate import load_for_inference
 
-    loaded = load_for_inference(str(model_dir))
+    loaded = load_for_inference(str(model_dir), merge=True, precision=precision)
     try:
         scores = choice_scores(loaded.model, loaded.tokenizer, loaded.template, [u.messages for u in pool], labels,
                                batch_size=batch_size, progress=progress)
@@ -372,7 +372,8 @@ def pseudo_label(run_dir: str | Path, unlabeled: str | Path, settings: PseudoSet
         round_dir = out / f"round_{r}"
         round_dir.mkdir(parents=True, exist_ok=True)
         log.info("round %d/%d: labeling %d prompts with %s", r, rounds, len(pool), model_dir)
-        scored = label_pool(model_dir, pool, labels, scoring.batch_size, scoring.normalize, progress)
+        scored = label_pool(model_dir, pool, labels, scoring.batch_size, scoring.normalize, progress,
+                            scoring.precision)
         kept, classes = select(scored, labels, threshold, counts_labeled, balance, max_per_class)
         kept_ids = {s.index for s in kept}
         write_jsonl(round_dir / "scores.jsonl", [
