@@ -91,7 +91,7 @@ def _precision_cache(tmp_path_factory) -> Path:
 @pytest.fixture(autouse=True)
 def _precision_cache_in_tmp(_precision_cache, monkeypatch):
     """auto's step timings go to one cache per test session (the tiny models live there too), not the user's."""
-    monkeypatch.setattr("fewtune.train.precision_probe._cache_path", lambda: _precision_cache)
+    monkeypatch.setattr("fewtune.precision._cache_path", lambda: _precision_cache)
 
 
 @pytest.fixture(autouse=True)

@@ -7,8 +7,10 @@ import pytest
 import torch
 
 from fewtune import inference_precision as ip
+from fewtune import precision as machine_precision
 from fewtune.config import EvalSection
 from fewtune.data.formats import Message
+from fewtune.eval.compare import shared_precision
 from fewtune.eval.evaluate import evaluate
 from fewtune.eval.scoring import choice_scores
 from fewtune.generate import load_for_inference
@@ -57,7 +59,7 @@ def test_trained_precision_is_the_last_start_record(tmp_path):
 
 
 def test_a_run_runs_in_the_precision_it_trained_in(trained_run, unforced, monkeypatch):
-    monkeypatch.setattr(runtime, "cpu_bf16_speedup", lambda: 2.0)  # a CPU with fast bf16
+    monkeypatch.setattr(machine_precision, "cpu_bf16_speedup", lambda: 2.0)  # a CPU with fast bf16
     fp32 = load_for_inference(str(trained_run), merge=True)
     assert (fp32.precision, _dtype(fp32)) == ("no", torch.float32) and fp32.precision_reason == "the run trained in fp32"
     _say_trained_in(trained_run, "bf16")
@@ -65,7 +67,7 @@ def test_a_run_runs_in_the_precision_it_trained_in(trained_run, unforced, monkey
     assert (bf16.precision, _dtype(bf16)) == ("bf16", torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in bf16.model.parameters())  # cast once, nothing left in fp32
     # on a CPU where bf16 is far slower (AVX2 only), a bf16 run is evaluated in fp32, and the reason says so
-    monkeypatch.setattr(runtime, "cpu_bf16_speedup", lambda: 0.2)
+    monkeypatch.setattr(machine_precision, "cpu_bf16_speedup", lambda: 0.2)
     slow = load_for_inference(str(trained_run), merge=True)
     assert (slow.precision, _dtype(slow)) == ("no", torch.float32) and "0.20x the fp32 speed" in slow.precision_reason
     # the environment variable and an explicit setting both win over the run's record
@@ -75,8 +77,8 @@ def test_a_run_runs_in_the_precision_it_trained_in(trained_run, unforced, monkey
 
 
 def test_another_model_is_timed_once_and_the_faster_precision_kept(tiny_model, unforced, monkeypatch, tmp_path):
-    monkeypatch.setattr("fewtune.train.precision_probe._cache_path", lambda: tmp_path / "precision.json")
-    monkeypatch.setattr(runtime, "cpu_bf16_speedup", lambda: 2.0)
+    monkeypatch.setattr("fewtune.precision._cache_path", lambda: tmp_path / "precision.json")
+    monkeypatch.setattr(machine_precision, "cpu_bf16_speedup", lambda: 2.0)
     calls = []
 
     def timed(model, precision):
@@ -147,19 +149,19 @@ def test_evaluation_in_bf16_picks_the_labels_fp32_picks(tiny_model, tmp_path):
 
 
 def test_compare_runs_every_model_in_one_precision(trained_run, tiny_model, unforced, monkeypatch):
-    monkeypatch.setattr(runtime, "cpu_bf16_speedup", lambda: 2.0)
+    monkeypatch.setattr(machine_precision, "cpu_bf16_speedup", lambda: 2.0)
     _say_trained_in(trained_run, "bf16")
-    assert ip.shared_precision("auto", [tiny_model, str(trained_run)]) == "bf16"  # the run's, for the base too
-    assert ip.shared_precision("no", [tiny_model, str(trained_run)]) == "no"
-    monkeypatch.setattr(runtime, "cpu_bf16_speedup", lambda: 0.2)
-    assert ip.shared_precision("auto", [tiny_model, str(trained_run)]) == "no"
-    assert ip.shared_precision("auto", [tiny_model]) == "auto"  # no run: the first model's own choice holds
+    assert shared_precision("auto", [tiny_model, str(trained_run)]) == "bf16"  # the run's, for the base too
+    assert shared_precision("no", [tiny_model, str(trained_run)]) == "no"
+    monkeypatch.setattr(machine_precision, "cpu_bf16_speedup", lambda: 0.2)
+    assert shared_precision("auto", [tiny_model, str(trained_run)]) == "no"
+    assert shared_precision("auto", [tiny_model]) == "auto"  # no run: the first model's own choice holds
 
 
 def test_export_of_a_bf16_run_stays_float32(trained_run, unforced, monkeypatch, tmp_path):
     from fewtune.export import export_merged
 
-    monkeypatch.setattr(runtime, "cpu_bf16_speedup", lambda: 2.0)
+    monkeypatch.setattr(machine_precision, "cpu_bf16_speedup", lambda: 2.0)
     _say_trained_in(trained_run, "bf16")
     out = export_merged(trained_run, tmp_path / "merged")
     from transformers import AutoModelForCausalLM

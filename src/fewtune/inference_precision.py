@@ -8,7 +8,7 @@ trained and validated in:
   AVX2-only machine evaluating a run trained on an AMX one): fp32 there, and the log says so;
 - any other model (a base model, a merged export) gets what training would choose for it
   here: on a GPU bf16 where supported; on a CPU bf16 only if timed forward passes of this model
-  run at least ``precision_probe.MIN_SPEEDUP`` faster in bf16 (measured once per machine and
+  run at least ``fewtune.precision.MIN_SPEEDUP`` faster in bf16 (measured once per machine and
   model, cached with training's decisions in ``$FEWTUNE_CACHE/precision.json``).
 
 ``FEWTUNE_MIXED_PRECISION=no|bf16`` forces ``auto`` here as it does for training. bf16 means
@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from fewtune import precision
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +87,7 @@ def _time_forward(model, precision: str) -> float:
 def _measure_cpu(model, name: str) -> tuple[Choice, torch.nn.Module | None]:
     """bf16 or fp32 for ``model`` on this CPU by timed forward passes (cached per machine and model); the bf16
     copy made for the timing comes back when bf16 wins, so it need not be made again."""
-    from fewtune.train import precision_probe as probe
-
-    key = "inference|" + probe.cache_key(name, "inference", PROBE_SHAPE[0], False, False, False)
+    key = "inference|" + precision.cache_key(name, "inference", PROBE_SHAPE[0], False, False, False)
     bf16_copy: list = []
 
     def time_pass(precision: str) -> float:
@@ -96,15 +96,13 @@ def _measure_cpu(model, name: str) -> tuple[Choice, torch.nn.Module | None]:
         bf16_copy.append(copy.deepcopy(model).to(torch.bfloat16))
         return _time_forward(bf16_copy[-1], "bf16")
 
-    decision = probe.decide(time_pass, key, timed="a forward pass of 8x64 tokens")
+    decision = precision.decide(time_pass, key, timed="a forward pass of 8x64 tokens")
     return Choice(decision.chosen, decision.describe()), (bf16_copy[-1] if bf16_copy else None)
 
 
 def resolve(setting: str, model, name: str, run_dir: str | Path | None = None) -> tuple[Choice, torch.nn.Module]:
     """The precision for inference with ``model`` (loaded in float32) and the model to use: ``model`` itself,
     or it cast to bf16. ``name`` identifies the model in the timing cache; ``run_dir`` is the run it came from."""
-    from fewtune.train import runtime
-
     if setting not in SETTINGS:
         raise ValueError(f"unknown precision '{setting}': use one of {', '.join(SETTINGS)}")
     loaded_dtype = next(model.parameters()).dtype
@@ -117,15 +115,13 @@ def resolve(setting: str, model, name: str, run_dir: str | Path | None = None) -
         raise ValueError("fp16 inference needs a GPU; on a CPU use bf16 or no")
     if setting != "auto":
         choice = Choice(setting, f"asked for {'fp32' if setting == 'no' else setting}")
-    elif (forced := runtime.forced_precision()) is not None:
-        choice = Choice("bf16" if forced == "fp16" and cpu else forced, f"{runtime.PRECISION_ENV} is set")
+    elif (forced := precision.forced_precision()) is not None:
+        choice = Choice("bf16" if forced == "fp16" and cpu else forced, f"{precision.PRECISION_ENV} is set")
     elif run_dir is not None and (trained := trained_precision(run_dir)) is not None:
         choice = Choice("bf16" if trained == "fp16" and cpu else trained,
                         f"the run trained in {'fp32' if trained == 'no' else trained}")
         if choice.precision == "bf16" and cpu:
-            from fewtune.train import precision_probe as probe
-
-            if (linear := runtime.cpu_bf16_speedup()) < probe.LINEAR_FLOOR:
+            if (linear := precision.cpu_bf16_speedup()) < precision.LINEAR_FLOOR:
                 choice = Choice("no", f"the run trained in bf16, but bf16 runs at {linear:.2f}x the fp32 speed on "
                                       "this CPU: fp32 here")
     elif not cpu:
@@ -137,24 +133,3 @@ def resolve(setting: str, model, name: str, run_dir: str | Path | None = None) -
     log.info("inference in %s (%s); FEWTUNE_MIXED_PRECISION=no|bf16 chooses otherwise", choice.name, choice.reason)
     return choice, model
 
-
-def shared_precision(setting: str, targets) -> str:
-    """One precision for models compared side by side: ``setting`` unless auto; under auto what forces it
-    (FEWTUNE_MIXED_PRECISION), else the first run directory's training precision (as :func:`resolve` would give
-    it here), else auto (the caller then holds the first model's choice for the rest)."""
-    from fewtune.generate import looks_like_run_dir
-    from fewtune.train import runtime
-
-    if setting != "auto" or runtime.forced_precision() is not None:
-        return setting
-    cpu = not torch.cuda.is_available()
-    for target in targets:
-        if looks_like_run_dir(target) and (trained := trained_precision(target)) is not None:
-            if trained == "fp16" and cpu:
-                return "bf16"
-            if trained == "bf16" and cpu:
-                from fewtune.train import precision_probe as probe
-
-                return "no" if runtime.cpu_bf16_speedup() < probe.LINEAR_FLOOR else "bf16"
-            return trained
-    return "auto"

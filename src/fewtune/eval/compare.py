@@ -25,7 +25,8 @@ from fewtune.eval.evaluate import EvalError, EvalResult, check_output_dir, detec
 from fewtune.eval.stats import bootstrap_interval, f1_codes, mcnemar, paired_difference
 from fewtune.eval.text_metrics import bleu_from_statistics, bleu_statistics, bleu_tokenizer
 from fewtune.generate import check_target, looks_like_run_dir, load_for_inference, read_template
-from fewtune.inference_precision import shared_precision
+from fewtune import precision as machine_precision
+from fewtune.inference_precision import trained_precision
 
 log = logging.getLogger(__name__)
 
@@ -236,3 +237,22 @@ def compare_markdown(report: dict, show: int = 10) -> str:
                 lines.append("| " + " | ".join(c.replace("|", "\\|").replace("\n", " ")[:120] for c in cells) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def shared_precision(setting: str, targets) -> str:
+    """One precision for models compared side by side: ``setting`` unless auto; under auto what forces it
+    (FEWTUNE_MIXED_PRECISION), else the first run directory's training precision (as
+    fewtune.inference_precision.resolve would give it here), else auto (the caller then holds the first model's choice for the rest)."""
+    import torch
+
+    if setting != "auto" or machine_precision.forced_precision() is not None:
+        return setting
+    cpu = not torch.cuda.is_available()
+    for target in targets:
+        if looks_like_run_dir(target) and (trained := trained_precision(target)) is not None:
+            if trained == "fp16" and cpu:
+                return "bf16"
+            if trained == "bf16" and cpu:
+                return "no" if machine_precision.cpu_bf16_speedup() < machine_precision.LINEAR_FLOOR else "bf16"
+            return trained
+    return "auto"

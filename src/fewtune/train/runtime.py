@@ -15,54 +15,17 @@ import logging
 import math
 import os
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-_PROBE: dict[str, float] = {}
 BF16_MIN_SPEEDUP = 1.2  # bf16 must beat fp32 by this factor on the probe to be chosen on CPU
 
-
-def _linear_seconds(autocast_bf16: bool, rows: int = 256, size: int = 512, reps: int = 3) -> float:
-    """Best time of the operation training runs most: a linear layer, fp32 or under bf16 autocast."""
-    x = torch.randn(rows, size)
-    w = torch.randn(size, size)
-    context = torch.autocast("cpu", dtype=torch.bfloat16) if autocast_bf16 else nullcontext()
-    best = float("inf")
-    with context:
-        F.linear(x, w)  # warm-up: kernel selection, allocation
-        for _ in range(reps):
-            start = time.perf_counter()
-            F.linear(x, w)
-            best = min(best, time.perf_counter() - start)
-    return best
-
-
-def cpu_bf16_speedup() -> float:
-    """fp32 time / bf16-autocast time of a 256x512x512 linear layer on this CPU (measured once per process)."""
-    if "bf16" not in _PROBE:
-        _PROBE["bf16"] = _linear_seconds(False) / _linear_seconds(True)
-    return _PROBE["bf16"]
-
-
-# `auto` obeys this variable when it is set: a developer on an AVX2 machine can run everything as an AMX
-# machine would (bf16), and the other way round; CI runs the precision-sensitive tests under both
-PRECISION_ENV = "FEWTUNE_MIXED_PRECISION"
-_ENV_VALUES = {"no": "no", "fp32": "no", "bf16": "bf16", "fp16": "fp16"}
-
-
-def forced_precision() -> str | None:
-    """The precision FEWTUNE_MIXED_PRECISION forces on ``auto`` ('no', 'bf16', 'fp16'), or None when unset."""
-    raw = os.environ.get(PRECISION_ENV, "").strip().lower()
-    if not raw or raw == "auto":
-        return None
-    if raw not in _ENV_VALUES:
-        raise ValueError(f"{PRECISION_ENV}={raw!r} is not a precision: use one of no, fp32, bf16, fp16 (or unset it)")
-    return _ENV_VALUES[raw]
+# the linear-layer probe and FEWTUNE_MIXED_PRECISION live in fewtune.precision (inference reads them too,
+# without the training package); runtime's functions call them through these names
+from fewtune.precision import PRECISION_ENV, _ENV_VALUES, _PROBE, _linear_seconds, cpu_bf16_speedup, forced_precision  # noqa: E402,F401
 
 
 def resolve_mixed_precision(setting: str, cpu: bool | None = None) -> str:
