@@ -56,7 +56,7 @@ def test_lora_merge_equals_adapter_outputs(make_config, tmp_path):
     result = train(make_config(train__max_steps=3, train__lr=1e-2))
     out = runner.invoke(app, ["export", str(result.run_dir), "--merged", str(tmp_path / "merged")])
     assert out.exit_code == 0, out.output
-    adapter = load_for_inference(str(result.run_dir)).model
+    adapter = load_for_inference(str(result.run_dir), precision="no").model  # fp32, as the export is
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert not hasattr(merged, "peft_config")
     ids = torch.randint(0, 2000, (2, 16))
@@ -66,7 +66,7 @@ def test_lora_merge_equals_adapter_outputs(make_config, tmp_path):
         base = AutoModelForCausalLM.from_pretrained(make_config().model.name)(input_ids=ids).logits
     assert (a - base).abs().max() > 1e-3  # the adapter changed something
     assert (a - b).abs().max() < 1e-4
-    in_memory = load_for_inference(str(result.run_dir), merge=True).model  # what eval/generate use
+    in_memory = load_for_inference(str(result.run_dir), merge=True, precision="no").model  # what eval/generate use
     assert not hasattr(in_memory, "peft_config")
     with torch.no_grad():
         assert (in_memory(input_ids=ids).logits - a).abs().max() < 1e-4
