@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from fewtune.data.formats import Message
+from fewtune.decode import common_prefix, prefix_cache
 from fewtune.data.render import RenderError, Template, render_conversation
 
 
@@ -101,20 +102,6 @@ class _Continuations:
                 self.exact = True
                 return render()
         return self.cache[key]
-
-
-def _common_prefix(prompts: Sequence[list[int]]) -> int:
-    """Length of the token prefix all prompts share, leaving every prompt at least one own token."""
-    n = min(len(p) for p in prompts) - 1
-    first = prompts[0]
-    for p in prompts[1:]:
-        i = 0
-        while i < n and p[i] == first[i]:
-            i += 1
-        n = i
-        if n == 0:
-            break
-    return max(n, 0)
 
 
 def _pad(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,11 +170,8 @@ def choice_scores(model, tokenizer, template: Template, conversations: Sequence[
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     prompts = [render_conversation(list(c), tokenizer, template, for_generation=True).input_ids for c in conversations]
     continuations = _Continuations(tokenizer, template, labels, len(conversations))
-    n_prefix = _common_prefix(prompts)
-    prefix_layers = None
-    if n_prefix:
-        out = model(input_ids=torch.tensor([prompts[0][:n_prefix]], device=device), use_cache=True, logits_to_keep=1)
-        prefix_layers = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+    n_prefix = common_prefix(prompts)
+    prefix_layers = prefix_cache(model, prompts[0][:n_prefix])
     bar = tqdm(total=len(conversations), desc="choice scoring", disable=not progress, dynamic_ncols=True)
     window = batch_size * 16
     for w_start in range(0, len(conversations), window):
