@@ -30,7 +30,8 @@ def _by_hand(model, tokenizer, template, conversation, label):
 
 @pytest.mark.parametrize("arch,kind", [("llama", "chat"), ("qwen2", "chat"), ("llama", "plain")])
 def test_choice_scores_equal_plain_forward_and_argmax_wins(tiny_models, arch, kind):
-    loaded = load_for_inference(tiny_models[arch], template_kind=kind, system_prompt="Answer yes, no, maybe so or 正面.")
+    loaded = load_for_inference(tiny_models[arch], template_kind=kind, system_prompt="Answer yes, no, maybe so or 正面.",
+                                precision="no")  # the exact-arithmetic property: fp32 whatever forces auto
     model, tok, template = loaded.model, loaded.tokenizer, loaded.template
     # different prompt lengths: padding inside a batch, a shared prefix, labels of 1 to 5 tokens
     conversations = [[Message("user", f"question {i} " + "word " * (i % 5))] for i in range(7)]
@@ -141,7 +142,8 @@ def test_choice_scoring_on_the_real_model_matches_a_plain_forward():
     """The default model (GGUF-converted SmolLM2): shared-prefix, packed-label scores equal a plain forward."""
     from fewtune.models import DEFAULT_MODEL
 
-    loaded = load_for_inference(DEFAULT_MODEL, system_prompt="Classify the request: PlayMusic, GetWeather or RateBook.")
+    loaded = load_for_inference(DEFAULT_MODEL, system_prompt="Classify the request: PlayMusic, GetWeather or RateBook.",
+                                precision="no")  # compared with a plain fp32 forward
     labels = ["PlayMusic", "GetWeather", "RateBook"]
     conversations = [[Message("user", "play some jazz by miles davis")], [Message("user", "will it rain in Oslo")],
                      [Message("user", "give this novel four stars")]]

@@ -199,7 +199,7 @@ def test_errors_are_clear(labeled_run, unlabeled, tmp_path):
 
 def test_one_round_labels_selects_and_retrains(labeled_run, unlabeled, tmp_path):
     # scored independently: the run's template (with its system prompt) and plain user turns
-    loaded = load_for_inference(str(labeled_run))
+    loaded = load_for_inference(str(labeled_run), merge=True)  # as label_pool loads it
     assert loaded.template.system_prompt == "判断评论的情感。"
     scores = list(choice_scores(loaded.model, loaded.tokenizer, loaded.template, [[Message("user", t)] for t in UNLABELED],
                                 ["Negative", "Positive"], progress=False))
