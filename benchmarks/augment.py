@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -63,6 +62,7 @@ from fewtune.demo.car_commands import SYSTEM_PROMPT as CAR_SYSTEM
 from fewtune.eval.evaluate import evaluate
 from fewtune.models import DEFAULT_MODEL
 from fewtune.train.loop import train
+from _machine import cpu_kind  # noqa: E402  (benchmarks/_machine.py)
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "runs" / "augment"
@@ -75,18 +75,6 @@ DEMO_DATA = ROOT / "src" / "fewtune" / "demo" / "data"
 MODELS = {"snips10": DEFAULT_MODEL, "snips40": DEFAULT_MODEL, "car50": DEFAULT_MODEL, "eprstmt": "gemma3-270m"}
 RECIPES = {"snips10": "augment_snips.yaml", "snips40": "augment_snips.yaml", "car50": "augment_car50.yaml"}
 LLM = DEFAULT_MODEL  # the paraphraser / translator of the LLM arms
-
-
-def cpu_kind() -> str:
-    flags = ""
-    name = platform.processor() or platform.machine()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            name = line.split(":", 1)[1].strip()
-        if line.startswith("flags") and not flags:
-            flags = line
-    bf16 = [f for f in ("amx_bf16", "avx512_bf16") if f in flags.split()]
-    return f"{name} ({', '.join(bf16) if bf16 else 'AVX2 only, no native bf16'})"
 
 
 def _lines(path: Path) -> list[str]:
@@ -217,7 +205,7 @@ def run_one(dataset: str, arm: str, seed: int, files: dict[str, Path], per_examp
             "n_original": parts["train"], "dropped": start_event.get("dropped", 0), "steps": summary.steps,
             "stopped_early": summary.stopped_early,
             "augment": counts, "augment_s": round(augment_s, 1), "train_s": round(train_s, 1),
-            "wall_s": round(time.time() - start, 1), "load": os.getloadavg()[0], "cpu": cpu_kind(),
+            "wall_s": round(time.time() - start, 1), "load": os.getloadavg()[0], "cpu": cpu_kind(cores=False),
             "precision": cfg.train.mixed_precision, "code": code, "command": command,
             "doctor": doctor}
 

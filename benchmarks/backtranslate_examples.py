@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from augment import cpu_kind  # noqa: E402  (the machine line every augment benchmark prints)
+from _machine import cpu_kind  # noqa: E402  (benchmarks/_machine.py)
 
 from fewtune.augment.base import Resources, get_method  # noqa: E402
 from fewtune.augment.spans import input_text, protected_spans, spans_kept  # noqa: E402

@@ -26,23 +26,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from _machine import cpu_kind  # noqa: E402  (benchmarks/_machine.py)
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "benchmarks" / "configs" / "train_speed.yaml"
 OUT = ROOT / "benchmarks" / "results" / "busy_machine.md"
 NOTES = "<!-- written by hand below this line; busy_machine.py keeps it when it rewrites the results -->"
 BUSY_LOOP = "import time\nend = time.time() + {seconds}\nwhile time.time() < end:\n    pass\n"
-
-
-def cpu_kind() -> str:
-    name, flags = "", set()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name") and not name:
-            name = line.split(":", 1)[1].strip()
-        elif line.startswith("flags") and not flags:
-            flags = set(line.split(":", 1)[1].split())
-    bf16 = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
-    return f"{name} ({', '.join(bf16) if bf16 else 'no bf16 instructions: AVX2'}); {len(os.sched_getaffinity(0))} cores"
 
 
 def worker(spec: dict) -> dict:

@@ -22,8 +22,6 @@ arm's whole wall time. Writes benchmarks/results/generate_speed.md.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import time
 from pathlib import Path
 
@@ -33,21 +31,11 @@ from fewtune.config import GenerateSection
 from fewtune.data.formats import load_examples
 from fewtune.demo.car_commands import SYSTEM_PROMPT
 from fewtune.generate import cut_at_stop, generate, load_for_inference, prompt_ids
+from _machine import cpu_kind  # noqa: E402  (benchmarks/_machine.py)
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST = ROOT / "src" / "fewtune" / "demo" / "data" / "car_commands_test.jsonl"
 OUT = ROOT / "benchmarks" / "results" / "generate_speed.md"
-
-
-def cpu_kind() -> str:
-    name, flags = platform.processor(), set()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            name = line.split(":", 1)[1].strip()
-        elif line.startswith("flags") and not flags:
-            flags = set(line.split(":", 1)[1].split())
-    bf16 = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
-    return f"{name} ({', '.join(bf16) if bf16 else 'no bf16 instructions'}), {len(os.sched_getaffinity(0))} cores"
 
 
 @torch.no_grad()
