@@ -191,23 +191,52 @@ def choice_scores(model, tokenizer, template: Template, conversations: Sequence[
     bar.close()
 
 
+def _left_pad(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows padded on the left, so every row's last token is in the last column."""
+    width = max(1, max(len(r) for r in rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
+            mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+def target_logprobs(logits: torch.Tensor, targets: torch.Tensor, rows_per_chunk: int = 64) -> torch.Tensor:
+    """log_softmax(logits)[..., target] in float32, without writing the full log-softmax.
+
+    ``logits`` (..., vocab) in any float dtype, ``targets`` (...) token ids. The log-normaliser
+    is taken a few rows at a time in float32, so a batch's vocabulary-wide logits are read once
+    instead of being upcast and rewritten twice (on a CPU that memory traffic cost about as much
+    as the model's last layer)."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    tgt = targets.reshape(-1).to(flat.device)
+    out = torch.empty(flat.shape[0], dtype=torch.float32, device=flat.device)
+    for start in range(0, flat.shape[0], rows_per_chunk):
+        part = flat[start:start + rows_per_chunk].float()
+        out[start:start + rows_per_chunk] = (part.gather(-1, tgt[start:start + rows_per_chunk, None]).squeeze(-1)
+                                             - torch.logsumexp(part, dim=-1))
+    return out.reshape(targets.shape)
+
+
 def _score_batch(model, suffixes: list[list[int]], conts: list[list[list[int]]], prefix_layers, n_prefix: int,
                  pad_id: int, device, dtype, prune: bool = False, normalize: bool = False) -> list[ChoiceScore]:
     from transformers import DynamicCache
 
-    ids, mask = _pad(suffixes, pad_id)
+    # left padding: every prompt ends in the last column, so only that column reaches the vocabulary
+    ids, own = _left_pad(suffixes, pad_id)
     b, width = ids.shape
-    lengths = mask.sum(1)
+    lengths = own.sum(1)
+    mask = own
     cache = None
     if prefix_layers is not None:
         cache = DynamicCache(ddp_cache_data=[(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in prefix_layers])
-        mask = torch.cat([torch.ones((b, n_prefix), dtype=torch.long), mask], dim=1)
-    last = lengths - 1
-    keep = torch.unique(last)  # logits only where a prompt ends: they predict each label's first token
-    out = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                position_ids=(n_prefix + torch.arange(width)).expand(b, width).to(device),
-                past_key_values=cache, use_cache=True, logits_to_keep=keep.to(device))
-    first = torch.log_softmax(out.logits.float(), dim=-1)[torch.arange(b), torch.searchsorted(keep, last).to(device)]
+        mask = torch.cat([torch.ones((b, n_prefix), dtype=torch.long), own], dim=1)
+    position = (n_prefix + own.cumsum(1) - 1).clamp(min=0)
+    out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=position.to(device),
+                past_key_values=cache, use_cache=True, logits_to_keep=1)
+    first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
     cache, cached = out.past_key_values, mask.shape[1]
     n_labels = len(conts[0])
     sums = torch.zeros((b, n_labels), dtype=torch.float64)
@@ -238,7 +267,7 @@ def _score_batch(model, suffixes: list[list[int]], conts: list[list[list[int]]],
         extra = cache.get_seq_length() - cached
         if extra > 0:
             cache.crop(-extra)  # the next pass sees the prompt only
-        logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.to(device).unsqueeze(-1)).squeeze(-1).cpu()
+        logp = target_logprobs(logits, targets).cpu()
         real = owner >= 0
         local = torch.arange(len(active)).unsqueeze(1).expand_as(owner)[real]
         lookup = torch.full((len(active), max(1, max(len(c) for c in chosen))), -1, dtype=torch.long)
