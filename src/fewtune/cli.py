@@ -420,6 +420,39 @@ def sweep(
 
 
 @app.command()
+def tune(
+    data: Annotated[Path, typer.Argument(help="the training data file (any supported format)")],
+    model: Annotated[Optional[str], typer.Option(help="model name, folder or .gguf (default: the embedded default)")] = None,
+    budget: Annotated[Optional[str], typer.Option(help="wall time for the search and the final training, e.g. 30m, 2h")] = None,
+    trials: Annotated[Optional[int], typer.Option(help="stop after N trials (finished or stopped early)")] = None,
+    metric: Annotated[Optional[str], typer.Option(help="selection metric (default: accuracy, rougeL, field_f1 by task)")] = None,
+    kfold: Annotated[int, typer.Option(help="K folds of the training file score each trial")] = 3,
+    dev: Annotated[Optional[Path], typer.Option(help="score trials on this file instead of folds (never the test file)")] = None,
+    test: Annotated[Optional[Path], typer.Option(help="scored once, by the final model, after the search")] = None,
+    search: Annotated[str, typer.Option(help="settings searched, from: lr, epochs, batch_size, r, label_smoothing, "
+                                        "neftune, dropout")] = ",".join(("lr", "epochs", "batch_size", "r")),
+    out: Annotated[Optional[Path], typer.Option(help="tune folder (default: runs/tune/<data file name>)")] = None,
+    seed: Annotated[int, typer.Option(help="seed of the folds, the sampler and the runs")] = 0,
+    measure: Annotated[bool, typer.Option("--measure/--no-measure", help="let suggest time training here first")] = True,
+):
+    """Search learning rate, epochs, batch size and LoRA rank from suggest's config, select by K-fold
+    cross-validation (or --dev), retrain the winner on all the data, score it once on --test."""
+    _setup_logging()
+    from fewtune.workflows.tune import TuneInterrupted, tune as run_tune
+
+    names = [s.strip() for s in search.split(",") if s.strip()]
+    try:
+        result = _run(run_tune, data, model, trials=trials, budget=budget, metric=metric, kfold=kfold, dev=dev,
+                      test=test, search=names, out=out, seed=seed, measure=measure)
+    except TuneInterrupted as err:
+        typer.secho(str(err), fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(130)
+    typer.echo("\n".join(result.lines))
+    typer.echo(f"written: {result.out_dir / 'tune.md'}, {result.out_dir / 'best.yaml'}, "
+               f"{result.out_dir / 'trials.jsonl'}")
+
+
+@app.command()
 def doctor(
     run_dir: Annotated[Path, typer.Argument(help="a run directory (or its metrics.jsonl)")],
     predictions: Annotated[Optional[Path], typer.Option(help="JSONL with prediction and reference per example")] = None,

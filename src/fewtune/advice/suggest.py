@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -65,6 +65,7 @@ class Suggestion:
     config: Config
     rules: list[Rule]
     profile: DataProfile
+    throughput: dict[int, float] = field(default_factory=dict)  # measured training tokens/s by batch size
 
     def report(self) -> str:
         return "\n".join(str(r) for r in self.rules)
@@ -194,8 +195,9 @@ def suggest(data: str | Path, model: str = DEFAULT_MODEL, task: str = "auto", lr
     if batch > limit:
         why += f"; {mem_why}, so {limit}"
         batch = limit
+    measured: dict[int, float] = {}
     if measure:
-        batch, why = _weigh_throughput(data, model, rules, batch, why, limit, train_n, epochs, progress)
+        batch, why = _weigh_throughput(data, model, rules, batch, why, limit, train_n, epochs, progress, measured)
     add("train.batch_size", batch, why)
     base = REFERENCE_LR[method if method in REFERENCE_LR else "lora"]
     factor = (batch / REFERENCE_BATCH) ** 0.5 if lr_rule == "sqrt" else batch / REFERENCE_BATCH
@@ -238,7 +240,7 @@ def suggest(data: str | Path, model: str = DEFAULT_MODEL, task: str = "auto", lr
     cfg = _config(data, model, rules)
     if out is not None:
         write_config(cfg, rules, out)
-    return Suggestion(cfg, rules, p)
+    return Suggestion(cfg, rules, p, measured)
 
 
 def _config(data: str | Path, model: str, rules: list[Rule]) -> Config:
@@ -254,9 +256,9 @@ def _config(data: str | Path, model: str, rules: list[Rule]) -> Config:
 
 
 def _weigh_throughput(data, model: str, rules: list[Rule], batch: int, why: str, limit: int, train_n: int,
-                      epochs: float, progress: bool) -> tuple[int, str]:
+                      epochs: float, progress: bool, measured: dict[int, float] | None = None) -> tuple[int, str]:
     """The batch size once measured training throughput is weighed in (see throughput.choose), or the rule's
-    own ``batch`` with the reason it stayed."""
+    own ``batch`` with the reason it stayed; ``measured`` receives the tokens/s by batch size."""
     from fewtune.advice import throughput
     from fewtune.data.dataset import render_set
     from fewtune.data.formats import load_examples
@@ -271,6 +273,8 @@ def _weigh_throughput(data, model: str, rules: list[Rule], batch: int, why: str,
     log.info("suggest: timing training passes at batch sizes %s on this machine (--no-measure skips this)",
              ", ".join(map(str, sizes)))
     results = throughput.measure(cfg, items, sizes, progress=progress)
+    if measured is not None:
+        measured.update({r.batch_size: r.tokens_per_s for r in results})
     picked = throughput.choose(results, 1, limit, train_n, epochs, MIN_UPDATES)
     if picked is None:
         return batch, why + f"; no measured batch size keeps {MIN_UPDATES} optimizer steps, so the rule's {batch} stays"

@@ -22,7 +22,6 @@ import math
 import random
 import re
 import shutil
-import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -1,0 +1,217 @@
+"""fewtune tune: the search space, honest selection (the test file is read only by the final model), the
+budget on a mocked clock, resuming an interrupted tune, and a real tune of a tiny model."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fewtune.config import ConfigError, load_config
+from fewtune.workflows import tune as tune_module
+from fewtune.workflows.tune import TuneInterrupted, base_params, parse_budget, search_space, tune
+from tests.conftest import write_jsonl
+
+LABELS = ["music", "weather", "book", "rate"]
+
+
+def classification(path: Path, n: int) -> Path:
+    rows = [{"text": f"request number {i} about {LABELS[i % 4]}", "label": LABELS[i % 4]} for i in range(n)]
+    return write_jsonl(path, rows)
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeRuns:
+    """Stands in for training + scoring: the held-out accuracy peaks at lr 4e-4 and 4 epochs; each run
+    advances the mocked clock; per-example predictions are written as `fewtune eval` writes them."""
+
+    def __init__(self, clock: Clock, seconds: float = 60.0, fail_at: int | None = None):
+        self.clock, self.seconds, self.fail_at = clock, seconds, fail_at
+        self.calls: list[tuple[str | None, dict]] = []
+
+    def __call__(self, cfg, run_dir, scored_file, task, labels):
+        if self.fail_at is not None and len(self.calls) == self.fail_at:
+            raise KeyboardInterrupt
+        self.calls.append((scored_file, {"lr": cfg.train.lr, "epochs": cfg.train.epochs,
+                                         "batch_size": cfg.train.batch_size, "r": cfg.method.lora.r}))
+        self.clock.now += self.seconds
+        if scored_file is None:
+            return {"metrics": {}, "train_s": self.seconds, "eval_s": 0.0}
+        quality = 1.0 - 0.15 * abs(math.log(cfg.train.lr / 4e-4)) - 0.05 * abs(cfg.train.epochs - 4)
+        rows = [json.loads(line) for line in Path(scored_file).read_text(encoding="utf-8").splitlines()]
+        preds = []
+        for i, row in enumerate(rows):
+            expected = row.get("label") or row["messages"][-1]["content"]
+            right = (i * 0.37) % 1.0 < quality
+            preds.append({"index": i, "expected": expected,
+                          "predicted": expected if right else LABELS[(LABELS.index(expected) + 1) % 4]})
+        (Path(run_dir) / "eval").mkdir(parents=True, exist_ok=True)
+        (Path(run_dir) / "eval" / "predictions.jsonl").write_text(
+            "".join(json.dumps(p) + "\n" for p in preds), encoding="utf-8")
+        acc = sum(p["expected"] == p["predicted"] for p in preds) / len(preds)
+        return {"metrics": {"accuracy": acc}, "train_s": self.seconds, "eval_s": 0.0}
+
+    @property
+    def fold_calls(self) -> list:
+        return [c for c in self.calls if c[0] is not None and "fold-" in c[0]]
+
+
+@pytest.fixture
+def data(tmp_path) -> Path:
+    return classification(tmp_path / "train.jsonl", 48)
+
+
+def test_search_space_contains_suggests_settings_and_rejects_unknown_names(tmp_path, tiny_model, data):
+    from fewtune.advice.suggest import suggest
+
+    cfg = suggest(data, tiny_model, measure=False, progress=False).config
+    dims = search_space(cfg, 32, ("lr", "epochs", "batch_size", "r", "label_smoothing", "neftune", "dropout"))
+    first = base_params(cfg, dims)
+    for d in dims:
+        value = first[d.name]
+        if d.kind == "choice":
+            assert value in d.choices, d
+        else:
+            assert d.low <= value <= d.high, d
+    lr = next(d for d in dims if d.name == "lr")
+    assert lr.low == pytest.approx(first["lr"] / 4) and lr.high == pytest.approx(first["lr"] * 4)
+    batch = next(d for d in dims if d.name == "batch_size")
+    assert all(math.ceil(32 / b) >= 8 for b in batch.choices if b != first["batch_size"])
+    with pytest.raises(ConfigError, match="unknown setting"):
+        search_space(cfg, 32, ("lr", "warmup"))
+    full = cfg.model_copy(update={"method": cfg.method.model_copy(update={"name": "full"})})
+    with pytest.raises(ConfigError, match="LoRA rank"):
+        search_space(full, 32, ("r",))
+
+
+def test_parse_budget():
+    assert parse_budget("30m") == 1800
+    assert parse_budget("1h30m") == 5400
+    assert parse_budget("90s") == 90
+    for bad in ("30", "soon", "0m"):
+        with pytest.raises(ConfigError):
+            parse_budget(bad)
+
+
+def test_kfold_selection_never_reads_the_test_file_before_the_end(tmp_path, tiny_model, data, monkeypatch):
+    test_file = classification(tmp_path / "test.jsonl", 20)
+    reads: list[str] = []
+    real_load = tune_module.load_examples
+
+    def spy(path, *args, **kwargs):
+        reads.append(str(Path(path).resolve()))
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(tune_module, "load_examples", spy)
+    clock = Clock()
+    runs = FakeRuns(clock)
+    result = tune(data, tiny_model, trials=4, kfold=3, test=test_file, out=tmp_path / "tune", measure=False,
+                  progress=False, clock=clock, execute=runs)
+    assert str(test_file.resolve()) not in reads
+    scored = [c[0] for c in runs.calls]
+    assert scored[-1] == str(test_file) and str(test_file) not in scored[:-1]  # the final model only
+    # every fold run is scored on its own held-out fold, which it did not train on
+    held_out = scored[:-1]
+    assert all("held_out" in s for s in held_out)
+    folds = sorted({Path(s).parent.name for s in held_out})
+    assert folds == ["fold-0", "fold-1", "fold-2"]
+    for i in range(3):
+        train = {json.loads(l)["provenance"]["line"] for l in (tmp_path / "tune" / "data" / f"fold-{i}" / "train.jsonl").open()}
+        held = {json.loads(l)["provenance"]["line"] for l in (tmp_path / "tune" / "data" / f"fold-{i}" / "held_out.jsonl").open()}
+        assert train.isdisjoint(held) and len(train | held) == 48
+    # trial 0 is suggest's config; the winner is the best mean over folds; its settings are in best.yaml
+    assert result.trials[0].params == result.baseline.params
+    complete = [t for t in result.trials if t.state == "complete"]
+    assert result.best.mean == max(t.mean for t in complete)
+    best = load_config(tmp_path / "tune" / "best.yaml")
+    assert best.train.lr == pytest.approx(result.best.params["lr"])
+    assert best.train.epochs == result.best.params["epochs"]
+    assert best.data.val_ratio == 0.0 and best.data.train == str(data.resolve())
+    assert result.test["metrics"]["accuracy"] > 0
+    text = (tmp_path / "tune" / "tune.md").read_text(encoding="utf-8")
+    assert "| rank | trial |" in text and "(suggest)" in text
+    lines = [json.loads(l) for l in (tmp_path / "tune" / "trials.jsonl").open()]
+    assert len(lines) == len(result.trials) == 4
+    assert (tmp_path / "tune" / "history.png").stat().st_size > 1000
+
+
+def test_budget_is_respected_on_a_mocked_clock(tmp_path, tiny_model, data):
+    clock = Clock()
+    runs = FakeRuns(clock, seconds=100.0)
+    # 3 folds of 100 s a trial and a final training of about 100 s: a 20-minute budget fits 3 trials, not 4
+    result = tune(data, tiny_model, budget="20m", kfold=3, out=tmp_path / "tune", measure=False, progress=False,
+                  clock=clock, execute=runs)
+    used = clock.now - 1000.0
+    assert used <= 20 * 60
+    assert "budget" in result.stopped
+    assert len(runs.fold_calls) >= 6  # it did use the budget
+    assert result.final_dir is not None and runs.calls[-1][0] is None  # final training, no test file
+
+
+def test_an_interrupted_tune_continues_and_reuses_finished_folds(tmp_path, tiny_model, data):
+    clock = Clock()
+    first = FakeRuns(clock, fail_at=4)  # Ctrl-C during trial 1's second fold
+    with pytest.raises(TuneInterrupted, match="run the same command"):
+        tune(data, tiny_model, trials=3, kfold=3, out=tmp_path / "tune", measure=False, progress=False, clock=clock,
+             execute=first)
+    done = list(first.calls)
+    assert len(done) == 4
+    again = FakeRuns(clock)
+    result = tune(data, tiny_model, trials=3, kfold=3, out=tmp_path / "tune", measure=False, progress=False,
+                  clock=clock, execute=again)
+    # the four finished fold runs are not trained again: trial 1 goes on from its second fold
+    assert not any(call in again.calls for call in done)
+    finished = [t for t in result.trials if t.state in ("complete", "pruned")]
+    assert len(finished) == 3
+    interrupted = done[3][1]  # the settings of the trial Ctrl-C stopped, which had one fold done
+    assert "fold-1" in again.calls[0][0] and again.calls[0][1] == interrupted
+    assert any(t.params["lr"] == pytest.approx(interrupted["lr"]) and len(t.fold_values) >= 2 for t in finished)
+    # a finished tune run again trains nothing: its folds and its final model are on record
+    once_more = FakeRuns(clock)
+    same = tune(data, tiny_model, trials=3, kfold=3, out=tmp_path / "tune", measure=False, progress=False,
+                clock=clock, execute=once_more)
+    assert once_more.calls == [] and same.best.params == result.best.params
+
+
+def test_a_tune_of_other_data_in_the_same_folder_is_refused(tmp_path, tiny_model, data):
+    clock = Clock()
+    tune(data, tiny_model, trials=1, kfold=2, out=tmp_path / "tune", measure=False, progress=False, clock=clock,
+         execute=FakeRuns(clock), final=False)
+    other = classification(tmp_path / "other.jsonl", 40)
+    with pytest.raises(ConfigError, match="another --out|other data"):
+        tune(other, tiny_model, trials=1, kfold=2, out=tmp_path / "tune", measure=False, progress=False, clock=clock,
+             execute=FakeRuns(clock), final=False)
+
+
+def test_tune_command_needs_a_limit(tmp_path, data):
+    from typer.testing import CliRunner
+
+    from fewtune.cli import app
+
+    result = CliRunner().invoke(app, ["tune", str(data), "--no-measure"])
+    assert result.exit_code == 2
+    assert "--trials N or --budget" in result.output
+
+
+@pytest.mark.slow
+def test_real_tune_on_a_tiny_model(tmp_path, tiny_model, data):
+    """Two trials on 2 folds, real training and choice scoring, then the final model on the test file."""
+    test_file = classification(tmp_path / "test.jsonl", 12)
+    result = tune(data, tiny_model, trials=2, kfold=2, test=test_file, out=tmp_path / "tune", measure=False,
+                  progress=False, search=("lr", "epochs"))
+    assert len(result.trials) == 2 and all(len(t.fold_values) >= 1 for t in result.trials)
+    assert all(0.0 <= v <= 1.0 for t in result.trials for v in t.fold_values)
+    assert (result.final_dir / "adapter_config.json").exists() or (result.final_dir / "adapter").exists()
+    assert 0.0 <= result.test["metrics"]["accuracy"] <= 1.0
+    best = yaml.safe_load((tmp_path / "tune" / "best.yaml").read_text(encoding="utf-8"))
+    assert best["train"]["lr"] == pytest.approx(result.best.params["lr"])
