@@ -215,3 +215,31 @@ def test_real_tune_on_a_tiny_model(tmp_path, tiny_model, data):
     assert 0.0 <= result.test["metrics"]["accuracy"] <= 1.0
     best = yaml.safe_load((tmp_path / "tune" / "best.yaml").read_text(encoding="utf-8"))
     assert best["train"]["lr"] == pytest.approx(result.best.params["lr"])
+
+
+def _embedded_gguf() -> str:
+    from fewtune.models import DEFAULT_MODEL, EMBEDDED, _package_dir
+
+    entry = EMBEDDED[DEFAULT_MODEL]
+    return str(entry.locate(_package_dir(entry.package)))
+
+
+@pytest.mark.parametrize("model", ["gguf", "gemma3-270m"])
+def test_tune_takes_a_gguf_file_and_the_other_embedded_model(tmp_path, data, model):
+    """suggest and the search run unchanged on a user's .gguf file and on gemma3-270m (training stood in for)."""
+    from fewtune.models import ModelNotFoundError, resolve_model_path
+
+    if model == "gguf":
+        model = _embedded_gguf()
+    else:
+        try:
+            resolve_model_path(model)
+        except ModelNotFoundError:
+            pytest.skip("gemma3-270m is not installed (make setup-gemma)")
+    clock = Clock()
+    runs = FakeRuns(clock)
+    seen = []
+    result = tune(data, model, trials=2, kfold=2, out=tmp_path / "tune", measure=False, progress=False, clock=clock,
+                  execute=lambda cfg, *a: seen.append(cfg.model.name) or runs(cfg, *a), final=False)
+    assert len(result.trials) == 2 and seen and set(seen) == {model}
+    assert load_config(tmp_path / "tune" / "best.yaml").model.name == model
