@@ -2,7 +2,7 @@
 
     python benchmarks/small_data.py [--datasets snips,eprstmt,tnews]
         [--setups zero,usual,suggest,best] [--seeds 0,1,2] [--test-limit N | --test-per-class N]
-        [--dev | --dev-only] [--threads N] [--table-only]
+        [--dev | --dev-only] [--threads N] [--table-only] [--tune-budget 30m]
 
 Data (read in place from the shared data folder, never copied; see fewtune.datasets): SNIPS with
 40 training utterances per intent (evaluated on the 700 validation utterances), FewCLUE eprstmt
@@ -19,7 +19,11 @@ Setups (recipes in benchmarks/configs/):
 - best: suggest's config plus the changes in configs/small_data_best_<dataset>.yaml (BEST),
   evaluated by choice scoring;
 - suggest+KEY=VALUE[+KEY=VALUE...]: a candidate for BEST, suggest's config with dotted changes,
-  e.g. suggest+regularise.label_smoothing=0.1.
+  e.g. suggest+regularise.label_smoothing=0.1;
+- tune: `fewtune tune TRAIN --model M --budget B --kfold 3 --seed S` (3-fold cross-validation over the
+  training file, never the test file), then its final model (best settings, all the training data) scored
+  by choice scoring; the row's wall time is the whole tune (search + final training + test scoring) and
+  the budget it had (--tune-budget, default 30m).
 Rows under other names (e.g. "suggest (loss-selected)") were run by earlier versions of a setup;
 benchmarks/results/small_data.md says which.
 
@@ -124,8 +128,8 @@ def split_setup(setup: str) -> tuple[str, list[str]]:
     """'suggest+regularise.label_smoothing=0.1' -> ('suggest', ['regularise.label_smoothing=0.1']): a named setup
     with dotted changes on top (the candidates tried for BEST)."""
     base, *extra = setup.split("+")
-    if base not in ("zero", "usual", "suggest", "best") or (extra and base == "zero"):
-        raise SystemExit(f"unknown setup {setup!r}: zero, usual, suggest, best, or suggest+KEY=VALUE+...")
+    if base not in ("zero", "usual", "suggest", "best", "tune") or (extra and base in ("zero", "tune")):
+        raise SystemExit(f"unknown setup {setup!r}: zero, usual, suggest, best, tune, or suggest+KEY=VALUE+...")
     return base, extra
 
 
@@ -152,11 +156,22 @@ def config_for(dataset: str, setup: str, train_file: Path, seed: int, run_dir: P
 
 
 def run_one(dataset: str, setup: str, seed: int, train_file: Path, test_file: Path, limit: int | None,
-            code: str) -> dict:
+            code: str, tune_budget: str = "30m") -> dict:
     run_dir = run_dir_for(dataset, setup, seed)
     start = time.time()
     train_s = 0.0
-    if split_setup(setup)[0] == "zero":
+    extra: dict = {}
+    if setup == "tune":
+        from fewtune.workflows.tune import tune
+
+        # resumable: an interrupted tune continues from its journal in run_dir
+        result = tune(train_file, MODELS[dataset], budget=tune_budget, kfold=3, seed=seed, out=run_dir, progress=False)
+        train_s = time.time() - start
+        target, system = str(result.final_dir), None
+        extra = {"budget": tune_budget, "trials": len(result.trials), "best_params": result.best.params,
+                 "cv_accuracy": round(result.best.mean, 4),
+                 "suggest_cv_accuracy": round(result.baseline.mean, 4) if result.baseline else None}
+    elif split_setup(setup)[0] == "zero":
         target = MODELS[dataset]
         system = json.loads(test_file.read_text(encoding="utf-8").splitlines()[0])["messages"][0]["content"]
     else:
@@ -174,7 +189,7 @@ def run_one(dataset: str, setup: str, seed: int, train_file: Path, test_file: Pa
     return {"dataset": dataset, "setup": setup, "seed": seed, "model": MODELS[dataset], "mode": mode,
             "accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "n_test": len(result.predictions),
             "train_s": round(train_s, 1), "eval_s": round(result.settings["seconds"], 1),
-            "wall_s": round(time.time() - start, 1), "load": os.getloadavg()[0], "code": code}
+            "wall_s": round(time.time() - start, 1), "load": os.getloadavg()[0], "code": code, **extra}
 
 
 def labels_of(train_file: Path) -> list[str]:
@@ -232,7 +247,7 @@ def table(rows: list[dict], dev_rows: list[dict] = ()) -> str:
              "| wall time / run |",
              "|---|---|---|---|---:|---|---|---:|---|---:|"]
     order = {"zero": 0, "usual": 1, "suggest (loss-selected)": 2, "suggest-acc (ties: first)": 3, "suggest": 4,
-             "best": 6}  # candidates (suggest+KEY=VALUE) sort between suggest and best
+             "best": 6, "tune": 7}  # candidates (suggest+KEY=VALUE) sort between suggest and best
     notes: list[str] = []
     groups: dict[tuple, list[dict]] = {}
     summaries = {(r["dataset"], r["setup"]): r for r in rows if r.get("summary")}
@@ -256,6 +271,9 @@ def table(rows: list[dict], dev_rows: list[dict] = ()) -> str:
         walls = [r["wall_s"] for r in rs if r.get("wall_s") is not None]
         wall = f"{statistics.mean(walls):.0f} s" if walls else (f"{summary['wall_s']} s" if summary.get("wall_s") else "-")
         shown = f"**best**: {setup}" if setup == best_candidate(ds) else setup
+        if setup == "tune":
+            counts = sorted({r["trials"] for r in rs})
+            shown = f"tune ({rs[0].get('budget', '?')} budget, {'-'.join(map(str, counts[::max(1, len(counts) - 1)]))} trials)"
         lines.append(f"| {ds} | {rs[0]['model']} | {shown} | {'generation' if rs[0]['mode'] == 'generate' else 'choice scoring'} "
                      f"| {', '.join(str(r['seed']) for r in rs)} | {_ms([r['accuracy'] for r in rs])} "
                      f"| {f1} | {rs[0]['n_test']} | {dev} | {wall} |")
@@ -299,6 +317,7 @@ def main() -> None:
     parser.add_argument("--dev-only", action="store_true",
                         help="score finished runs (--datasets/--setups/--seeds) on the dev file; train nothing")
     parser.add_argument("--table-only", action="store_true", help="rewrite the table from the results file")
+    parser.add_argument("--tune-budget", default="30m", help="wall time of the tune setup's search + final training")
     args = parser.parse_args()
     code = code_version()  # once, at start: HEAD may move while a long benchmark runs
     if args.threads:
@@ -339,7 +358,7 @@ def main() -> None:
                 if any(r["dataset"] == dataset and r["setup"] == setup and r.get("seed") == seed for r in done):
                     continue
                 print(f"== {dataset} / {setup} / seed {seed}", flush=True)
-                row = run_one(dataset, setup, seed, train_file, test_file, args.test_limit, code)
+                row = run_one(dataset, setup, seed, train_file, test_file, args.test_limit, code, args.tune_budget)
                 done.append(row)
                 record(RESULTS, row)
                 if args.dev:
