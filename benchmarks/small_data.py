@@ -6,7 +6,9 @@
 
 Data (read in place from the shared data folder, never copied; see fewtune.datasets): SNIPS with
 40 training utterances per intent (evaluated on the 700 validation utterances), FewCLUE eprstmt
-(train 160, test_public 610) and FewCLUE tnews (train 1,185, test_public 2,010). English runs use
+(train 160, test_public 610) and FewCLUE tnews (train 1,185, test_public 2,010); snips10 (SNIPS at 10
+per intent, same test) and car50 (the demo's Chinese car commands to JSON: 50 for training, the first 100
+of its test file, exact match in the accuracy column and field F1 in the F1 column). English runs use
 smollm2-135m-instruct, Chinese runs gemma3-270m (`make setup-gemma`), which tokenises Chinese far better.
 
 Setups (recipes in benchmarks/configs/):
@@ -69,7 +71,10 @@ RESULTS = ROOT / "benchmarks" / "results" / "small_data.jsonl"
 DEV_RESULTS = ROOT / "benchmarks" / "results" / "small_data_dev.jsonl"  # dev-set scores: what BEST is chosen by
 TABLE = ROOT / "benchmarks" / "results" / "small_data.md"
 NOTES = "<!-- written by hand below this line; small_data.py keeps it when it rewrites the table -->"
-MODELS = {"snips": "smollm2-135m-instruct", "eprstmt": "gemma3-270m", "tnews": "gemma3-270m"}
+MODELS = {"snips": "smollm2-135m-instruct", "eprstmt": "gemma3-270m", "tnews": "gemma3-270m",
+          "snips10": "smollm2-135m-instruct", "car50": "smollm2-135m-instruct"}
+# car50 is the demo's JSON extraction task: scored by exact match (the accuracy column) and field F1 (the F1 column)
+JSON_TASKS = ("car50",)
 USUAL = CONFIGS / "small_data_usual.yaml"  # LLaMA-Factory's defaults for LoRA SFT, the recipe most users start from
 
 
@@ -92,10 +97,36 @@ def best_candidate(dataset: str) -> str | None:
     return "suggest+" + "+".join(f"{key}={value}" for key, value in changes.items()) if changes else None
 
 
+def _car50(out: Path) -> tuple[Path, Path]:
+    """The first 50 demo car commands (train), the next 50 (dev) and the first 100 test commands, as conversations
+    with the demo's system prompt (what zero-shot needs to know the JSON format; every setup then sees it)."""
+    from fewtune.demo.car_commands import SYSTEM_PROMPT as CAR_SYSTEM
+
+    data = Path(__file__).resolve().parents[1] / "src" / "fewtune" / "demo" / "data"
+
+    def write(path: Path, lines: list[str]) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rows = [json.loads(line) for line in lines]
+        path.write_text("".join(json.dumps({"messages": [{"role": "system", "content": CAR_SYSTEM},
+                                                         {"role": "user", "content": r["prompt"]},
+                                                         {"role": "assistant", "content": r["completion"]}]},
+                                           ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        return path
+
+    train = (data / "car_commands_train.jsonl").read_text(encoding="utf-8").splitlines()
+    test = (data / "car_commands_test.jsonl").read_text(encoding="utf-8").splitlines()
+    write(out / "dev.jsonl", train[50:100])
+    return write(out / "train.jsonl", train[:50]), write(out / "test.jsonl", test[:100])
+
+
 def prepare(dataset: str) -> tuple[Path, Path]:
     """Write the dataset as fewtune conversations (system prompt naming the labels): (train, test)."""
     out = WORK / dataset / "data"
     try:
+        if dataset == "car50":
+            return _car50(out)
+        if dataset == "snips10":
+            return write_intent_splits(find_snips(), out, per_intent=10, dev_per_intent=20)
         if dataset == "snips":
             return write_intent_splits(find_snips(), out, dev_per_intent=20)  # dev.jsonl: for choosing BEST
         return fewclue.write_splits(dataset, out)  # with FewCLUE's dev set as dev.jsonl, for choosing BEST
@@ -165,7 +196,9 @@ def run_one(dataset: str, setup: str, seed: int, train_file: Path, test_file: Pa
         from fewtune.workflows.tune import tune
 
         # resumable: an interrupted tune continues from its journal in run_dir
-        result = tune(train_file, MODELS[dataset], budget=tune_budget, kfold=3, seed=seed, out=run_dir, progress=False)
+        metric = "exact_match" if dataset in JSON_TASKS else "accuracy"
+        result = tune(train_file, MODELS[dataset], budget=tune_budget, kfold=3, seed=seed, out=run_dir, metric=metric,
+                      progress=False)
         train_s = time.time() - start
         target, system = str(result.final_dir), None
         extra = {"budget": tune_budget, "trials": len(result.trials), "best_params": result.best.params,
@@ -181,13 +214,19 @@ def run_one(dataset: str, setup: str, seed: int, train_file: Path, test_file: Pa
         train(cfg, run_dir)
         train_s = time.time() - start
         target, system = str(run_dir), None
-    mode = "generate" if split_setup(setup)[0] == "usual" else "choice"
-    settings = EvalSection(task="classification", labels=labels_of(train_file), mode=mode, limit=limit,
-                           batch_size=16, system_prompt=system)
+    if dataset in JSON_TASKS:
+        mode = "generate"
+        settings = EvalSection(task="json", limit=limit, batch_size=16, system_prompt=system)
+    else:
+        mode = "generate" if split_setup(setup)[0] == "usual" else "choice"
+        settings = EvalSection(task="classification", labels=labels_of(train_file), mode=mode, limit=limit,
+                               batch_size=16, system_prompt=system)
     result = evaluate(target, test_file, settings, output_dir=run_dir / "eval_test")
     m = result.metrics
+    scores = ({"accuracy": m["exact_match"], "macro_f1": m["field_f1"], "metric": "exact_match / field_f1"}
+              if dataset in JSON_TASKS else {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"]})
     return {"dataset": dataset, "setup": setup, "seed": seed, "model": MODELS[dataset], "mode": mode,
-            "accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "n_test": len(result.predictions),
+            **scores, "n_test": len(result.predictions),
             "train_s": round(train_s, 1), "eval_s": round(result.settings["seconds"], 1),
             "wall_s": round(time.time() - start, 1), "load": os.getloadavg()[0], "code": code, **extra}
 
@@ -208,10 +247,15 @@ def score_dev(dataset: str, setup: str, seed: int, train_file: Path, code: str, 
         if not (run_dir / "config.yaml").is_file():
             raise SystemExit(f"{run_dir}: no finished run to score on the dev set")
         target, system, out = str(run_dir), None, run_dir / "eval_dev"
-    settings = EvalSection(task="classification", labels=labels_of(train_file), mode="choice", batch_size=16,
-                           system_prompt=system)
+    if dataset in JSON_TASKS:
+        settings = EvalSection(task="json", batch_size=16, system_prompt=system)
+    else:
+        settings = EvalSection(task="classification", labels=labels_of(train_file), mode="choice", batch_size=16,
+                               system_prompt=system)
     result = evaluate(target, dev_file, settings, output_dir=out)
     m = result.metrics
+    if dataset in JSON_TASKS:
+        m = {"accuracy": m["exact_match"], "macro_f1": m["field_f1"]}
     return {"dataset": dataset, "setup": setup, "seed": seed, "dev_accuracy": m["accuracy"],
             "dev_macro_f1": m["macro_f1"], "n_dev": len(result.predictions), "eval_s": round(result.settings["seconds"], 1),
             "code": code}
@@ -274,7 +318,9 @@ def table(rows: list[dict], dev_rows: list[dict] = ()) -> str:
         if setup == "tune":
             counts = sorted({r["trials"] for r in rs})
             shown = f"tune ({rs[0].get('budget', '?')} budget, {'-'.join(map(str, counts[::max(1, len(counts) - 1)]))} trials)"
-        lines.append(f"| {ds} | {rs[0]['model']} | {shown} | {'generation' if rs[0]['mode'] == 'generate' else 'choice scoring'} "
+        evaluated = "choice scoring" if rs[0]["mode"] != "generate" else (
+            "generation: exact match, field F1" if rs[0].get("metric") else "generation")
+        lines.append(f"| {ds} | {rs[0]['model']} | {shown} | {evaluated} "
                      f"| {', '.join(str(r['seed']) for r in rs)} | {_ms([r['accuracy'] for r in rs])} "
                      f"| {f1} | {rs[0]['n_test']} | {dev} | {wall} |")
         notes += [f"- {ds} / {setup} / seed {r['seed']}: {r['note']}" for r in rs if r.get("note")]
