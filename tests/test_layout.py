@@ -94,7 +94,7 @@ def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
 def test_inference_imports_no_training_code():
     """generate and export (and the server to come) load a trained model without the training package."""
     graph = import_graph()
-    for module in ("fewtune.generate", "fewtune.export"):
+    for module in ("fewtune.generate", "fewtune.export", "fewtune.serve.api", "fewtune.serve.engine", "fewtune.serve"):
         training = sorted(m for m in _reachable(graph, module) if m.startswith("fewtune.train"))
         assert training == [], f"{module} reaches {training}"
 

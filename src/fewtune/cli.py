@@ -453,6 +453,31 @@ def tune(
 
 
 @app.command()
+def serve(
+    targets: Annotated[list[str], typer.Argument(help="run directories or models, optionally NAME=PATH; runs on one "
+                                                 "base model share it and are chosen by the request's model field")],
+    host: Annotated[str, typer.Option(help="address to listen on (default: this machine only)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port")] = 8000,
+    api_key: Annotated[Optional[str], typer.Option(help="require 'Authorization: Bearer KEY' on /v1/ requests")] = None,
+    precision: Annotated[str, typer.Option(help="auto (the run's training precision), no (fp32) or bf16")] = "auto",
+    max_queue: Annotated[int, typer.Option(help="requests that may wait; more get HTTP 429")] = 64,
+    max_batch: Annotated[int, typer.Option(help="prompts generated together")] = 16,
+    window_ms: Annotated[float, typer.Option(help="how long a request waits for others to batch with")] = 20.0,
+):
+    """An OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models) on fine-tuned runs."""
+    _setup_logging()
+    from fewtune.generate import check_target
+    from fewtune.serve import serve as run_serve
+    from fewtune.serve.engine import parse_targets
+
+    if precision not in ("auto", "no", "bf16"):
+        _fail(ValueError(f"--precision must be auto, no or bf16, got {precision!r}"))
+    for _, path in _run(parse_targets, targets, broad=True):
+        _run(check_target, path)  # a missing or damaged run is refused before anything loads
+    _run(run_serve, targets, host, port, api_key, precision, max_queue, max_batch, window_ms)
+
+
+@app.command()
 def doctor(
     run_dir: Annotated[Path, typer.Argument(help="a run directory (or its metrics.jsonl)")],
     predictions: Annotated[Optional[Path], typer.Option(help="JSONL with prediction and reference per example")] = None,

@@ -87,11 +87,14 @@ def _processors(temperature: float, top_k: int | None, top_p: float | None, repe
 def decode(model, prompts: Sequence[Sequence[int]], prefix_layers, n_prefix: int, *, max_new_tokens: int,
            eos_ids: Sequence[int], pad_id: int, temperature: float = 0.0, top_k: int | None = None,
            top_p: float | None = None, repetition_penalty: float = 1.0, num_return_sequences: int = 1,
-           stop: Callable[[torch.Tensor, int], torch.Tensor] | None = None) -> list[list[int]]:
+           stop: Callable[[torch.Tensor, int], torch.Tensor] | None = None,
+           on_step: Callable[[list[int], list[int]], None] | None = None) -> list[list[int]]:
     """New tokens for each prompt of one batch (``num_return_sequences`` rows per prompt, in order), each up
     to and including the token that ended it. ``prompts`` are whole prompts; their first ``n_prefix`` tokens
     are the shared prefix whose cache ``prefix_layers`` holds (:func:`prefix_cache`). ``stop(seqs, width)``
-    says which rows a stop string ended (seqs: the rows' tokens, the new ones from column ``width``)."""
+    says which rows a stop string ended (seqs: the rows' tokens, the new ones from column ``width``).
+    ``on_step(rows, tokens)``, if given, receives after every step the rows still running (their index in the
+    output) and the token each just got: what a streaming server sends on."""
     from transformers import DynamicCache
 
     device = next(model.parameters()).device
@@ -129,8 +132,11 @@ def decode(model, prompts: Sequence[Sequence[int]], prefix_layers, n_prefix: int
         else:
             token = scores.argmax(dim=-1)
         seqs = torch.cat([seqs, token.unsqueeze(1)], dim=1)
-        for i, row in enumerate(alive.tolist()):
-            new[row].append(int(token[i]))
+        rows_now, tokens_now = alive.tolist(), token.tolist()
+        for row, t in zip(rows_now, tokens_now):
+            new[row].append(t)
+        if on_step is not None:
+            on_step(rows_now, tokens_now)
         done = torch.isin(token, eos)
         if stop is not None:
             done |= stop(seqs, seq_width)

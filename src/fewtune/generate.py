@@ -11,7 +11,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -326,6 +326,16 @@ class StopOnStrings:
 
 
 @torch.no_grad()
+@dataclass
+class Completion:
+    """One generated output: its text (stop strings cut), the tokens generated for it, and why it ended
+    ("stop": an end-of-turn token or a stop string; "length": ``max_new_tokens`` reached)."""
+
+    text: str
+    tokens: int
+    finish_reason: str
+
+
 def generate(loaded: Loaded, conversations: Sequence[Sequence[Message]], gen: GenerateSection,
              progress: bool = True, names: Sequence[str] | None = None) -> list[list[str]]:
     """For each conversation, `num_return_sequences` completions (strings, stop strings cut).
@@ -333,23 +343,35 @@ def generate(loaded: Loaded, conversations: Sequence[Sequence[Message]], gen: Ge
     Empty prompts and prompts that do not fit the context with ``gen.max_new_tokens`` raise
     PromptError before anything is generated (``names``: how to call each prompt in that message).
     """
+    all_ids = check_prompts(loaded, conversations, gen.max_new_tokens, names)
+    return [[c.text for c in row] for row in generate_ids(loaded, all_ids, gen, progress)]
+
+
+def generate_ids(loaded: Loaded, all_ids: Sequence[list[int]], gen: GenerateSection, progress: bool = False,
+                 on_step: Callable[[list[tuple[int, int]], list[int]], None] | None = None) -> list[list[Completion]]:
+    """:func:`generate` on prompts already rendered (and checked), with token counts and finish reasons.
+
+    ``on_step(outputs, tokens)`` receives after each decoding step the outputs still running, as
+    (prompt index, sequence index) pairs, and the token each just got (models that ``fewtune.decode``
+    does not cover report every token once their batch is done)."""
     from transformers import GenerationConfig, StoppingCriteriaList
 
     tokenizer, model = loaded.tokenizer, loaded.model
     stops = list(dict.fromkeys(loaded.template.stop_strings(tokenizer) + list(gen.stop)))
+    cut = stops + [t for t in (tokenizer.pad_token,) if t]
     eos_ids = [i for i in {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(tokenizer.eos_token)} if i is not None]
     sample = gen.temperature > 0
+    n_seq = gen.num_return_sequences
     config = GenerationConfig(
         max_new_tokens=gen.max_new_tokens, do_sample=sample,
         temperature=gen.temperature if sample else None, top_k=gen.top_k if sample else None,
         top_p=gen.top_p if sample else None, repetition_penalty=gen.repetition_penalty,
-        num_return_sequences=gen.num_return_sequences, eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id,
+        num_return_sequences=n_seq, eos_token_id=eos_ids, pad_token_id=tokenizer.pad_token_id,
     )
     device = next(model.parameters()).device
-    all_ids = check_prompts(loaded, conversations, gen.max_new_tokens, names)
     # longest first: batches of similar length waste less padding
     order = sorted(range(len(all_ids)), key=lambda i: -len(all_ids[i]))
-    outputs: list[list[str]] = [[] for _ in all_ids]
+    outputs: list[list[Completion]] = [[] for _ in all_ids]
     torch.manual_seed(gen.seed)
     # fewtune's decoding loop (fewtune.decode): the prefix every prompt shares runs once, finished rows leave
     # the batch; models it does not cover go through model.generate
@@ -357,38 +379,47 @@ def generate(loaded: Loaded, conversations: Sequence[Sequence[Message]], gen: Ge
     n_prefix = decode.common_prefix(all_ids) if own_loop and len(all_ids) > 1 else 0
     prefix_layers = decode.prefix_cache(model, all_ids[0][:n_prefix]) if n_prefix else None
     string_stops = [s for s in stops if s != tokenizer.eos_token]
+
+    def completion(tokens: list[int]) -> Completion:
+        text = tokenizer.decode(tokens, skip_special_tokens=False)
+        ended = (tokens and tokens[-1] in eos_ids) or len(tokens) < gen.max_new_tokens or cut_at_stop(text, cut) != text
+        return Completion(cut_at_stop(text, cut).strip(), len(tokens), "stop" if ended else "length")
+
     bar = tqdm(total=len(all_ids), desc="generate", disable=not progress or len(all_ids) < 2, dynamic_ncols=True)
     for start in range(0, len(order), gen.batch_size):
         chunk = order[start:start + gen.batch_size]
         width = max(len(all_ids[i]) for i in chunk)
+        report = None
+        if on_step is not None:
+            def report(rows, tokens, chunk=chunk):
+                on_step([(chunk[r // n_seq], r % n_seq) for r in rows], tokens)
         if own_loop:
             check = StopOnStrings(tokenizer, string_stops, width)
             new_ids = decode.decode(
                 model, [all_ids[i] for i in chunk], prefix_layers, n_prefix, max_new_tokens=gen.max_new_tokens,
                 eos_ids=eos_ids, pad_id=tokenizer.pad_token_id, temperature=gen.temperature,
                 top_k=gen.top_k if sample else None, top_p=gen.top_p if sample else None,
-                repetition_penalty=gen.repetition_penalty, num_return_sequences=gen.num_return_sequences,
-                stop=(lambda seqs, w: check(seqs, None)) if string_stops else None)
-            for row, tokens in enumerate(new_ids):
-                text = tokenizer.decode(tokens, skip_special_tokens=False)
-                outputs[chunk[row // gen.num_return_sequences]].append(
-                    cut_at_stop(text, stops + [t for t in (tokenizer.pad_token,) if t]).strip())
-            bar.update(len(chunk))
-            continue
-        ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, i in enumerate(chunk):  # left padding: every prompt ends where generation starts
-            ids[row, width - len(all_ids[i]):] = torch.tensor(all_ids[i])
-            mask[row, width - len(all_ids[i]):] = 1
-        criteria = StoppingCriteriaList([StopOnStrings(tokenizer, [s for s in stops if s != tokenizer.eos_token], width)])
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
-                             stopping_criteria=criteria)
-        new = out[:, width:]
-        texts = tokenizer.batch_decode(new, skip_special_tokens=False)
-        for row, text in enumerate(texts):
-            i = chunk[row // gen.num_return_sequences]
-            text = cut_at_stop(text, stops + [t for t in (tokenizer.pad_token,) if t])
-            outputs[i].append(text.strip())
+                repetition_penalty=gen.repetition_penalty, num_return_sequences=n_seq,
+                stop=(lambda seqs, w: check(seqs, None)) if string_stops else None, on_step=report)
+        else:
+            ids = torch.full((len(chunk), width), tokenizer.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for row, i in enumerate(chunk):  # left padding: every prompt ends where generation starts
+                ids[row, width - len(all_ids[i]):] = torch.tensor(all_ids[i])
+                mask[row, width - len(all_ids[i]):] = 1
+            criteria = StoppingCriteriaList([StopOnStrings(tokenizer, string_stops, width)])
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
+                                 stopping_criteria=criteria)
+            new_ids = []
+            for row in out[:, width:].tolist():  # what follows the first end-of-turn token is padding
+                end = next((j + 1 for j, t in enumerate(row) if t in eos_ids), len(row))
+                new_ids.append(row[:end])
+            if report is not None:
+                for r, tokens in enumerate(new_ids):
+                    for t in tokens:
+                        report([r], [t])
+        for row, tokens in enumerate(new_ids):
+            outputs[chunk[row // n_seq]].append(completion(tokens))
         bar.update(len(chunk))
     bar.close()
     return outputs
