@@ -434,6 +434,8 @@ def tune(
     out: Annotated[Optional[Path], typer.Option(help="tune folder (default: runs/tune/<data file name>)")] = None,
     seed: Annotated[int, typer.Option(help="seed of the folds, the sampler and the runs")] = 0,
     measure: Annotated[bool, typer.Option("--measure/--no-measure", help="let suggest time training here first")] = True,
+    report_to: Annotated[Optional[list[str]], typer.Option("--report-to", help="tensorboard and/or mlflow: every "
+                                                           "fold run filed under one experiment (repeatable)")] = None,
 ):
     """Search learning rate, epochs, batch size and LoRA rank from suggest's config, select by K-fold
     cross-validation (or --dev), retrain the winner on all the data, score it once on --test."""
@@ -443,7 +445,7 @@ def tune(
     names = [s.strip() for s in search.split(",") if s.strip()]
     try:
         result = _run(run_tune, data, model, trials=trials, budget=budget, metric=metric, kfold=kfold, dev=dev,
-                      test=test, search=names, out=out, seed=seed, measure=measure)
+                      test=test, search=names, out=out, seed=seed, measure=measure, report_to=report_to or ())
     except TuneInterrupted as err:
         typer.secho(str(err), fg=typer.colors.YELLOW, err=True)
         raise typer.Exit(130)

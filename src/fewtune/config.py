@@ -249,6 +249,14 @@ class TrainSection(Section):
     force_resume: bool = Field(False, description="Resume even if the data, model or training keys changed since "
                                "the checkpoint.")
     log_every: int = Field(1, gt=0, description="Write a training record to metrics.jsonl every this many steps.")
+    report_to: list[Literal["tensorboard", "mlflow"]] = Field(
+        [], description="Experiment trackers that also receive the config, every logged record and, at the end, "
+        "the loss plot and summary (through accelerate's trackers; offline: TensorBoard event files, an MLflow "
+        "SQLite store). Needs `pip install tensorboardX` / `pip install mlflow-skinny`.")
+    tracking_dir: str | None = Field(None, description="Where trackers write; None: TRAIN.OUTPUT_DIR/tracking. "
+                                     "sweep and tune point every run of theirs at one folder.")
+    experiment: str = Field("fewtune", description="The tracker's experiment (MLflow) or group folder (TensorBoard) "
+                            "the run is filed under; sweep and tune use their own name for all their runs.")
 
     @field_validator("mixed_precision", mode="before")
     @classmethod

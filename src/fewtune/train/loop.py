@@ -37,6 +37,7 @@ from fewtune.methods import (MethodError, apply_method, get_method, load_base, l
                              trainable_state)
 from fewtune import runlog
 from fewtune.runinfo import RunFormatError, check_run_format, write_marker
+from fewtune.train import tracking
 from fewtune.train import checkpoint as ckpt
 from fewtune.train import fingerprint, precision_probe, runtime, validate
 from fewtune.train.batching import batch_weight, collate, pack, setup_packing
@@ -105,6 +106,11 @@ class Trainer:
                 check_run_format(self.run_dir)
         except RunFormatError as err:
             raise TrainingError(str(err)) from None
+        try:  # before anything loads: a tracker asked for but not installed says what to install
+            tracking.check_installed(cfg.train.report_to)
+        except tracking.TrackingError as err:
+            raise TrainingError(str(err)) from None
+        self.trackers = tracking.Trackers.none()
         set_seed(cfg.train.seed)
         self._setup_data()
         self.precision_decision: precision_probe.Decision | None = None
@@ -232,6 +238,7 @@ class Trainer:
     def _log(self, record: dict) -> None:
         if self.main:
             runlog.append(self.run_dir / "metrics.jsonl", record)
+            self.trackers.log(record)
 
     def _wall_s(self) -> float:
         """Training time of the whole run: the earlier sessions (to their last checkpoint) plus this one."""
@@ -431,6 +438,8 @@ class Trainer:
             log.warning("no checkpoint in %s: starting from the beginning", self.run_dir)
         self._prepare_run_dir(resumed)
         if self.main:
+            self.trackers = tracking.Trackers(self.cfg, self.run_dir, resumed)
+        if self.main:
             log.info("trainable parameters: %s of %s (%.2f%%)", f"{self.trainable:,}", f"{self.total:,}",
                      100 * self.trainable / self.total)
         self._log({"step": self.state.step, "event": "start", "trainable_params": self.trainable,
@@ -484,6 +493,9 @@ class Trainer:
                         raise Interrupted(self.run_dir, s.step, stop or signal.SIGINT)
                 if s.batch >= len(batches):  # the next epoch gets its own order
                     s.next_epoch()
+        except BaseException:
+            self.trackers.close()  # what was logged is flushed; a resumed run continues the same tracker run
+            raise
         finally:
             for sig, handler in previous_handlers.items():
                 signal.signal(sig, handler)
@@ -525,6 +537,7 @@ class Trainer:
             from fewtune.plots import plot_loss_curve
 
             plot_loss_curve(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
+            self.trackers.finish(self.run_dir)
         self.accelerator.wait_for_everyone()
         return TrainResult(self.run_dir, s.step, s.best_val, s.stopped_early, wall_s)
 

@@ -320,7 +320,9 @@ def read_sweep(path: Path, fingerprint: str | tuple[str, ...] | None = None) -> 
 
 def _run_config(base: dict, params: dict, seed: int, fold: int | None, plan: Plan, run_dir: Path) -> Config:
     train, val, _ = plan.data_for(seed, fold)
-    sets = {**params, "train.seed": seed, "train.output_dir": str(run_dir), "train.resume": False}
+    sets = {**params, "train.seed": seed, "train.output_dir": str(run_dir), "train.resume": False,
+            # with train.report_to, every run of the sweep is filed under one experiment in one tracking folder
+            "train.tracking_dir": str(run_dir.parents[2] / "tracking"), "train.experiment": run_dir.parents[2].name}
     if plan.mode == "holdout":
         sets["data.seed"] = seed  # the split this run trains on was made with it
     if train is not None and plan.mode in ("kfold", "holdout"):

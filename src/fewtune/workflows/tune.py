@@ -274,7 +274,9 @@ def _fold_config(base: dict, sets: dict[str, Any], train_file: str, run_dir: Pat
     """A fold run: the trial's settings, its training part, no validation split of its own (the held-out
     fold or the dev file scores it afterwards, so the epochs searched are the epochs trained)."""
     sets = {**sets, "data.train": train_file, "data.validation": None, "data.val_ratio": 0.0,
-            "train.output_dir": str(run_dir), "train.resume": False, "train.seed": seed}
+            "train.output_dir": str(run_dir), "train.resume": False, "train.seed": seed,
+            # with --report-to, every fold run of the tune is filed under one experiment in one tracking folder
+            "train.tracking_dir": str(run_dir.parents[2] / "tracking"), "train.experiment": run_dir.parents[2].name}
     if train_file != base["data"]["train"]:  # a fold file, written as messages
         sets.update({"data.format": "messages", "data.dataset": None})
     return build_config(copy.deepcopy(base), [f"{k}={json.dumps(v)}" for k, v in sets.items()], source="tune")
@@ -440,7 +442,8 @@ def tune(data: str | Path, model: str | None = None, *, trials: int | None = Non
          metric: str | None = None, kfold: int = 3, dev: str | Path | None = None, test: str | Path | None = None,
          search: Sequence[str] = DEFAULT_SEARCH, out: str | Path | None = None, seed: int = 0,
          measure: bool = True, progress: bool = True, clock: Callable[[], float] = time.monotonic,
-         execute: Callable[..., dict] = run_fold, final: bool = True) -> TuneResult:
+         execute: Callable[..., dict] = run_fold, final: bool = True,
+         report_to: Sequence[str] = ()) -> TuneResult:
     """Search, select on folds (or ``dev``), retrain the winner on all the training data, score it on ``test``.
 
     ``execute(cfg, run_dir, scored_file, task, labels)`` trains and scores one run (tests swap it for a
@@ -469,6 +472,9 @@ def tune(data: str | Path, model: str | None = None, *, trials: int | None = Non
 
     suggestion = suggest(data, model, measure=measure, progress=progress)
     cfg = suggestion.config
+    if report_to:  # checked like any config value
+        cfg = build_config(cfg.model_dump(mode="json"), [f"train.report_to={json.dumps(list(report_to))}"],
+                           source="--report-to")
     out = Path(out) if out else Path("runs") / "tune" / Path(data).stem
     out.mkdir(parents=True, exist_ok=True)
     selection = plan_selection(cfg, out, kfold, str(dev) if dev else None, seed)
