@@ -172,6 +172,20 @@ def test_completions_with_several_prompts_and_n(client):
     assert reply.usage.completion_tokens == again.usage.completion_tokens > 0
 
 
+def test_streamed_completions_add_up_per_prompt(client):
+    prompts = ["打开车窗 1", "关闭空调 2"]
+    whole = client.completions.create(model="beta", prompt=prompts, max_tokens=10, temperature=0)
+    parts: dict[int, str] = {}
+    finish: dict[int, str] = {}
+    for chunk in client.completions.create(model="beta", prompt=prompts, max_tokens=10, temperature=0, stream=True):
+        for c in chunk.choices:
+            parts[c.index] = parts.get(c.index, "") + c.text
+            if c.finish_reason:
+                finish[c.index] = c.finish_reason
+    assert parts == {c.index: c.text for c in whole.choices}
+    assert finish == {c.index: c.finish_reason for c in whole.choices}
+
+
 def test_errors_have_openais_shape_and_status(client, server):
     with pytest.raises(openai.NotFoundError) as err:
         client.chat.completions.create(model="gamma", messages=[{"role": "user", "content": "x"}])

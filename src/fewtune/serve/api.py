@@ -212,38 +212,13 @@ def create_app(models: dict[str, Served], api_key: str | None = None, batcher: B
         job, prompts = await run(served, req, [conversation], "chat")
         ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if req.stream:
-            return StreamingResponse(_chat_stream(job, prompts, req, ident, created), media_type="text/event-stream")
+            return StreamingResponse(_stream(job, prompts, req, ident, created, chat=True),
+                                     media_type="text/event-stream")
         results = await job.future
         choices = [{"index": k, "message": {"role": "assistant", "content": out.text}, "logprobs": None,
                     "finish_reason": out.finish_reason} for k, out in enumerate(results[0])]
         return {"id": ident, "object": "chat.completion", "created": created, "model": req.model,
                 "choices": choices, "usage": usage(prompts, results), "system_fingerprint": None}
-
-    async def _chat_stream(job: Job, prompts, req: ChatRequest, ident: str, created: int):
-        with_usage = bool(req.stream_options and req.stream_options.include_usage)
-
-        def chunk(choices: list, **extra) -> str:
-            body = {"id": ident, "object": "chat.completion.chunk", "created": created, "model": req.model,
-                    "system_fingerprint": None, "choices": choices, **extra}
-            if with_usage and "usage" not in body:
-                body["usage"] = None
-            return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
-
-        yield chunk([{"index": k, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-                     for k in range(req.n)])
-        async for event in _events(job):
-            if event[0] == "delta":
-                _, _, seq, text = event
-                yield chunk([{"index": seq, "delta": {"content": text}, "logprobs": None, "finish_reason": None}])
-            elif event[0] == "done":
-                results = event[1]
-                yield chunk([{"index": k, "delta": {}, "logprobs": None, "finish_reason": out.finish_reason}
-                             for k, out in enumerate(results[0])])
-                if with_usage:
-                    yield chunk([], usage=usage(prompts, results))
-            else:
-                yield f"data: {json.dumps(APIError(500, str(event[1]), 'server_error').body())}\n\n"
-        yield "data: [DONE]\n\n"
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest):
@@ -257,7 +232,7 @@ def create_app(models: dict[str, Served], api_key: str | None = None, batcher: B
         job, prompts = await run(served, req, [[Message("user", t)] for t in texts], "completion")
         ident, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         if req.stream:
-            return StreamingResponse(_completion_stream(job, prompts, req, ident, created),
+            return StreamingResponse(_stream(job, prompts, req, ident, created, chat=False),
                                      media_type="text/event-stream")
         results = await job.future
         choices = [{"index": i * req.n + k, "text": out.text, "logprobs": None, "finish_reason": out.finish_reason}
@@ -265,24 +240,35 @@ def create_app(models: dict[str, Served], api_key: str | None = None, batcher: B
         return {"id": ident, "object": "text_completion", "created": created, "model": req.model,
                 "choices": choices, "usage": usage(prompts, results), "system_fingerprint": None}
 
-    async def _completion_stream(job: Job, prompts, req: CompletionRequest, ident: str, created: int):
+    async def _stream(job: Job, prompts, req: Sampling, ident: str, created: int, chat: bool):
+        """Server-sent events as OpenAI sends them: for chat a first chunk with the assistant role, then text
+        chunks, a chunk with each output's finish_reason, a usage chunk when asked for, then [DONE]."""
         with_usage = bool(req.stream_options and req.stream_options.include_usage)
+        fields = {"object": "chat.completion.chunk" if chat else "text_completion", "system_fingerprint": None}
 
         def chunk(choices: list, **extra) -> str:
-            body = {"id": ident, "object": "text_completion", "created": created, "model": req.model,
-                    "choices": choices, **extra}
+            body = {"id": ident, "created": created, "model": req.model, **fields, "choices": choices, **extra}
             if with_usage and "usage" not in body:
                 body["usage"] = None
             return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
+        def choice(prompt: int, seq: int, text: str | None, finish: str | None) -> dict:
+            if chat:
+                delta = {} if text is None else {"content": text}
+                return {"index": seq, "delta": delta, "logprobs": None, "finish_reason": finish}
+            return {"index": prompt * req.n + seq, "text": text or "", "logprobs": None, "finish_reason": finish}
+
+        if chat:
+            yield chunk([{"index": k, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None} for k in range(req.n)])
         async for event in _events(job):
             if event[0] == "delta":
-                _, i, seq, text = event
-                yield chunk([{"index": i * req.n + seq, "text": text, "logprobs": None, "finish_reason": None}])
+                _, prompt, seq, text = event
+                yield chunk([choice(prompt, seq, text, None)])
             elif event[0] == "done":
                 results = event[1]
-                yield chunk([{"index": i * req.n + k, "text": "", "logprobs": None, "finish_reason": out.finish_reason}
-                             for i, outs in enumerate(results) for k, out in enumerate(outs)])
+                yield chunk([choice(i, k, None, out.finish_reason) for i, outs in enumerate(results)
+                             for k, out in enumerate(outs)])
                 if with_usage:
                     yield chunk([], usage=usage(prompts, results))
             else:
