@@ -325,7 +325,6 @@ class StopOnStrings:
         return done
 
 
-@torch.no_grad()
 @dataclass
 class Completion:
     """One generated output: its text (stop strings cut), the tokens generated for it, and why it ended
@@ -347,6 +346,7 @@ def generate(loaded: Loaded, conversations: Sequence[Sequence[Message]], gen: Ge
     return [[c.text for c in row] for row in generate_ids(loaded, all_ids, gen, progress)]
 
 
+@torch.no_grad()
 def generate_ids(loaded: Loaded, all_ids: Sequence[list[int]], gen: GenerateSection, progress: bool = False,
                  on_step: Callable[[list[tuple[int, int]], list[int]], None] | None = None) -> list[list[Completion]]:
     """:func:`generate` on prompts already rendered (and checked), with token counts and finish reasons.
