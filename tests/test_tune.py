@@ -183,6 +183,20 @@ def test_an_interrupted_tune_continues_and_reuses_finished_folds(tmp_path, tiny_
     assert once_more.calls == [] and same.best.params == result.best.params
 
 
+def test_dev_selection_trains_on_all_the_data_and_scores_on_the_dev_file(tmp_path, tiny_model, data):
+    dev = classification(tmp_path / "dev.jsonl", 16)
+    clock = Clock()
+    runs = FakeRuns(clock)
+    seen = []
+    result = tune(data, tiny_model, trials=3, dev=dev, out=tmp_path / "tune", measure=False, progress=False,
+                  clock=clock, execute=lambda cfg, *a: seen.append(cfg) or runs(cfg, *a), final=False)
+    assert "dev file" in result.selection
+    assert {c.data.train for c in seen} == {str(data.resolve())} and {c.data.format for c in seen} == {"auto"}
+    assert all(c.data.validation is None and c.data.val_ratio == 0.0 for c in seen)
+    assert {call[0] for call in runs.calls} == {str(dev)}
+    assert all(len(t.fold_values) == 1 for t in result.trials)
+
+
 def test_a_tune_of_other_data_in_the_same_folder_is_refused(tmp_path, tiny_model, data):
     clock = Clock()
     tune(data, tiny_model, trials=1, kfold=2, out=tmp_path / "tune", measure=False, progress=False, clock=clock,
