@@ -137,6 +137,7 @@ def load_for_inference(path_or_model: str, template_kind: str = "auto", system_p
     (:mod:`fewtune.inference_precision`); a ``dtype`` other than auto loads and stays in that dtype.
     """
     loaded = _load(path_or_model, template_kind, system_prompt, dtype, merge)
+    contiguous_head_input(loaded.model)
     if dtype == "auto" and (loaded.config is None or loaded.config.model.dtype == "auto"):
         from fewtune import inference_precision
 
@@ -145,6 +146,21 @@ def load_for_inference(path_or_model: str, template_kind: str = "auto", system_p
         choice, loaded.model = inference_precision.resolve(precision, loaded.model, name, run)
         loaded.precision, loaded.precision_reason = choice.precision, choice.reason
     return loaded
+
+
+def contiguous_head_input(model) -> None:
+    """Make the output layer's input contiguous before its product.
+
+    ``logits_to_keep`` hands the output layer a slice of the hidden states (the last column of a
+    batch), and PyTorch's CPU matmul runs a 3-D strided input against weights that need no gradient
+    (a loaded model for inference) as a batched product over a copy of the whole weight per row: for
+    a 49k vocabulary, 32 rows took 2 s in bf16 and 0.09 s in fp32, against 6 and 12 ms contiguous.
+    Every prefill of generation and every prompt pass of choice scoring goes through it."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or getattr(head, "_fewtune_contiguous_input", False):
+        return
+    head.register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]) if args else args)
+    head._fewtune_contiguous_input = True
 
 
 def _load(path_or_model: str, template_kind: str, system_prompt: str | None, dtype: str, merge: bool) -> Loaded:
