@@ -43,7 +43,8 @@ def test_small_data_best_recipes_name_the_stored_best_rows():
     small_data = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(small_data)
     best_files = {p.stem.removeprefix("small_data_best_") for p in CONFIGS if p.stem.startswith("small_data_best_")}
-    assert best_files == set(small_data.MODELS)
+    # snips10 and car50 came with the tune setup: they have no hand-found best recipe
+    assert best_files == set(small_data.MODELS) - {"snips10", "car50"}
     stored = {json.loads(line)["setup"] for line in small_data.RESULTS.read_text(encoding="utf-8").splitlines()}
     assert small_data.best_candidate("eprstmt") == "suggest+regularise.label_smoothing=0.1" in stored
     assert small_data.best_candidate("tnews") == "suggest+regularise.neftune_alpha=5" in stored
