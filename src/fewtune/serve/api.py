@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from fewtune.config import GenerateSection
 from fewtune.data.formats import Message
-from fewtune.generate import prompt_ids
+from fewtune.generate import is_empty, prompt_ids
 from fewtune.serve.engine import Batcher, Job, QueueFull, Served, describe, prompt_limit_error
 
 log = logging.getLogger(__name__)
@@ -178,7 +178,7 @@ def create_app(models: dict[str, Served], api_key: str | None = None, batcher: B
         gen = settings(served, req)
         prompts = []
         for i, conversation in enumerate(conversations):
-            if not conversation or not conversation[-1].content.strip():
+            if is_empty(conversation):
                 raise APIError(400, "the last message (or the prompt) is empty: give some text to answer",
                                param="messages" if kind == "chat" else "prompt")
             ids = prompt_ids(served.loaded, conversation)

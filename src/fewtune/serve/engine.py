@@ -240,6 +240,7 @@ class Batcher:
         served, gen = first.served, first.gen
         prompts = [p for job in group for p in job.prompts]
         owner = [(j, i) for j, job in enumerate(group) for i in range(len(job.prompts))]
+        first_row = [sum(len(job.prompts) for job in group[:j]) for j in range(len(group))]  # each job's first prompt
         tokenizer = served.loaded.tokenizer
         streams: dict[tuple[int, int], StreamText] = {}
         streaming = any(job.events is not None for job in group)
@@ -270,12 +271,11 @@ class Batcher:
             return
         self.batches.append(len(group))
         for j, job in enumerate(group):
-            mine = [results[p] for p, (jj, _) in enumerate(owner) if jj == j]
+            mine = results[first_row[j]:first_row[j] + len(job.prompts)]
             if job.events is not None:
                 for i, outs in enumerate(mine):
                     for seq, out in enumerate(outs):
-                        prompt = next(p for p, (jj, ii) in enumerate(owner) if jj == j and ii == i)
-                        stream = streams.get((prompt, seq))
+                        stream = streams.get((first_row[j] + i, seq))
                         rest = stream.rest(out.text) if stream else out.text
                         if rest:
                             job.loop.call_soon_threadsafe(job.events.put_nowait, ("delta", i, seq, rest))

@@ -230,7 +230,7 @@ class Selection:
     """What each trial trains on and is scored on: (train file, scored file) per fold."""
 
     folds: list[tuple[str, str]]
-    n_examples: int
+    examples: list  # the training file's examples, read once
     description: str
 
 
@@ -253,7 +253,7 @@ def plan_selection(cfg: Config, out: Path, kfold: int, dev: str | None, seed: in
             folds.append((_write_examples(out / "data" / f"fold-{i}" / "train.jsonl", rest),
                           _write_examples(out / "data" / f"fold-{i}" / "held_out.jsonl", held_out)))
         what = f"{kfold}-fold cross-validation over the {len(examples)} training examples"
-    return Selection(folds, len(examples), what)
+    return Selection(folds, examples, what)
 
 
 def _fold_share(selection: Selection) -> float:
@@ -450,7 +450,7 @@ def tune(data: str | Path, model: str | None = None, *, trials: int | None = Non
     stand-in); ``clock`` measures the budget."""
     import optuna
 
-    from fewtune.advice.suggest import Rule, memory_batch_limit, suggest
+    from fewtune.advice.suggest import Rule, memory_batch_limit, suggest, write_config
     from fewtune.eval.evaluate import detect_task, expected_label
     from fewtune.models import DEFAULT_MODEL
     from fewtune.workflows.sweep import DEFAULT_METRIC
@@ -478,14 +478,14 @@ def tune(data: str | Path, model: str | None = None, *, trials: int | None = Non
     out = Path(out) if out else Path("runs") / "tune" / Path(data).stem
     out.mkdir(parents=True, exist_ok=True)
     selection = plan_selection(cfg, out, kfold, str(dev) if dev else None, seed)
-    examples = load_examples(data)
+    examples = selection.examples
     task = detect_task(data, examples) if cfg.eval.task in (None, "auto") else cfg.eval.task
     labels = sorted({expected_label(e) for e in examples}) if task == "classification" else None
     metric = metric or DEFAULT_METRIC[task]
     allowed = TASK_METRICS.get(task, ())
     if metric not in allowed:
         raise ConfigError(f"--metric {metric!r} is not a {task} metric; use one of {', '.join(allowed)}")
-    train_n = round(selection.n_examples * _fold_share(selection))
+    train_n = round(len(selection.examples) * _fold_share(selection))
     limit, _ = memory_batch_limit(model, cfg.data.max_length)
     dims = search_space(cfg, train_n, search, batch_limit=limit)
     first = base_params(cfg, dims)
@@ -548,7 +548,7 @@ def tune(data: str | Path, model: str | None = None, *, trials: int | None = Non
     rules = suggestion.rules + [Rule(d.key, best.params[d.name], f"tune: best {metric} {best.mean:.4f} +- {best.std:.4f} "
                                      f"on {selection.description} (suggest's value: {_fmt(first[d.name])})")
                                 for d in dims]
-    _write_best(best_cfg, rules, out / "best.yaml")
+    write_config(best_cfg, rules, out / "best.yaml")
     if interrupted is None and final:
         result.final_dir = out / "final"
         key = _run_key({**best.params, "final_test": str(test) if test else None}, -1)
@@ -653,12 +653,6 @@ def _compare(runs, selection: Selection, baseline: TrialResult, best: TrialResul
     if fa is None or fb is None:
         return None
     return {**paired_difference(fa, fb, len(a)), "n": len(a)}
-
-
-def _write_best(cfg: Config, rules, path: Path) -> None:
-    from fewtune.advice.suggest import write_config
-
-    write_config(cfg, rules, path)
 
 
 def _final(cfg: Config, run_dir: Path, test: str | Path | None, task: str, labels: list[str] | None,
