@@ -49,6 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "benchmarks" / "configs" / "train_speed.yaml"
 NOTES = "<!-- written by hand below this line; train_speed.py keeps it when it rewrites the results -->"
 PROFILE_STEPS = 2  # with --profile: extra steps after the timed ones, run under torch.profiler
+PROFILE_TABLE_ENV = "FEWTUNE_PROFILE_TABLE"  # with --profile: print N operators by input shape (N:name: by name)
 CATEGORIES = (  # (label, substrings of aten op names), for the "where the time goes" line
     ("matrix multiplies", ("aten::mm", "aten::addmm", "aten::bmm")),
     ("attention", ("scaled_dot_product", "flash_attention")),
@@ -129,9 +130,13 @@ def matmul_peak_flops(device: str, size: int = 1024, reps: int = 10) -> dict[str
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         a = torch.randn(size, size, device=device).to(dtype)
         b = torch.randn(size, size, device=device).to(dtype)
+        start = time.perf_counter()
         torch.mm(a, b)
+        # a CPU without bf16 instructions takes seconds per product: two tries there; elsewhere `reps`, since the
+        # first few bf16 products on an AMX machine run at half speed or less (470 against 1,143 GFLOP/s seen)
+        slow = device != "cuda" and time.perf_counter() - start > 0.1
         best = float("inf")
-        for _ in range(reps if (device == "cuda" or dtype == torch.float32) else 2):
+        for _ in range(2 if slow else reps):
             if device == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
@@ -212,13 +217,18 @@ class StepProfiler:
         if self.enabled and step == self.first:
             from torch.profiler import ProfilerActivity, profile
 
-            self.profiler = profile(activities=[ProfilerActivity.CPU])
+            self.profiler = profile(activities=[ProfilerActivity.CPU], record_shapes=bool(os.environ.get(PROFILE_TABLE_ENV)))
             self.profiler.__enter__()
 
     def end(self, step: int) -> None:
         if self.profiler is not None and step == self.first + PROFILE_STEPS - 1:
             self.profiler.__exit__(None, None, None)
             events = self.profiler.key_averages()
+            rows, _, by = (os.environ.get(PROFILE_TABLE_ENV) or "0").partition(":")
+            if int(rows):  # the operators by input shape (N:name: by name only), a closer look than the shares
+                print(self.profiler.key_averages(group_by_input_shape=by != "name").table(
+                    sort_by="self_cpu_time_total", row_limit=int(rows), max_name_column_width=60,
+                    max_shapes_column_width=70), file=sys.stderr, flush=True)
             total = sum(e.self_cpu_time_total for e in events)
             shares = {}
             for e in events:

@@ -24,15 +24,32 @@ from torch import nn
 LEVELS = 1 << 16  # one 16-bit lane per element
 
 
+def _lanes(shape, device, generator) -> torch.Tensor:
+    """One uniform 16-bit lane (int16) per element of ``shape``, four from each 64-bit random word."""
+    n = math.prod(shape)
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device)
+    words.random_(-(1 << 63), None, generator=generator)  # the full 64-bit range: all four lanes uniform
+    return words.view(torch.int16)[:n].view(shape)
+
+
 def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device=None,
               generator: torch.Generator | None = None) -> tuple[torch.Tensor, float]:
     """A boolean mask (True = keep) where each element is dropped with probability ~p, and the keep probability."""
     dropped_levels = round(p * LEVELS)
-    n = math.prod(shape)
-    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device)
-    words.random_(-(1 << 63), None, generator=generator)  # the full 64-bit range: all four lanes uniform
-    lanes = words.view(torch.int16)[:n].view(shape)
-    return lanes >= -(LEVELS // 2) + dropped_levels, 1.0 - dropped_levels / LEVELS
+    return _lanes(shape, device, generator) >= -(LEVELS // 2) + dropped_levels, 1.0 - dropped_levels / LEVELS
+
+
+def keep_multiplier(shape: torch.Size | tuple[int, ...], p: float, dtype: torch.dtype, device=None,
+                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, float]:
+    """:func:`keep_mask` as 1 (keep) and 0 (drop) in ``dtype`` (the same mask from the same random state).
+
+    Multiplying by it is about 4x faster on a CPU than ``torch.where`` with a boolean mask (bf16: 26 vs 103 us
+    for 275 x 576), and it is built without a boolean: the lanes are clamped to {threshold - 1, threshold}
+    and shifted to {0, 1} in int16 (no overflow), then converted."""
+    dropped_levels = round(p * LEVELS)
+    threshold = -(LEVELS // 2) + dropped_levels
+    lanes = _lanes(shape, device, generator)
+    return lanes.clamp_(threshold - 1, threshold).sub_(threshold - 1).to(dtype), 1.0 - dropped_levels / LEVELS
 
 
 class _KeepScale(torch.autograd.Function):

@@ -22,9 +22,11 @@ def apply_lora(model, method: MethodSection, model_name: str | None = None, **op
     from peft import get_peft_model
 
     from fewtune.methods.fast_dropout import use_fast_lora_dropout
+    from fewtune.methods.fast_lora import use_fast_lora_forward
 
     model = get_peft_model(model, lora_config(method, **options))
     use_fast_lora_dropout(model)  # same dropout, a quarter of the random numbers (fast_dropout.py)
+    use_fast_lora_forward(model)  # fewer passes over the activations in CPU training (fast_lora.py)
     return model
 
 
