@@ -8,9 +8,9 @@ TORCH_SPEC ?= torch==2.13.0
 PIP := $(BIN)/python -m pip -q --disable-pip-version-check
 STAMP := $(VENV)/.fewtune-installed
 
-.PHONY: setup lexicons setup-gemma demo test test-fast test-precision bench-speed config-reference clean
+.PHONY: setup lexicons browser setup-gemma demo test test-fast test-precision bench-speed config-reference clean
 
-setup: $(STAMP) lexicons
+setup: $(STAMP) lexicons browser
 
 # WordNet 3.0 for English synonym replacement (`fewtune augment --methods eda`): no PyPI wheel ships its
 # data, so it comes from Debian (wordnet-base, wordnet-sense-index; about 30 MB). Installed when missing,
@@ -23,6 +23,17 @@ lexicons:
 	elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then \
 	  sudo apt-get install -y -q --no-install-recommends wordnet-base wordnet-sense-index; \
 	else echo "WordNet is missing: run 'sudo apt-get install wordnet-base wordnet-sense-index' (English EDA needs it)"; fi
+
+# Chromium and a CJK font for the web UI's browser test (tests/test_ui.py drives the system's Chromium through
+# Playwright; no browser can be downloaded here) and for screenshots with Chinese text. Installed when missing, as
+# root or through sudo; otherwise the command is printed and the browser test skips saying the same.
+browser:
+	@if command -v chromium >/dev/null && fc-list 2>/dev/null | grep -qi "noto sans cjk"; then :; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get install -y -q --no-install-recommends chromium fonts-noto-cjk >/dev/null \
+	  || (apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends chromium fonts-noto-cjk >/dev/null); \
+	elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then \
+	  sudo apt-get install -y -q --no-install-recommends chromium fonts-noto-cjk >/dev/null; \
+	else echo "Chromium is missing: run 'sudo apt-get install chromium fonts-noto-cjk' (the web UI's browser test needs it)"; fi
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -72,6 +72,21 @@ def test_lora_merge_equals_adapter_outputs(make_config, tmp_path):
         assert (in_memory(input_ids=ids).logits - a).abs().max() < 1e-4
 
 
+def test_an_explicit_system_prompt_replaces_a_runs_own(make_config):
+    """A run whose examples carried their system message in the data has none in its template: chatting with it
+    needs that message, so --system (and the UI's field) applies to runs too; without it the run's own is used."""
+    from fewtune.data.formats import Message
+    from fewtune.generate import prompt_ids
+
+    result = train(make_config(train__max_steps=1, data__system_prompt="训练时的系统提示"))
+    user = [Message("user", "打开车窗")]
+    own = load_for_inference(str(result.run_dir), precision="no")
+    assert "训练时的系统提示" in own.tokenizer.decode(prompt_ids(own, user))
+    other = load_for_inference(str(result.run_dir), system_prompt="Classify the request.", precision="no")
+    text = other.tokenizer.decode(prompt_ids(other, user))
+    assert "Classify the request." in text and "训练时的系统提示" not in text
+
+
 def test_cli_train_generate_resume(make_config, tmp_path):
     cfg = make_config(train__max_steps=2)
     config_path = tmp_path / "c.yaml"

@@ -121,7 +121,7 @@ def generate(
     input: Annotated[Optional[Path], typer.Option("--input", "-i", help="JSONL/JSON/CSV of prompts")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="JSONL to write")] = None,
     config: Annotated[Optional[Path], typer.Option(help="take the generate section from this config")] = None,
-    system: Annotated[Optional[str], typer.Option(help="system prompt (models without a run's template)")] = None,
+    system: Annotated[Optional[str], typer.Option(help="system prompt (for a run: replaces its own, e.g. when its examples carried one in the data)")] = None,
     max_new_tokens: Optional[int] = None,
     temperature: Optional[float] = None,
     top_k: Optional[int] = None,
@@ -185,7 +185,7 @@ def generate(
 @app.command()
 def chat(
     target: Annotated[str, typer.Argument(help="run directory, model folder, .gguf file or model name")],
-    system: Annotated[Optional[str], typer.Option(help="system prompt (models without a run's template)")] = None,
+    system: Annotated[Optional[str], typer.Option(help="system prompt (for a run: replaces its own, e.g. when its examples carried one in the data)")] = None,
     max_new_tokens: Optional[int] = None,
     temperature: Optional[float] = None,
     top_k: Optional[int] = None,
@@ -276,7 +276,7 @@ def eval_(
     batch_size: Annotated[Optional[int], typer.Option(help="examples per batch (default: 8)")] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option(help="generation length (default: the run's, or label + 16)")] = None,
     window: Annotated[Optional[int], typer.Option(help="perplexity: tokens per window of a .txt file (default: 256)")] = None,
-    system: Annotated[Optional[str], typer.Option(help="system prompt (models without a run's template)")] = None,
+    system: Annotated[Optional[str], typer.Option(help="system prompt (for a run: replaces its own, e.g. when its examples carried one in the data)")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="folder for results.json and predictions.jsonl")] = None,
     report: Annotated[bool, typer.Option("--report", help="also write a Markdown/HTML report")] = False,
     precision: Annotated[Optional[str], typer.Option(help=PRECISION_HELP)] = None,
@@ -477,6 +477,22 @@ def serve(
     for _, path in _run(parse_targets, targets, broad=True):
         _run(check_target, path)  # a missing or damaged run is refused before anything loads
     _run(run_serve, targets, host, port, api_key, precision, max_queue, max_batch, window_ms)
+
+
+@app.command()
+def ui(
+    workdir: Annotated[Path, typer.Argument(help="working folder: data files and runs are found and written here")] = Path("."),
+    host: Annotated[str, typer.Option(help="address to listen on (default: this machine only)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port")] = 7860,
+    open_browser: Annotated[bool, typer.Option("--open", help="open the page in the default browser")] = False,
+):
+    """A web UI for the whole workflow: check data, train (form from the config schema), evaluate, chat."""
+    _setup_logging()
+    from fewtune.ui.app import launch
+
+    if not workdir.is_dir():
+        _fail(NotADirectoryError(f"{workdir} is not a folder"))
+    _run(launch, workdir, host, port, open_browser, broad=True)  # a missing Gradio, a port in use
 
 
 @app.command()

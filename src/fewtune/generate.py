@@ -194,6 +194,8 @@ def _load(path_or_model: str, template_kind: str, system_prompt: str | None, dty
         else:
             raise FileNotFoundError(f"{run} has no adapter/ or model/ folder: the run did not finish. "
                                     f"Resume it with: fewtune train --resume {run}")
+        if system_prompt is not None and template is not None:  # asked for explicitly: e.g. a run whose
+            template.system_prompt = system_prompt  # examples carried their system message in the data
         return Loaded(model.eval(), tokenizer, template, cfg, str(run))
     check_target(path_or_model)
     tokenizer = load_tokenizer(path_or_model)
