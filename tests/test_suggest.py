@@ -164,3 +164,19 @@ def test_throughput_probe_times_real_training_passes(tmp_path, tiny_model):
     results = throughput.measure(cfg, items, [1, 4], progress=False)
     assert [r.batch_size for r in results] == [1, 4] and all(r.tokens_per_s > 0 and r.step_s > 0 for r in results)
     assert torch.equal(torch.get_rng_state(), state)  # the probe leaves no trace in the random stream
+
+
+def test_a_larger_measured_batch_keeps_the_planned_optimizer_steps(tmp_path, tiny_model, measured):
+    # 280 examples (252 train): the rule's batch 1 plans 252 x 3 = 756 steps; the measured batch 8 makes 32 a
+    # epoch, so 3 epochs would be 96 steps: the epochs rise to 7 (224 steps, the 200 kept)
+    result = suggest(classification(tmp_path, 280), model=tiny_model, progress=False)
+    cfg = result.config
+    assert cfg.train.batch_size == 8 and cfg.train.epochs == 7
+    why = rule(result, "train.epochs").reason
+    assert "raised to 7" in why and "32 steps per epoch" in why and "224" in why and "0.743" in why
+    # the warm-up and evaluation rules count the raised epochs
+    assert "of the 224 steps" in rule(result, "train.warmup_ratio").reason
+    # 1000 examples: batch 8 keeps 113 x 2 = 226 >= 200 steps: the epochs stay
+    assert suggest(classification(tmp_path, 1000), model=tiny_model, progress=False).config.train.epochs == 2
+    # without measuring, the rule's own batch: nothing to raise
+    assert suggest(classification(tmp_path, 280), model=tiny_model, measure=False).config.train.epochs == 3
