@@ -517,7 +517,7 @@ def report(args, results, info, peak, peak_flops, flops, mean_len, n_examples, l
         f"peft {info['peft']}, accelerate {info['accelerate']}, Python {info['python']}"
         + (f"; GPU {info['gpu']}" if "gpu" in info else "; no GPU") + ".",
         f"Load average (1/5/15 min) before: {load_before}; after: {load_after}.",
-        f"Matrix-multiply peak (1024^3 probe): " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in peak.items())
+        "Matrix-multiply peak (1024^3 probe): " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in peak.items())
         + f"; MFU uses {peak_flops / 1e9:.1f} GFLOP/s and {flops / 1e6:.0f} MFLOP per token "
           "(plain forward + input-gradient backward, all logits, attention, LoRA: the same count for every arm, "
           "so MFU ratios equal tokens/s ratios). HFU counts the FLOPs each arm actually executes "
@@ -525,7 +525,7 @@ def report(args, results, info, peak, peak_flops, flops, mean_len, n_examples, l
         "Executed MFLOP per example token: " + ", ".join(
             f"{a} {r['step0_flops'] / r['tokens'][0] / 1e6:.0f}" for a, r in results.items()
             if r.get("step0_flops") and r["tokens"]) + ".",
-        f"Threads per arm: " + ", ".join(f"{a} {r['threads']}" for a, r in results.items()) + ".",
+        "Threads per arm: " + ", ".join(f"{a} {r['threads']}" for a, r in results.items()) + ".",
         "First timed losses: " + ", ".join(f"{a} {r['losses'][args.warmup] if len(r['losses']) > args.warmup else float('nan'):.3f}"
                                          for a, r in results.items()) + ".",
     ]

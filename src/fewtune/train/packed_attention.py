@@ -45,9 +45,10 @@ class PackedLayout:
 
 
 def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x (heads, tokens, dim) at the row positions ``index`` (S, N): (S, heads, N, dim). index_select, whose
-    backward adds into the tokens with index_add_, runs several times faster on a CPU than the accumulating
-    index_put_ behind ``x[:, index]``'s backward (indices repeat: padding, the shared prefix)."""
+    """x (heads, tokens, dim) at the row positions ``index`` (S, N): (S, heads, N, dim). The backward of
+    index_select adds into the tokens with index_add_, which on a CPU took 23 ms over two profiled bf16 steps of
+    train_speed.py against 63 ms for the accumulating index_put_ behind ``x[:, index]`` (indices repeat:
+    padding, the shared prefix)."""
     picked = torch.index_select(x, 1, index.reshape(-1))
     return picked.view(x.shape[0], *index.shape, x.shape[-1]).transpose(0, 1)
 

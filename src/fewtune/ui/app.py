@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fewtune.ui.form import Field, schema_fields, to_config, widget_values
+from fewtune.ui.form import NONE_CHOICE, Field, schema_fields, to_config, widget_values
 from fewtune.ui.jobs import TrainingJob
 
 log = logging.getLogger(__name__)
@@ -112,17 +112,13 @@ def _target(root: Path, value: str) -> str:
 def preview(file: Path, n: int = 8) -> list[list[Any]]:
     """The first examples as the training reads them: line, input (the last user turn), expected output."""
     from fewtune.data.dataset import load_examples
+    from fewtune.eval.evaluate import _input_text
 
     try:
         examples = load_examples(file)[:n]
-    except Exception as err:  # the findings say what is wrong with the file
+    except (ValueError, OSError) as err:  # the findings say what is wrong with the file
         return [["", f"(no preview: {err})", ""]]
-    rows = []
-    for e in examples:
-        users = [m.content for m in e.prompt_messages if m.role == "user"]
-        text = users[-1] if users else (e.prompt_messages[-1].content if e.prompt_messages else "")
-        rows.append([e.line, text[:300], (e.reference or e.label or "")[:200]])
-    return rows
+    return [[e.line, _input_text(e)[:300], (e.reference or e.label or "")[:200]] for e in examples]
 
 
 def check_file(root: Path, path: str, model: str, out_dir: Path) -> tuple[str, list[list[Any]], str | None]:
@@ -133,24 +129,18 @@ def check_file(root: Path, path: str, model: str, out_dir: Path) -> tuple[str, l
 
     file = resolve(root, path, "data file")
     cfg = Config()
-    if model.strip():
-        cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"name": _target(root, model)})})
-    report = check_data(file, None, cfg, progress=False)
+    report = check_data(file, None, cfg, model=_target(root, model) if model.strip() else None, progress=False)
     problems = sorted(report.problems, key=lambda p: (p.severity != "error", p.check, p.line or 0))
     rows = [[p.severity, p.check, p.line if p.line is not None else "", p.field or "", p.message] for p in problems]
-    stats = report.stats.get("train", {})
-    size = stats.get("size", {})
-    n = size.get("examples", len(report.measures.get("train", [])))
-    lines = [f"**{file.name}**: {n} examples; {len(report.errors)} errors, {len(report.warnings)} warnings"
-             + (" (clean)" if not report.problems else "")]
-    tokens = stats.get("lengths", stats).get("tokens", {}) if isinstance(stats, dict) else {}
-    total = tokens.get("total") if isinstance(tokens, dict) else None
+    stats = report.stats.get("train", {})  # empty when the file could not be read (the findings say why)
+    lines = [f"**{file.name}**: {stats.get('examples', 0)} examples; {len(report.errors)} errors, "
+             f"{len(report.warnings)} warnings" + (" (clean)" if not report.problems else "")]
+    total = stats.get("lengths", {}).get("tokens", {}).get("total")
     if total:
-        lines.append(f"tokens per example: median {total.get('median')}, max {total.get('max')} "
+        lines.append(f"tokens per example: median {total['median']}, max {total['max']} "
                      f"(data.max_length {cfg.data.max_length})")
-    labels = stats.get("labels")
-    if isinstance(labels, dict) and labels.get("counts"):
-        counts = labels["counts"]
+    counts = (stats.get("labels") or {}).get("counts")
+    if counts:
         lines.append("labels: " + ", ".join(f"{k} {v}" for k, v in list(counts.items())[:20]))
     plot = None
     if report.measures.get("train"):
@@ -184,34 +174,27 @@ def evaluate_targets(root: Path, targets: list[str], data: str, limit: int | Non
         result = evaluate(targets[0], file, settings, out, progress=False)
         name = Path(targets[0]).name or targets[0]
         report = compare_results([result], [name], result.metrics.get("labels"))
-        report["data"] = str(file)
     else:
         report = compare(targets, file, settings, out, progress=False)
     names = report["names"]
-    rows = []
-    for metric in report["intervals"][names[0]]:
-        row = [metric]
-        for name in names:
-            ci = report["intervals"][name][metric]
-            value = report["metrics"][name].get(metric, ci.get("value"))
-            row.append(f"{value:.3f} [{ci['low']:.3f}, {ci['high']:.3f}]" if isinstance(value, (int, float))
-                       else str(value))
-        rows.append(row)
+    intervals = report["intervals"]
+    rows = [[metric] + [f"{report['metrics'][name][metric]:.3f} [{intervals[name][metric]['low']:.3f}, "
+                        f"{intervals[name][metric]['high']:.3f}]" for name in names] for metric in intervals[names[0]]]
     images = []
     for name in names:
         confusion = report["metrics"][name].get("confusion")
         if confusion:
             images.append(str(confusion_matrix(confusion, out / f"confusion-{name}.png", title=name)))
-    disagreements = []
     note = [f"{report['task']} on `{file.name}`, {report['n']} examples; 95% bootstrap intervals. "
             f"Results in `{out}`."]
-    for comp in report.get("comparisons", []):
+    for comp in report["comparisons"]:
         note.append(f"{comp['b']} vs {comp['a']}: " + ", ".join(
             f"{m} {d['difference']:+.3f} [{d['interval']['low']:+.3f}, {d['interval']['high']:+.3f}]"
             + ("" if d["significant"] else " (within noise)") for m, d in comp["metrics"].items())
             + f"; they disagree on {comp['disagreements']} examples.")
-        for ex in comp["disagreement_examples"] if comp is report["comparisons"][0] else []:  # baseline vs 2nd
-            disagreements.append([ex.get("line", ""), ex["input"][:300], ex["expected"], ex[comp["a"]], ex[comp["b"]]])
+    first = report["comparisons"][:1]  # the table lists the baseline against the second model
+    disagreements = [[ex.get("line", ""), ex["input"][:300], ex["expected"], ex[c["a"]], ex[c["b"]]]
+                     for c in first for ex in c["disagreement_examples"]]
     return rows, images, disagreements, "\n\n".join(note)
 
 
@@ -277,7 +260,7 @@ def _widget(gr, field: Field):
         return gr.Checkbox(label=label, info=info, elem_id=elem_id)
     if field.kind == "choice":
         choices = [c for c in field.choices if c is not None]
-        choices = (["(none)"] if field.nullable else []) + [str(c) for c in choices]
+        choices = ([NONE_CHOICE] if field.nullable else []) + [str(c) for c in choices]
         return gr.Dropdown(choices=choices, label=label, info=info, elem_id=elem_id)
     if field.kind in ("int", "float"):
         return gr.Number(label=label, info=info, precision=0 if field.kind == "int" else None, elem_id=elem_id)
@@ -290,7 +273,7 @@ def build_app(workdir: str | Path = "."):
     gr = require_gradio()
     import pandas as pd
 
-    from fewtune.config import Config, ConfigError
+    from fewtune.config import Config
 
     root = Path(workdir).resolve()
     scratch = root / ".fewtune-ui"
@@ -355,11 +338,7 @@ def build_app(workdir: str | Path = "."):
                                 height=340)
             reasons = gr.Markdown(elem_id="train-reasons")
             widgets = []
-            sections = []
-            for f in fields:
-                if f.section not in sections:
-                    sections.append(f.section)
-            for section in sections:
+            for section in dict.fromkeys(f.section for f in fields):
                 with gr.Accordion(section, open=section in OPEN_SECTIONS):
                     for f in fields:
                         if f.section == section:
@@ -385,10 +364,9 @@ def build_app(workdir: str | Path = "."):
 
             def progress_outputs():
                 p = job.progress()
-                # typed columns (an untyped one makes the axis categorical); no frame at all before the first
-                # record: a plot first drawn from an empty frame keeps an empty colour scale and shows no lines
-                # Each series is in every frame, a missing one as a row without a value: the plot keeps the
-                # series (colours, legend) of its first drawing and would never show one added later
+                # Gradio's plot keeps the series of its first drawing: no frame before the first record (an empty
+                # one leaves no series at all), and both series in every frame, a missing one as a row without a
+                # value. Typed columns: an untyped one makes the axis categorical.
                 rows = list(p.curve)
                 for series in ("training", "validation"):
                     if p.curve and not any(r["series"] == series for r in rows):
@@ -404,7 +382,7 @@ def build_app(workdir: str | Path = "."):
                         raise UIError("set data.train (a data file under the working folder)")
                     resolve(root, cfg.data.train, "training file")
                     job.start(cfg)
-                except (ConfigError, UIError, FileExistsError, RuntimeError, ValueError) as err:
+                except (ValueError, OSError, RuntimeError) as err:  # a bad form value, an occupied run directory
                     return shown(err), gr.update(), gr.update(), gr.Timer(active=job.running)
                 return progress_outputs()
 

@@ -109,11 +109,10 @@ class TrainingJob:
         data["train"]["output_dir"] = str(run_dir)
         config_path.write_text(yaml.safe_dump(data, allow_unicode=True, sort_keys=False), encoding="utf-8")
         self.log_path = ui_dir / f"{run_dir.name}-{stamp}.log"
-        log = open(self.log_path, "w", encoding="utf-8")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.process = subprocess.Popen([sys.executable, "-m", "fewtune", "train", str(config_path)],
-                                        cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT, env=env)
-        log.close()  # the child holds its own descriptor
+        with open(self.log_path, "w", encoding="utf-8") as log:  # the child keeps its own descriptor
+            self.process = subprocess.Popen([sys.executable, "-m", "fewtune", "train", str(config_path)],
+                                            cwd=self.workdir, stdout=log, stderr=subprocess.STDOUT, env=env)
         self.run_dir, self.started, self.stop_requested = run_dir, time.time(), False
         return run_dir
 
@@ -135,8 +134,9 @@ class TrainingJob:
         if self.process is None or self.run_dir is None:
             return Progress("idle")
         progress = read_progress(self.run_dir)
-        progress.elapsed_s = max(progress.elapsed_s, 0.0) if not self.running else time.time() - self.started
         code = self.process.poll()
+        if code is None:  # while it runs, the wall time; afterwards the run's own (from metrics.jsonl)
+            progress.elapsed_s = time.time() - self.started
         if code is None:
             progress.state = "stopping" if self.stop_requested else "running"
         elif code == 0:
