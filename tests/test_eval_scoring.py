@@ -160,3 +160,36 @@ def test_choice_scoring_on_the_real_model_matches_a_plain_forward():
         assert [a for a, e in zip(p.logprobs, p.exact) if e] == pytest.approx(
             [b for b, e in zip(s.logprobs, p.exact) if e], abs=1e-3)
     assert sum(not e for p in pruned for e in p.exact) >= 1, [p.exact for p in pruned]
+
+
+@pytest.mark.parametrize("min_saving,label_passes", [(2.0, [2, 1, 1]), (-1.0, [2, 2, 2])])
+def test_pruning_drops_its_second_pass_when_it_saves_too_little(tiny_models, monkeypatch, min_saving, label_passes):
+    """Batches of 3: the first always scores its labels in two passes; later ones in one pass (every label still
+    open under the first-token bounds) when the passes saved less than MIN_SAVING of the label positions. The winners
+    are the same either way."""
+    from fewtune.eval import scoring
+
+    monkeypatch.setattr(scoring, "CPU_SCORING_MAX", 1)  # batches of the requested 3
+    monkeypatch.setattr(scoring._PruneTally, "MIN_SAVING", min_saving)
+    loaded = load_for_inference(tiny_models["llama"], system_prompt="Answer yes, no, maybe so or 正面.", precision="no")
+    model, tok, template = loaded.model, loaded.tokenizer, loaded.template
+    conversations = [[Message("user", f"question {i} " + "word " * (i % 5))] for i in range(9)]
+    full = list(choice_scores(model, tok, template, conversations, LABELS, batch_size=3, progress=False))
+    calls = []  # per forward on a cache: True for a batch's prompt pass (it keeps the last column's logits only)
+    hook = model.register_forward_pre_hook(
+        lambda m, args, kw: calls.append(kw.get("logits_to_keep") == 1) if kw.get("past_key_values") else None,
+        with_kwargs=True)
+    pruned = list(choice_scores(model, tok, template, conversations, LABELS, batch_size=3, progress=False, prune=True))
+    hook.remove()
+    passes = []
+    for prompt_pass in calls:
+        if prompt_pass:
+            passes.append(0)
+        else:
+            passes[-1] += 1
+    assert passes == label_passes
+    for f, p in zip(full, pruned):
+        assert p.best() == f.best()
+        for j in range(len(LABELS)):
+            if p.exact[j]:
+                assert p.logprobs[j] == pytest.approx(f.logprobs[j], abs=1e-4)

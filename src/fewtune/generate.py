@@ -145,6 +145,9 @@ def load_for_inference(path_or_model: str, template_kind: str = "auto", system_p
         run = loaded.source if loaded.config is not None else None
         choice, loaded.model = inference_precision.resolve(precision, loaded.model, name, run)
         loaded.precision, loaded.precision_reason = choice.precision, choice.reason
+    from fewtune.gqa_attention import use_gqa_attention
+
+    use_gqa_attention(loaded.model)  # after the precision choice: it may have replaced the model
     return loaded
 
 

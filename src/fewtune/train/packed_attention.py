@@ -57,11 +57,11 @@ def packed_attention_forward(module, query, key, value, attention_mask, dropout:
                              scaling: float | None = None, is_causal: bool | None = None, **kwargs):
     """Same signature and output as transformers' ``sdpa_attention_forward``: (batch, tokens, heads, dim)."""
     layout: PackedLayout | None = kwargs.pop("fewtune_layout", None)
-    if layout is None:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    if layout is None:  # transformers' SDPA (without its key/value copies for a masked GQA call on a CPU)
+        from fewtune.gqa_attention import gqa_attention_forward
 
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      is_causal=is_causal, **kwargs)
+        return gqa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                     is_causal=is_causal, **kwargs)
     for feature in ("softcap", "s_aux", "position_bias"):
         if kwargs.get(feature) is not None:
             raise PackingUnsupported(f"the packed attention path does not implement '{feature}'")
