@@ -238,14 +238,31 @@ def chat(
 @app.command()
 def export(
     run_dir: Annotated[Path, typer.Argument(help="a LoRA or full fine-tuning run directory")],
-    merged: Annotated[Path, typer.Option("--merged", help="folder for the merged transformers model")],
+    merged: Annotated[Optional[Path], typer.Option("--merged", help="folder for the merged transformers model")] = None,
+    average: Annotated[Optional[str], typer.Option(
+        "--average", help="best:K (the K best evaluations' weights, kept in best-ranked/) or last:K (the K newest "
+        "checkpoints): average them into a new run directory first")] = None,
+    out: Annotated[Optional[Path], typer.Option(
+        "--out", help="the averaged run directory (default: beside the run, RUN-avg-best3)")] = None,
 ):
-    """Merge the adapter into the base weights and save a plain transformers model."""
+    """Merge the adapter into the base weights and save a plain transformers model; or average several
+    checkpoints of a run into a new run directory (--average), which eval/generate/compare take like any run."""
     _setup_logging()
-    from fewtune.export import export_merged
+    if out is not None and average is None:
+        _fail(ValueError("--out names the averaged run: give --average best:K or last:K with it"))
+    if merged is None and average is None:
+        _fail(ValueError("export needs --merged DIR (a plain transformers model) and/or --average best:K|last:K"))
+    source = run_dir
+    if average is not None:
+        from fewtune.average import average_run
 
-    out = _run(export_merged, run_dir, merged)
-    typer.echo(f"merged model written to {out}")
+        source = _run(average_run, run_dir, average, out)
+        typer.echo(f"averaged run written to {source}")
+    if merged is not None:
+        from fewtune.export import export_merged
+
+        written = _run(export_merged, source, merged)
+        typer.echo(f"merged model written to {written}")
 
 
 def _labels(values: Optional[list[str]]) -> Optional[list[str]]:

@@ -36,6 +36,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     import yaml
 
     from fewtune.augment.base import AugmentError
+    from fewtune.average import AverageError
     from fewtune.config import ConfigError
     from fewtune.data.formats import DataError
     from fewtune.data.render import RenderError
@@ -46,7 +47,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from fewtune.methods import MethodError
     from fewtune.train.loop import TrainingError
 
-    return (AugmentError, ConfigError, DataError, RenderError, ModelNotFoundError, TrainingError, EvalError, RunFormatError,
+    return (AugmentError, AverageError, ConfigError, DataError, RenderError, ModelNotFoundError, TrainingError, EvalError, RunFormatError,
             RunDirError, PromptError, MethodError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
             PermissionError, FileExistsError, UnicodeDecodeError, yaml.YAMLError, _json.JSONDecodeError)
 

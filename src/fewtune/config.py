@@ -225,6 +225,11 @@ class TrainSection(Section):
                                    "written at each epoch end. None: at epoch ends only.")
     keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept in checkpoints/; older ones are "
                                   "deleted.")
+    keep_best: int = Field(3, ge=1, description="The trainable weights of this many best evaluations (ranked as "
+                           "eval.metric picks the best) kept in best-ranked/, for `fewtune export RUN --average "
+                           "best:K`; best/ holds the single best either way. Each copy is the size of the trainable "
+                           "weights (a few MB for LoRA; the whole model for full fine-tuning: set 1 there to save "
+                           "disk).")
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 on GPUs that have it (else fp16 with loss scaling); on CPU bf16 only if the "
         "run's own training steps, timed in both, run faster in it (cached per machine and model), else float32. "

@@ -138,6 +138,29 @@ def save_weights(weights: dict[str, torch.Tensor], folder: Path) -> None:
         raise
 
 
+RANKED = "best-ranked"
+
+
+def ranked_folder(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / RANKED / f"step-{step:07d}"
+
+
+def keep_ranked(run_dir: Path, ranked: list[dict], weights: dict[str, torch.Tensor] | None, step: int) -> None:
+    """best-ranked/ after an evaluation: this step's weights written when it entered the ranking (``weights``),
+    then every folder the ranking no longer names removed (also those a resume from an earlier checkpoint left
+    behind), and ranking.json rewritten, best first."""
+    root = Path(run_dir) / RANKED
+    if weights is not None:
+        save_weights(weights, ranked_folder(run_dir, step))
+    if not root.is_dir():
+        return
+    kept = {ranked_folder(run_dir, e["step"]).name for e in ranked}
+    for folder in root.iterdir():
+        if folder.is_dir() and folder.name not in kept:
+            shutil.rmtree(folder, ignore_errors=True)
+    atomic_write_text(root / "ranking.json", json.dumps(ranked, indent=1))
+
+
 def load_weights(folder: Path) -> dict[str, torch.Tensor]:
     return load_file(folder / TRAINABLE)
 

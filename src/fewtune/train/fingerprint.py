@@ -21,6 +21,7 @@ from fewtune.files import file_sha256
 # eval keys that only `fewtune eval`, `compare` and `pseudo-label` read
 RESUME_MAY_CHANGE = ("train.output_dir", "train.resume", "train.max_steps", "train.epochs", "train.log_every",
                      "train.num_threads", "train.adapt_threads", "train.save_every", "train.keep_checkpoints",
+                     "train.keep_best",
                      "train.cache_tokenized", "train.report_to", "train.tracking_dir", "train.experiment",
                      "eval.early_stopping.", "generate.", "eval.limit", "eval.batch_size", "eval.window",
                      "eval.format", "eval.system_prompt", "eval.general", "eval.general_limit", "eval.n_resamples",

@@ -335,6 +335,14 @@ class Trainer:
                     raise TrainingError(str(err)) from err
         else:
             s.bad_evals += 1
+        if self.cfg.train.keep_best > 1:  # (with 1, best/ is the whole ranking)
+            entry = {"step": s.step, "val_loss": val, "metric": task.get(metric)}
+            entered = validate.update_ranking(s.ranked, entry, metric, self.cfg.train.keep_best)
+            if self.main:
+                try:
+                    ckpt.keep_ranked(self.run_dir, s.ranked, trainable_state(self.model) if entered else None, s.step)
+                except ckpt.CheckpointError as err:
+                    raise TrainingError(str(err)) from err
         self._log({"step": s.step, "epoch": round(s.epoch + s.batch / self.batches_per_epoch, 4),
                    "val_loss": val, **{f"val_{k}": v for k, v in task.items()}, "best": better})
         if es.enabled and s.bad_evals >= es.patience:

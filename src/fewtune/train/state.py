@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 
 @dataclass
@@ -19,6 +19,8 @@ class LoopState:
     stopped_early: bool = False
     wall_s: float = 0.0  # training time of the earlier sessions of a resumed run, to their last checkpoint
     mixed_precision: str | None = None  # what the run trains in (a resumed `auto` run keeps it)
+    # the best evaluations, best first ({step, val_loss, metric}), whose weights best-ranked/ keeps
+    ranked: list[dict] = field(default_factory=list)
 
     def next_epoch(self) -> None:
         self.epoch, self.batch = self.epoch + 1, 0

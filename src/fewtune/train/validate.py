@@ -66,3 +66,17 @@ def improved(state: LoopState, val: float, task: dict[str, float], metric: str, 
     # on a small validation set accuracy ties often (25/28 three times); on a tie the lower loss wins, where
     # keeping the first would keep the least trained of equally accurate checkpoints
     return best is None or task[metric] > best + es.min_delta or (best <= task[metric] and val < state.best_val)
+
+
+def rank_key(entry: dict, metric: str) -> tuple:
+    """Best first: the lower validation loss, or the higher task metric with ties to the lower loss (as
+    :func:`improved` decides)."""
+    return (entry["val_loss"],) if metric == "loss" else (-entry["metric"], entry["val_loss"])
+
+
+def update_ranking(ranked: list[dict], entry: dict, metric: str, keep: int) -> bool:
+    """Put this evaluation (``{step, val_loss, metric}``) into the best-first ``ranked`` list if it is among the
+    best ``keep``; True when it entered. An equal earlier evaluation stays ahead of it."""
+    candidates = sorted(ranked + [entry], key=lambda e: rank_key(e, metric))[:keep]
+    ranked[:] = candidates
+    return any(e is entry for e in candidates)
