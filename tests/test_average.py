@@ -132,3 +132,34 @@ def test_full_fine_tuning_runs_average_their_trainable_layers(make_config, tmp_p
     params = dict(loaded.model.named_parameters())
     for name, value in mean.items():
         torch.testing.assert_close(params[name].detach(), value.float())
+
+
+def test_a_resume_from_an_earlier_checkpoint_forgets_later_rankings(ranked_run, make_config):
+    """Resuming from step 4's checkpoint (step 6's removed, as a crash before it was written would leave it):
+    best-ranked/ holds what the ranking held at step 4 and still has weights for (steps 5 and 6 pushed the
+    others out), and the resumed run ranks steps 5 and 6 again."""
+    import shutil
+
+    shutil.rmtree(ranked_run / "checkpoints" / "step-0000006")
+    (ranked_run / "checkpoints" / "latest").write_text("step-0000004")
+    at_4 = ckpt.read_loop_state(ranked_run / "checkpoints" / "step-0000004")["ranked"]
+    assert all(e["step"] <= 4 for e in at_4) and len(at_4) == 3
+    still_there = [e for e in at_4 if ckpt.ranked_folder(ranked_run, e["step"]).is_dir()]
+    assert len(still_there) < 3  # the run's end pushed some of them out
+    # resumed with nothing left to do (max_steps 4): no evaluation runs, best-ranked/ is step 4's ranking
+    train(make_config(train__max_steps=4, eval__every=1, eval__early_stopping__enabled=False, train__keep_best=3,
+                      train__save_every=2, train__keep_checkpoints=3, train__lr=5e-3, train__output_dir=str(ranked_run)),
+          resume=True)
+    assert json.loads((ranked_run / ckpt.RANKED / "ranking.json").read_text()) == still_there
+    assert sorted(p.name for p in (ranked_run / ckpt.RANKED).iterdir() if p.is_dir()) == \
+        sorted(f"step-{e['step']:07d}" for e in still_there)
+    short = CliRunner().invoke(app, ["export", str(ranked_run), "--average", "best:3"])
+    assert short.exit_code == 2 and f"kept {len(still_there)}" in short.output
+    train(make_config(train__max_steps=6, eval__every=1, eval__early_stopping__enabled=False, train__keep_best=3,
+                      train__save_every=2, train__keep_checkpoints=3, train__lr=5e-3, train__output_dir=str(ranked_run)),
+          resume=True)
+    losses = _val_losses(ranked_run)
+    ranking = json.loads((ranked_run / ckpt.RANKED / "ranking.json").read_text())
+    assert [e["step"] for e in ranking] == sorted(losses, key=losses.get)[:3]
+    assert sorted(p.name for p in (ranked_run / ckpt.RANKED).iterdir() if p.is_dir()) == \
+        sorted(f"step-{e['step']:07d}" for e in ranking)

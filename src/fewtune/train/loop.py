@@ -285,6 +285,8 @@ class Trainer:
         ckpt.restore(self.accelerator, folder, lambda weights: load_trainable_state(self.model, weights),
                      self.optimizer, self.scheduler)
         self.state = LoopState.from_dict(loop_state, self.cfg.eval.every)
+        # an evaluation ranked then whose weights a later one (of the lost tail) pushed out is gone for good
+        self.state.ranked = [e for e in self.state.ranked if ckpt.ranked_folder(self.run_dir, e["step"]).is_dir()]
         self._wall_at_session_start = self.state.wall_s
         before, now = self.state.mixed_precision, self.accelerator.mixed_precision
         if before and before != now:
@@ -295,6 +297,8 @@ class Trainer:
         # metrics written after that checkpoint belong to the lost tail of the interrupted run
         if self.main:
             runlog.keep_until(self.run_dir / "metrics.jsonl", self.state.step)
+            # best-ranked/ as it was at that checkpoint: weights of later evaluations go
+            ckpt.keep_ranked(self.run_dir, self.state.ranked, None, self.state.step)
         log.info("resumed from %s (step %d)", folder, self.state.step)
         return True
 
