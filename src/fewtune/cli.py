@@ -265,6 +265,16 @@ def export(
         typer.echo(f"merged model written to {written}")
 
 
+SHOTS_HELP = ("K solved examples from the training file before every query (in-context, as earlier chat turns; "
+              "classification: stratified by label); default 0")
+SHOTS_FROM_HELP = "the file the shots are drawn from (default: the run's data.train)"
+PROMPT_FILE_HELP = "system prompt (a role and instructions) from a file; replaces a run's own, like --system"
+
+
+def _str(path: Optional[Path]) -> Optional[str]:
+    return str(path) if path is not None else None
+
+
 def _labels(values: Optional[list[str]]) -> Optional[list[str]]:
     """--labels a,b,c or --labels a --labels b."""
     if not values:
@@ -297,6 +307,10 @@ def eval_(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="folder for results.json and predictions.jsonl")] = None,
     report: Annotated[bool, typer.Option("--report", help="also write a Markdown/HTML report")] = False,
     precision: Annotated[Optional[str], typer.Option(help=PRECISION_HELP)] = None,
+    shots: Annotated[Optional[int], typer.Option(help=SHOTS_HELP)] = None,
+    shots_from: Annotated[Optional[Path], typer.Option(help=SHOTS_FROM_HELP)] = None,
+    shots_seed: Annotated[Optional[int], typer.Option(help="seed of the shots' draw (default: 0)")] = None,
+    prompt_file: Annotated[Optional[Path], typer.Option(help=PROMPT_FILE_HELP)] = None,
 ):
     """Task metrics with the training template: accuracy/F1, ROUGE/BLEU, JSON fields, perplexity."""
     _setup_logging()
@@ -305,7 +319,9 @@ def eval_(
 
     settings = _run(_section, config, "eval", dict(task=task, labels=_labels(labels), mode=mode, normalize=normalize,
                                                    limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                                   window=window, system_prompt=system, precision=precision))
+                                                   window=window, system_prompt=system, precision=precision,
+                                                   shots=shots, shots_from=_str(shots_from), shots_seed=shots_seed,
+                                                   prompt_file=_str(prompt_file)))
     out = output or _default_output(target, "eval")
     result = _run(evaluate, target, data, settings, out)
     print_eval(result)
@@ -334,6 +350,10 @@ def compare(
     output: Annotated[Optional[Path], typer.Option("--output", "-o")] = None,
     report: Annotated[bool, typer.Option("--report", help="also write a Markdown/HTML report")] = False,
     precision: Annotated[Optional[str], typer.Option(help=PRECISION_HELP + "; one for every model compared")] = None,
+    shots: Annotated[Optional[int], typer.Option(help=SHOTS_HELP + "; the same for every model")] = None,
+    shots_from: Annotated[Optional[Path], typer.Option(help=SHOTS_FROM_HELP.replace("the run's", "the first run's"))] = None,
+    shots_seed: Annotated[Optional[int], typer.Option(help="seed of the shots' draw (default: 0)")] = None,
+    prompt_file: Annotated[Optional[Path], typer.Option(help="system prompt for plain models, from a file")] = None,
 ):
     """Same examples through each model: metrics side by side, differences with 95% bootstrap intervals."""
     _setup_logging()
@@ -343,7 +363,8 @@ def compare(
     settings = _run(_section, config, "eval", dict(
         general=str(general) if general else None, general_limit=None if general_limit == 0 else general_limit,
         task=task, labels=_labels(labels), mode=mode, limit=limit, batch_size=batch_size,
-        max_new_tokens=max_new_tokens, n_resamples=resamples, system_prompt=system, precision=precision),
+        max_new_tokens=max_new_tokens, n_resamples=resamples, system_prompt=system, precision=precision,
+        shots=shots, shots_from=_str(shots_from), shots_seed=shots_seed, prompt_file=_str(prompt_file)),
         none=("general_limit",) if general_limit == 0 else ())
     out = output or _default_output(targets[-1], "compare")
     result = _run(run_compare, targets, data, settings, out)

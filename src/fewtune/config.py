@@ -347,6 +347,14 @@ class EvalSection(Section):
         "auto", description="What fewtune eval, compare and pseudo-label compute in. auto: a run's training "
         "precision (fp32 where bf16 is far slower on this CPU); another model's by timed forward passes on a CPU, "
         "bf16 on a GPU that has it. no: float32. FEWTUNE_MIXED_PRECISION forces auto as for training.")
+    shots: int = Field(0, ge=0, description="fewtune eval, compare and baseline: this many solved examples (from "
+                       "eval.shots_from) before every query, as earlier user/assistant turns in the model's template; "
+                       "classification: stratified by label. 0: zero-shot.")
+    shots_from: str | None = Field(None, description="The file the shots are drawn from (never an evaluated "
+                                   "input); None: the run's data.train.")
+    shots_seed: int = Field(0, description="Seed of the shots' draw.")
+    prompt_file: str | None = Field(None, description="A file whose text is the system prompt (a role and "
+                                    "instructions written by the user); replaces a run's own, like system_prompt.")
     general: str | None = Field(None, description="compare: a general-ability set (.txt or data file) whose "
                                 "perplexity shows forgetting; None: not measured.")
     general_limit: int | None = Field(200, gt=0, description="compare: windows or examples of eval.general used; "

@@ -21,7 +21,8 @@ import numpy as np
 
 from fewtune.config import EvalSection
 from fewtune.data.formats import DataError, load_examples
-from fewtune.eval.evaluate import EvalError, EvalResult, check_output_dir, detect_task, evaluate, expected_label
+from fewtune.eval.evaluate import (EvalError, EvalResult, check_output_dir, detect_task, evaluate, expected_label,
+                                   prompt_of)
 from fewtune.eval.stats import bootstrap_interval, f1_codes, mcnemar, paired_difference
 from fewtune.eval.text_metrics import bleu_from_statistics, bleu_statistics, bleu_tokenizer
 from fewtune.generate import check_target, looks_like_run_dir, load_for_inference, read_template
@@ -120,14 +121,22 @@ def compare(targets: Sequence[str], data: str | Path, settings: EvalSection | No
     labels = s.labels
     if task == "classification" and not labels:
         labels = sorted({expected_label(e) for e in examples})
-    system_prompt = s.system_prompt if s.system_prompt is not None else shared_system_prompt(targets)
+    system_prompt = prompt_of(s)
+    if system_prompt is None:
+        system_prompt = shared_system_prompt(targets)
+    if s.shots and s.shots_from is None:  # every model gets the same shots: from the first run's training file
+        from fewtune.generate import check_run_dir
+
+        runs = [t for t in targets if looks_like_run_dir(t)]
+        if runs:
+            s = s.model_copy(update={"shots_from": check_run_dir(runs[0], for_inference=False)[0].data.train})
     taken: set[str] = set()
     names = [_name(t, taken) for t in targets]
     out = Path(output_dir) if output_dir else None
     on_task = s.model_copy(update={"task": task, "labels": labels})
     # the general set: perplexity of every window or example, whatever the task set's format
     on_general = s.model_copy(update={"task": "perplexity", "labels": None, "limit": s.general_limit,
-                                      "batch_size": max(1, s.batch_size // 2), "format": "auto"})
+                                      "batch_size": max(1, s.batch_size // 2), "format": "auto", "shots": 0})
     results: list[EvalResult] = []
     general_results: list[EvalResult] = []
     # one precision for every model compared: the differences are then the models', not the arithmetic's

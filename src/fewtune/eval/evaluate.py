@@ -246,7 +246,19 @@ def evaluate(target: str | Loaded, data: str | Path, settings: EvalSection | Non
         if not examples:
             raise DataError(str(data), None, "no examples")
     task = s.task or detect_task(data, examples)
-    loaded = _as_loaded(target, s.system_prompt, s.precision)
+    system_prompt = prompt_of(s)
+    loaded = _as_loaded(target, system_prompt, s.precision)
+    shots_used: dict = {}
+    if s.shots:
+        if task == "perplexity":
+            raise EvalError("--shots is for task sets (classification, generation, json), not perplexity")
+        from fewtune.eval.shots import pick_shots, shot_pool, with_shots
+
+        pool_file, pool = shot_pool(s.shots_from, loaded.config, s.format)
+        shots = pick_shots(pool, s.shots, s.shots_seed, avoid=examples, stratify=task == "classification")
+        examples = [with_shots(e, shots) for e in examples]
+        shots_used = {"shots": s.shots, "shots_from": str(pool_file), "shots_seed": s.shots_seed,
+                      "shot_lines": [e.line for e in shots]}
     start = time.time()
     if task == "perplexity":
         metrics, records = perplexity_task(loaded, data, s.limit, s.batch_size, s.window, s.format, progress)
@@ -264,11 +276,23 @@ def evaluate(target: str | Loaded, data: str | Path, settings: EvalSection | Non
                      "mode": s.mode if task == "classification" else None, "limit": s.limit,
                      "batch_size": s.batch_size, "template": loaded.template.kind, "precision": loaded.precision,
                      "system_prompt": loaded.template.system_prompt, "seconds": round(wall, 2),
-                     "examples_per_s": round(len(records) / wall, 2) if wall > 0 else None}
+                     "examples_per_s": round(len(records) / wall, 2) if wall > 0 else None,
+                     **({"prompt_file": s.prompt_file} if s.prompt_file else {}), **shots_used}
     result = EvalResult(task, metrics, records, settings_used)
     if output_dir is not None:
         result.output_dir = write_results(result, output_dir)
     return result
+
+
+def prompt_of(s: EvalSection) -> str | None:
+    """The system prompt the settings ask for: eval.prompt_file's text, or eval.system_prompt (not both)."""
+    if s.prompt_file is None:
+        return s.system_prompt
+    if s.system_prompt is not None:
+        raise EvalError("give the system prompt once: --system or --prompt-file, not both")
+    from fewtune.eval.shots import read_prompt_file
+
+    return read_prompt_file(s.prompt_file)
 
 
 def check_output_dir(output_dir: str | Path | None) -> None:
