@@ -116,3 +116,37 @@ def test_eval_and_compare_command_lines(tiny_models, files, tmp_path):
     lines = [json.loads((d / "results.json").read_text())["settings"]["shot_lines"]
              for d in sorted((cmp_out / "models").iterdir())]
     assert len(lines) == 2 and lines[0] == lines[1] and len(lines[0]) == 1  # the same shot for both models
+
+
+def test_baseline_table_and_advice(make_config, files, tmp_path):
+    """Zero-shot and 1/2-shot of the base model against a (tiny) fine-tuned run: one row each, intervals, the
+    fine-tuned run compared with the best prompt, and the advice line."""
+    from fewtune.eval.baseline import advise
+    from fewtune.train.loop import train
+
+    train_file, test = files
+    run = tmp_path / "run"
+    train(make_config(**{"data.train": str(train_file), "train.max_steps": 2, "train.output_dir": str(run)}))
+    out = tmp_path / "baseline"
+    result = runner.invoke(app, ["baseline", str(train_file), "--test", str(test), "--run", str(run), "--shots", "0,1,2",
+                                 "-o", str(out), "--precision", "no"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "baseline.json").read_text())
+    assert [r["setting"] for r in report["rows"]] == ["zero-shot", "1-shot", "2-shot", "fine-tuned"]
+    for row in report["rows"]:
+        assert row["interval"]["low"] <= row["value"] <= row["interval"]["high"]
+        per_setting = json.loads((out / row["setting"] / "results.json").read_text())
+        assert per_setting["metrics"]["accuracy"] == row["value"]
+        assert len(row["shot_lines"]) == row["shots"]
+    best = max(report["rows"][:3], key=lambda r: r["value"])
+    assert report["comparison"]["against"] == best["setting"]
+    assert report["comparison"]["difference"] == pytest.approx(report["rows"][3]["value"] - best["value"])
+    assert report["advice"] in result.output and "| fine-tuned |" in result.output
+    # the advice follows the paired interval
+    rows = [{"setting": "4-shot", "kind": "prompt", "value": 0.7}]
+    assert advise(rows, {"difference": 0.2, "interval": {"low": 0.1, "high": 0.3}}, "accuracy").endswith(": fine-tune.")
+    assert "keep prompting" in advise(rows, {"difference": -0.2, "interval": {"low": -0.3, "high": -0.1}}, "accuracy")
+    assert "no difference" in advise(rows, {"difference": 0.01, "interval": {"low": -0.1, "high": 0.1}}, "accuracy")
+    assert "give --run" in advise(rows, None, "accuracy")
+    bad = runner.invoke(app, ["baseline", str(train_file), "--test", str(test), "--shots", "1,x"])
+    assert bad.exit_code == 2 and "give counts separated by commas" in bad.output

@@ -377,6 +377,44 @@ def compare(
 
 
 @app.command()
+def baseline(
+    data: Annotated[Path, typer.Argument(help="the training file: where the shots come from")],
+    test: Annotated[Path, typer.Option("--test", help="the test set every setting is scored on")],
+    model: Annotated[Optional[str], typer.Option(help="the base model (default: the run's, else the embedded default)")] = None,
+    run: Annotated[Optional[str], typer.Option(help="a fine-tuned run directory to weigh against the prompts")] = None,
+    shots: Annotated[str, typer.Option(help="in-context example counts, comma-separated (0: zero-shot)")] = "0,1,4,8",
+    shots_seed: Annotated[Optional[int], typer.Option(help="seed of the shots' draw (default: 0)")] = None,
+    system: Annotated[Optional[str], typer.Option(help="system prompt for the base model (default: the run's)")] = None,
+    prompt_file: Annotated[Optional[Path], typer.Option(help="the base model's system prompt from a file")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="take the eval section from this config (options override it)")] = None,
+    task: Annotated[Optional[str], typer.Option(help="auto | classification | generation | json (default: auto)")] = None,
+    labels: Annotated[Optional[list[str]], typer.Option(help="candidate labels, comma-separated")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="only the first N test examples")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="examples per batch (default: 8)")] = None,
+    max_new_tokens: Optional[int] = None,
+    precision: Annotated[Optional[str], typer.Option(help=PRECISION_HELP + "; one for every setting")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="default: RUN/baseline or runs/baseline")] = None,
+):
+    """Should I fine-tune? Zero-shot and K-shot prompting of the base model (and a fine-tuned run) on one test
+    set: a table with 95% intervals and one line of advice."""
+    _setup_logging()
+    from fewtune.eval.baseline import baseline as run_baseline, markdown
+
+    try:
+        counts = [int(x) for x in shots.split(",") if x.strip()]
+    except ValueError:
+        _fail(ValueError(f"--shots {shots!r}: give counts separated by commas, e.g. 0,1,4,8"))
+    settings = _run(_section, config, "eval", dict(task=task, labels=_labels(labels), limit=limit,
+                                                   batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                                   system_prompt=system, prompt_file=_str(prompt_file),
+                                                   shots_seed=shots_seed, precision=precision))
+    out = output or (Path(run) / "baseline" if run else Path("runs") / "baseline")
+    result = _run(run_baseline, data, test, model, run, counts, settings, out)
+    typer.echo(markdown(result, test, json.loads((out / "baseline.json").read_text())["n"]))
+    typer.echo(f"written: {out / 'baseline.json'}, {out / 'baseline.md'}")
+
+
+@app.command()
 def report(
     run_dir: Annotated[Path, typer.Argument(help="a run directory, or an eval/compare output folder")],
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="default: RUN_DIR/report")] = None,
