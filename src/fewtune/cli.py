@@ -244,14 +244,25 @@ def export(
         "checkpoints): average them into a new run directory first")] = None,
     out: Annotated[Optional[Path], typer.Option(
         "--out", help="the averaged run directory (default: beside the run, RUN-avg-best3)")] = None,
+    gguf: Annotated[Optional[Path], typer.Option(
+        "--gguf", help="write the merged model as one GGUF file (llama.cpp, Ollama), tokenizer and training "
+        "chat template inside")] = None,
+    quant: Annotated[str, typer.Option(help="GGUF weights: f32, f16, bf16, q8_0 or q4_0 (K-quants: run llama.cpp's "
+                                            "llama-quantize on the f16 file)")] = "f16",
+    check: Annotated[Optional[Path], typer.Option(
+        "--check", help="with --gguf: reload the file and compare it with the merged model on this data file's "
+                        "first 20 prompts (prompt tokens, greedy outputs, top-token agreement)")] = None,
 ):
     """Merge the adapter into the base weights and save a plain transformers model; or average several
     checkpoints of a run into a new run directory (--average), which eval/generate/compare take like any run."""
     _setup_logging()
     if out is not None and average is None:
         _fail(ValueError("--out names the averaged run: give --average best:K or last:K with it"))
-    if merged is None and average is None:
-        _fail(ValueError("export needs --merged DIR (a plain transformers model) and/or --average best:K|last:K"))
+    if check is not None and gguf is None:
+        _fail(ValueError("--check compares a GGUF file with the merged model: give --gguf FILE.gguf with it"))
+    if merged is None and average is None and gguf is None:
+        _fail(ValueError("export needs --merged DIR (a plain transformers model), --gguf FILE.gguf and/or "
+                         "--average best:K|last:K"))
     source = run_dir
     if average is not None:
         from fewtune.average import average_run
@@ -263,6 +274,25 @@ def export(
 
         written = _run(export_merged, source, merged)
         typer.echo(f"merged model written to {written}")
+    if gguf is not None:
+        from fewtune.gguf_export import check_gguf, export_gguf
+
+        written = _run(export_gguf, source, gguf, quant)
+        typer.echo(f"GGUF written to {written.path} ({quant}, {written.bytes / 2**20:.1f} MB, {written.tensors} tensors"
+                   + (f"; left unquantized: {', '.join(written.kept_f32)}" if written.kept_f32 else "") + ")")
+        if check is not None:
+            result = _run(check_gguf, source, gguf, check)
+            speed = result["llama_cpp_tokens_per_s"]
+            typer.echo(f"check on {result['examples']} prompts of {check}: same prompt tokens {result['same_prompt_tokens']}, "
+                       f"same greedy output {result['same_greedy_output']}, top-token agreement "
+                       f"{result['top_token_agreement']:.4f} over {result['positions']} positions; file "
+                       f"{result['gguf_bytes'] / 2**20:.1f} MB vs {result['fp32_bytes'] / 2**20:.1f} MB in fp32; "
+                       + (f"llama.cpp {speed:.1f} tokens/s" if speed else
+                          "llama.cpp speed not measured (pip install llama-cpp-python)"))
+            report_file = Path(str(gguf) + ".check.json")
+            report_file.write_text(json.dumps({**result, "quant": quant, "source": str(source), "data": str(check)},
+                                              indent=2))
+            typer.echo(f"written: {report_file}")
 
 
 SHOTS_HELP = ("K solved examples from the training file before every query (in-context, as earlier chat turns; "

@@ -42,13 +42,14 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from fewtune.data.render import RenderError
     from fewtune.eval.evaluate import EvalError
     from fewtune.eval.shots import ShotsError
+    from fewtune.gguf_export import GGUFExportError
     from fewtune.generate import PromptError, RunDirError
     from fewtune.models import ModelNotFoundError
     from fewtune.runinfo import RunFormatError
     from fewtune.methods import MethodError
     from fewtune.train.loop import TrainingError
 
-    return (AugmentError, AverageError, ConfigError, DataError, RenderError, ModelNotFoundError, TrainingError, EvalError, ShotsError, RunFormatError,
+    return (AugmentError, AverageError, ConfigError, DataError, RenderError, ModelNotFoundError, TrainingError, EvalError, ShotsError, GGUFExportError, RunFormatError,
             RunDirError, PromptError, MethodError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
             PermissionError, FileExistsError, UnicodeDecodeError, yaml.YAMLError, _json.JSONDecodeError)
 

@@ -145,7 +145,8 @@ def resolve_model_path(name_or_path: str) -> str:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelNotFoundError(f"GGUF file not found: {path}")
-        key = f"{path.stem}-{path.stat().st_size}"
+        stat = path.stat()  # a file written again at the same size (a re-export) is converted again
+        key = f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}"
         cached = cache_dir() / "models" / key
         if (cached / "model.safetensors").exists():
             _drop_gguf_quantization(cached)

@@ -258,3 +258,36 @@ def mix(
     sizes = _call(mix_files, domain, general, out, ratio, count, seed, _rename(rename), encoding)
     _note_encoding(encoding, domain, general)
     typer.echo(f"{sizes['total']} examples written to {out}: {sizes['domain']} domain + {sizes['general']} general")
+
+
+@app.command()
+def score(
+    file: Annotated[Path, typer.Argument(help="data file to score")],
+    model: Annotated[Optional[str], typer.Option(help="score under this model (default: the embedded default)")] = None,
+    run: Annotated[Optional[Path], typer.Option(help="or under a fine-tuned run (its template too)")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="per-example scores, JSON lines (default: FILE.scores.jsonl)")] = None,
+    keep: Annotated[Optional[Path], typer.Option(help="the examples kept, records as read (with --drop-worst/--drop-flagged)")] = None,
+    rejects: Annotated[Optional[Path], typer.Option(help="the examples left out, with their scores and reasons")] = None,
+    drop_worst: Annotated[float, typer.Option(help="leave out this percentage of highest-loss examples")] = 0.0,
+    drop_flagged: Annotated[bool, typer.Option(help="leave out every flagged example too")] = False,
+    batch_size: int = 8,
+    precision: Annotated[str, typer.Option(help="auto, no (float32) or bf16")] = "auto",
+    fmt: FormatOpt = "auto",
+):
+    """Per-example completion loss under a model or run, plus length, repetition and language signals; flags
+    outliers with reasons, and writes a filtered file plus rejects (nothing lost)."""
+    from fewtune.models import DEFAULT_MODEL
+    from fewtune.quality.score import score_data, summary_lines
+
+    if model is not None and run is not None:
+        from fewtune.cli_errors import fail
+
+        fail(ValueError("give --model or --run, not both"))
+    target = str(run) if run is not None else (model or DEFAULT_MODEL)
+    out = out or file.with_name(file.stem + ".scores.jsonl")
+    result = _call(score_data, file, target, out, keep, rejects, drop_worst, drop_flagged, fmt, batch_size, precision)
+    for line in summary_lines(result):
+        typer.echo(line)
+    typer.echo(f"scores written to {out}")
+    if keep is not None:
+        typer.echo(f"{result.kept} examples written to {keep}, {result.rejected} to {rejects}")
