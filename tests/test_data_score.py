@@ -21,7 +21,9 @@ def test_signals_without_a_model():
     scored = [Scored(i, 1.0 + 0.01 * i, 5, 10, 0.0, "zh", "zh") for i in range(9)]
     scored.append(Scored(9, 8.0, 5, 10, 0.0, "en", "zh"))
     scored.append(Scored(10, 1.02, 5, 0, 0.0, "zh", "zh"))
+    scored.append(Scored(11, 1.3, 5, 10, 0.0, "zh", "zh"))  # z far above 3.5, but only 0.26 nats above the median
     flag(scored)
+    assert scored[11].flags == []
     assert scored[0].flags == []
     assert any("loss 8.00 far above" in f for f in scored[9].flags) and any("completion in language en" in f for f in scored[9].flags)
     assert scored[10].flags == ["empty completion"]

@@ -99,6 +99,22 @@ def chat_template_for_gguf(template, tokenizer) -> str | None:
             "{%- endif -%}" + chat)
 
 
+LLAMA3_SPLIT_START = "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}"
+
+
+def pre_tokenizer_name(backend: dict, model_type: str) -> str:
+    """llama.cpp's name for how the text is split before the merges (``tokenizer.ggml.pre``): the runtime picks
+    its split rules by it. Qwen2's, Llama 3's, SmolLM's (digits one by one), else llama.cpp's default."""
+    if model_type == "qwen2":
+        return "qwen2"
+    pre = json.dumps(backend.get("pre_tokenizer") or {})
+    if LLAMA3_SPLIT_START in pre:
+        return "llama-bpe"
+    if '"Digits"' in pre and '"individual_digits": true' in pre:
+        return "smollm"
+    return "default"
+
+
 def _tokenizer_metadata(writer, tokenizer, vocab_rows: int, model_type: str) -> None:
     import gguf
 
@@ -125,7 +141,7 @@ def _tokenizer_metadata(writer, tokenizer, vocab_rows: int, model_type: str) -> 
                          gguf.TokenType.USER_DEFINED if token in added else gguf.TokenType.NORMAL)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("qwen2" if model_type == "qwen2" else "smollm")
+    writer.add_tokenizer_pre(pre_tokenizer_name(backend, model_type))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)
