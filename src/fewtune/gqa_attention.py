@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 NAME = "fewtune_sdpa"
-_SPECIAL = ("softcap", "s_aux", "position_bias", "output_attentions")
+_SPECIAL = ("softcap", "s_aux", "position_bias")  # given (not None): transformers' own function handles them
 
 
 def gqa_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
@@ -27,7 +27,8 @@ def gqa_attention_forward(module, query, key, value, attention_mask, dropout: fl
     """Same signature and output as transformers' ``sdpa_attention_forward``: (batch, tokens, heads, dim)."""
     if (query.device.type != "cpu" or attention_mask is None or query.shape[2] == 1
             or key.shape[1] == query.shape[1] or query.shape[1] % key.shape[1]
-            or (torch.is_grad_enabled() and query.requires_grad) or any(kwargs.get(k) for k in _SPECIAL)):
+            or (torch.is_grad_enabled() and query.requires_grad) or kwargs.get("output_attentions")
+            or any(kwargs.get(k) is not None for k in _SPECIAL)):
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
