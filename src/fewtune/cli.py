@@ -275,13 +275,15 @@ def export(
         written = _run(export_merged, source, merged)
         typer.echo(f"merged model written to {written}")
     if gguf is not None:
+        from fewtune.generate import load_for_inference
         from fewtune.gguf_export import check_gguf, export_gguf
 
-        written = _run(export_gguf, source, gguf, quant)
+        loaded = _run(load_for_inference, str(source), merge=True, precision="no")  # once, for both
+        written = _run(export_gguf, source, gguf, quant, loaded)
         typer.echo(f"GGUF written to {written.path} ({quant}, {written.bytes / 2**20:.1f} MB, {written.tensors} tensors"
                    + (f"; left unquantized: {', '.join(written.kept_f32)}" if written.kept_f32 else "") + ")")
         if check is not None:
-            result = _run(check_gguf, source, gguf, check)
+            result = _run(check_gguf, source, gguf, check, merged=loaded)
             speed = result["llama_cpp_tokens_per_s"]
             typer.echo(f"check on {result['examples']} prompts of {check}: same prompt tokens {result['same_prompt_tokens']}, "
                        f"same greedy output {result['same_greedy_output']}, top-token agreement "

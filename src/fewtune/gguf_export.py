@@ -242,11 +242,11 @@ def write_gguf(model, tokenizer, template, out_file: str | Path, quant: str = "f
     return GGUFReport(out_file, quant, out_file.stat().st_size, count, time.time() - start, kept)
 
 
-def export_gguf(source: str | Path, out_file: str | Path, quant: str = "f16") -> GGUFReport:
+def export_gguf(source: str | Path, out_file: str | Path, quant: str = "f16", loaded=None) -> GGUFReport:
     """A run directory (its adapter merged) or a model folder as a GGUF file; reports what was written."""
     from fewtune.generate import load_for_inference
 
-    loaded = load_for_inference(str(source), merge=True, precision="no")
+    loaded = loaded or load_for_inference(str(source), merge=True, precision="no")
     from fewtune.methods import check_mergeable
 
     check_mergeable(loaded.model)
@@ -264,7 +264,7 @@ def export_gguf(source: str | Path, out_file: str | Path, quant: str = "f16") ->
 
 
 def check_gguf(source: str | Path, gguf_file: str | Path, data: str | Path, limit: int = 20,
-               max_new_tokens: int = 32, progress: bool = False) -> dict:
+               max_new_tokens: int = 32, progress: bool = False, merged=None) -> dict:
     """Reload the GGUF (transformers dequantizes it) and compare it with the merged source on the first ``limit``
     prompts of ``data``: the prompt tokens each renders (template and tokenizer), greedy outputs, and the top
     token at every position of the source's greedy continuation (teacher-forced); plus file sizes and CPU
@@ -277,7 +277,7 @@ def check_gguf(source: str | Path, gguf_file: str | Path, data: str | Path, limi
     if not examples:
         raise GGUFExportError(f"{data} has no examples to check the GGUF file on")
     conversations = [e.prompt_messages for e in examples]
-    merged = load_for_inference(str(source), merge=True, precision="no")
+    merged = merged or load_for_inference(str(source), merge=True, precision="no")
     gguf_loaded = load_for_inference(str(gguf_file), precision="no")
     ids_a = check_prompts(merged, conversations, max_new_tokens)
     ids_b = check_prompts(gguf_loaded, conversations, max_new_tokens)

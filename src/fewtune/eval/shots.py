@@ -28,8 +28,9 @@ class ShotsError(ValueError):
 
 
 def _input(example: Example) -> str:
-    users = [m.content for m in example.prompt_messages if m.role == "user"]
-    return (users[-1] if users else example.prompt_messages[-1].content).strip()
+    from fewtune.eval.evaluate import _input_text  # what eval reports as an example's input
+
+    return _input_text(example).strip()
 
 
 def _turns(example: Example) -> list[Message]:

@@ -19,7 +19,6 @@ scores and reasons: nothing is lost.
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from collections import Counter
@@ -183,6 +182,3 @@ def summary_lines(result: ScoreResult, limit: int = 15) -> list[str]:
         lines.append(f"  ... and {len(result.flagged) - limit} more in {result.scores_file}")
     return lines
 
-
-def read_scores(path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
