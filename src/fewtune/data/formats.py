@@ -85,6 +85,12 @@ class Example:
             return self.messages[-1].content
         return None
 
+    @property
+    def input_text(self) -> str:
+        """The last user turn (or the last prompt turn): what reports show as the example's input."""
+        users = [m.content for m in self.prompt_messages if m.role == "user"]
+        return users[-1] if users else self.prompt_messages[-1].content
+
     def to_dict(self) -> dict:
         row: dict[str, Any] = {"messages": [
             {"role": m.role, "content": m.content, **({"weight": m.weight} if m.weight is not None else {})}

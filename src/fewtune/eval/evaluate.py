@@ -71,11 +71,6 @@ def detect_task(path: str | Path, examples: Sequence[Example] | None) -> str:
                     "give --task perplexity for plain text")
 
 
-def _input_text(example: Example) -> str:
-    users = [m.content for m in example.prompt_messages if m.role == "user"]
-    return users[-1] if users else example.prompt_messages[-1].content
-
-
 def _references(examples: Sequence[Example]) -> list[str]:
     refs = []
     for e in examples:
@@ -109,7 +104,7 @@ def classify(loaded: Loaded, examples: Sequence[Example], labels: Sequence[str],
                                batch_size=batch_size, progress=progress, prune=True, normalize=normalize)
         for i, (example, score) in enumerate(zip(examples, scores)):
             predicted = labels[score.best(normalize)]
-            records.append({"index": i, "line": example.line, "input": _input_text(example), "expected": expected[i],
+            records.append({"index": i, "line": example.line, "input": example.input_text, "expected": expected[i],
                             "predicted": predicted, "correct": predicted == expected[i],
                             "logprobs": {lab: round(lp, 4) for lab, lp in zip(labels, score.logprobs)},
                             "n_tokens": dict(zip(labels, score.n_tokens)),
@@ -124,7 +119,7 @@ def classify(loaded: Loaded, examples: Sequence[Example], labels: Sequence[str],
         outputs = generate(loaded, conversations, gen, progress=progress, names=_names(examples))
         for i, (example, out) in enumerate(zip(examples, outputs)):
             predicted, how = map_to_label(out[0], labels)
-            records.append({"index": i, "line": example.line, "input": _input_text(example), "expected": expected[i],
+            records.append({"index": i, "line": example.line, "input": example.input_text, "expected": expected[i],
                             "predicted": predicted, "correct": predicted == expected[i], "output": out[0],
                             "mapped_by": how})
     metrics = classification_metrics(expected, [r["predicted"] for r in records], labels)
@@ -149,7 +144,7 @@ def generation_task(loaded: Loaded, examples: Sequence[Example], gen: GenerateSe
     preds = _generate_outputs(loaded, examples, gen, progress)
     metrics = generation_metrics(preds, refs)
     rouge = rouge_scores(preds, refs)
-    records = [{"index": i, "line": e.line, "input": _input_text(e), "expected": r, "predicted": p,
+    records = [{"index": i, "line": e.line, "input": e.input_text, "expected": r, "predicted": p,
                 "exact": p.strip() == r.strip(), **{k: round(float(v[i]), 4) for k, v in rouge.items()}}
                for i, (e, r, p) in enumerate(zip(examples, refs, preds))]
     return metrics, records
@@ -166,7 +161,7 @@ def json_task(loaded: Loaded, examples: Sequence[Example], gen: GenerateSection,
     records = []
     for i, (e, r, p) in enumerate(zip(examples, refs, preds)):
         s = json_example_scores(p, r)
-        records.append({"index": i, "line": e.line, "input": _input_text(e), "expected": r, "predicted": p,
+        records.append({"index": i, "line": e.line, "input": e.input_text, "expected": r, "predicted": p,
                         "valid": s["valid"], "exact": s["exact"], "field_tp": s["tp"], "field_pred": s["n_pred"],
                         "field_ref": s["n_ref"]})
     return metrics, records

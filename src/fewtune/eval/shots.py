@@ -28,9 +28,7 @@ class ShotsError(ValueError):
 
 
 def _input(example: Example) -> str:
-    from fewtune.eval.evaluate import _input_text  # what eval reports as an example's input
-
-    return _input_text(example).strip()
+    return example.input_text.strip()  # what eval reports as an example's input
 
 
 def _turns(example: Example) -> list[Message]:

@@ -112,13 +112,12 @@ def _target(root: Path, value: str) -> str:
 def preview(file: Path, n: int = 8) -> list[list[Any]]:
     """The first examples as the training reads them: line, input (the last user turn), expected output."""
     from fewtune.data.dataset import load_examples
-    from fewtune.eval.evaluate import _input_text
 
     try:
         examples = load_examples(file)[:n]
     except (ValueError, OSError) as err:  # the findings say what is wrong with the file
         return [["", f"(no preview: {err})", ""]]
-    return [[e.line, _input_text(e)[:300], (e.reference or e.label or "")[:200]] for e in examples]
+    return [[e.line, e.input_text[:300], (e.reference or e.label or "")[:200]] for e in examples]
 
 
 def check_file(root: Path, path: str, model: str, out_dir: Path) -> tuple[str, list[list[Any]], str | None]:
