@@ -118,7 +118,7 @@ from fewtune.data.formats import (  # noqa: E402
 
 
 def test_formats_are_the_registry_and_detection_goes_by_priority():
-    assert FORMATS == ("prompt_completion", "messages", "alpaca", "sharegpt", "classification", "qa")
+    assert FORMATS == ("prompt_completion", "messages", "alpaca", "sharegpt", "classification", "qa", "text")
     assert FORMATS == tuple(FORMAT_REGISTRY)
     both = {"messages": [], "conversations": [], "instruction": "i", "output": "o", "prompt": "p", "completion": "c",
             "question": "q", "answer": "a", "text": "t", "label": "l"}
@@ -126,6 +126,9 @@ def test_formats_are_the_registry_and_detection_goes_by_priority():
         assert detect_format(both) == expected
         del both[next(k for k in FORMAT_REGISTRY[expected].fields)]
     assert detect_format(both) is None
+    # text is last and only alone: a text without its label, beside other fields, is no document to pretrain on
+    assert detect_format({"text": "t", "label": "l"}) == "classification" and detect_format({"text": "t"}) == "text"
+    assert detect_format({"text": "t", "output": "o"}) is None
     with pytest.raises(ValueError, match="registered already"):
         register_format(DataFormat("qa", ("question", "answer"), prompt=formats._qa_prompt, reply="answer"))
 

@@ -53,6 +53,11 @@ class ModelSection(Section):
     separator: str = Field("\n\n###\n\n", description="Plain template: the text that ends every prompt.")
     stop: str = Field(" END", description="Plain template: the text that ends every completion (generation stops "
                       "there).")
+    init_from: str | None = Field(
+        None, description="Multi-stage training: a finished run directory this run starts from (e.g. continued "
+        "pretraining on domain text before the task). A weight adapter of that run is merged into its base (written "
+        "once to RUN_DIR/merged) and this run trains on the merged model; model.name is then that model. The run "
+        "directory's lineage.json lists the stages.")
 
 
 class ReplaySection(Section):

@@ -11,7 +11,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Check, clean and reshape data sets before training.")
 
 FormatOpt = Annotated[str, typer.Option("--format", help="auto, or force one: prompt_completion, messages, alpaca, "
-                                                           "sharegpt, classification, qa")]
+                                                           "sharegpt, classification, qa, text")]
 DatasetOpt = Annotated[Optional[str], typer.Option(help="dataset name when FILE is a LLaMA-Factory dataset_info.json")]
 MapOpt = Annotated[Optional[list[str]], typer.Option("--map", help="rename a field: OURS=THEIRS, e.g. "
                                                                    "--map text=sentence (repeatable)")]
@@ -212,7 +212,7 @@ def split(
 @app.command()
 def convert(
     file: Annotated[Path, typer.Argument(help="data file, dataset_info.json, or a SNIPS directory/file with --from snips")],
-    to: Annotated[str, typer.Option(help="messages, sharegpt, alpaca, prompt_completion, classification, qa; "
+    to: Annotated[str, typer.Option(help="messages, sharegpt, alpaca, prompt_completion, classification, qa, text; "
                                          "with --from snips: classification (intents) or slots (JSON)")],
     out: Annotated[Path, typer.Option(help="JSON lines to write")],
     source_format: Annotated[str, typer.Option("--from", help="auto, a format name, or snips")] = "auto",

@@ -169,7 +169,9 @@ def _read_hint(reason: str) -> str:
 def _guess_format(records: list[dict]) -> str | None:
     """The format whose required fields the records share most (to name what is missing)."""
     keys = Counter(k for r in records for k in r)
-    best = max(FORMAT_REGISTRY, key=lambda f: (sum(keys[k] for k in _fields(f)), -len(_fields(f))))
+    # a format detected only alone (text) is never the guess: records with other fields are something else
+    candidates = [f for f, entry in FORMAT_REGISTRY.items() if not entry.alone]
+    best = max(candidates, key=lambda f: (sum(keys[k] for k in _fields(f)), -len(_fields(f))))
     return best if any(keys[k] for k in _fields(best)) else None
 
 
@@ -238,6 +240,8 @@ def _role_field(example: Example, index: int) -> str:
 def _structure_ok(out: Collected, example: Example, line: int) -> bool:
     """Chats must alternate user/assistant (tool turns after an assistant call), with system first."""
     msgs = example.messages
+    if example.is_text:  # a raw document (format text): no turns to check; the reader refused an empty one
+        return True
     ok = True
     for i, message in enumerate(msgs):
         where = example.meta["fields"][i]

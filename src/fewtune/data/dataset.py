@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from fewtune.config import DataSection
 from fewtune.data.formats import DataError, Example, load_examples
-from fewtune.data.render import Rendered, Template, render_conversation
+from fewtune.data.render import Rendered, Template, render_conversation, render_text_chunks
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,16 @@ def render_set(examples: list[Example], tokenizer, template: Template, data: Dat
     """Render every example; one with nothing left to learn is an error (or dropped, if asked)."""
     out = RenderedSet([], [])
     bad: list[tuple[Example, str]] = []
+    documents = pieces = 0
     for example in examples:
+        if example.is_text:  # continued pretraining: a long document becomes several items, nothing is cut away
+            chunks = render_text_chunks(example.messages[0].content, tokenizer, data.max_length)
+            if not chunks:
+                bad.append((example, "the text is shorter than two tokens: nothing to predict"))
+            documents, pieces = documents + 1, pieces + len(chunks)
+            out.items += chunks
+            out.examples += [example] * len(chunks)
+            continue
         rendered = render_conversation(example, tokenizer, template, data.max_length, data.prompt_loss_weight)
         # judged on completion tokens: with prompt_loss_weight > 0 an example whose answer is
         # cut away would still "train" on its prompt, which is not what anyone wants
@@ -80,6 +89,9 @@ def render_set(examples: list[Example], tokenizer, template: Template, data: Dat
     if bad:
         log.warning("dropped %d %s example(s) with nothing to learn (first: %s:%d: %s)", len(bad), what,
                     bad[0][0].source, bad[0][0].line, bad[0][1])
+    if pieces > documents:
+        log.info("%d %s documents: %d pieces of at most max_length=%d tokens (loss on every token)", documents,
+                 what, pieces, data.max_length)
     if out.partly_truncated:
         log.warning("%d %s example(s) were cut at max_length=%d and lose part of their completion",
                     out.partly_truncated, what, data.max_length)

@@ -8,6 +8,9 @@ Formats (detected from the fields of each record, or forced with ``format``):
 - ``sharegpt``: ``{"conversations": [{"from", "value"}], "system"?, "tools"?}``
 - ``classification``: ``{"text", "label"}``
 - ``qa``: ``{"question", "answer", "context"?}``
+- ``text``: ``{"text", "id"?}`` and no other field (else ``format: text`` must be given), or a ``.txt`` file: raw text for continued pretraining (loss on every
+  token, no chat template); a ``.txt`` file holds one document per blank-line-separated block, or
+  one per line when it has no blank line
 
 Each format is one entry of ``FORMAT_REGISTRY`` (:func:`register_format`): its fields, reader,
 writer and detection priority; ``FORMATS`` lists the names.
@@ -37,6 +40,7 @@ from fewtune.data.encoding import (ENCODING_NAMES, LINE_BREAK, LINE_BREAK_BYTES,
                                    utf8_read_as_other, without_bom)
 
 ROLES = ("system", "user", "assistant", "tool")
+TEXT_ROLE = "text"  # the one message of a raw-text example (format text): rendered as is, every token trained
 SHAREGPT_ROLES = {
     "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
     "function_call": "assistant", "observation": "tool", "tool": "tool", "function": "tool",
@@ -84,6 +88,11 @@ class Example:
         if self.messages and self.messages[-1].role == "assistant":
             return self.messages[-1].content
         return None
+
+    @property
+    def is_text(self) -> bool:
+        """A raw-text document (format text) rather than a conversation."""
+        return len(self.messages) == 1 and self.messages[0].role == TEXT_ROLE
 
     @property
     def input_text(self) -> str:
@@ -201,6 +210,8 @@ def read_records(path: str | Path, problems: list[DataError] | None = None,
     bad = {e.line for e in problems[reported:]} if problems is not None else set()
     if path.suffix.lower() in (".csv", ".tsv"):
         yield from _read_csv(path, text, problems, bad)
+    elif path.suffix.lower() == ".txt":
+        yield from _read_txt(text, bad)
     elif text.lstrip().startswith("["):
         yield from _read_json_array(path, text, problems, bad)
     else:
@@ -284,6 +295,30 @@ def _read_jsonl(path: Path, text: str, problems: list[DataError] | None = None,
             problems.append(error)
             continue
         yield number, record
+
+
+def _read_txt(text: str, bad: set[int] = frozenset()) -> Iterator[tuple[int, dict]]:
+    """A plain-text file as ``{"text"}`` records: blank lines separate documents; a file without any blank
+    line (one review or sentence per line) has one document per line. Each record's line is its first."""
+    lines = split_lines(text)
+    filled = [i for i, line in enumerate(lines) if line.strip()]
+    # blank lines only before the first or after the last line of text do not separate anything
+    per_line = not filled or all(lines[i].strip() for i in range(filled[0], filled[-1] + 1))
+    doc: list[str] = []
+    first = 0
+    for number, line in enumerate(lines, start=1):
+        if number in bad:
+            continue
+        if line.strip() and per_line:
+            yield number, {"text": line.rstrip()}
+        elif line.strip():
+            first = first or number
+            doc.append(line.rstrip())
+        elif doc:
+            yield first, {"text": "\n".join(doc)}
+            doc, first = [], 0
+    if doc:
+        yield first, {"text": "\n".join(doc)}
 
 
 class _Lines:
@@ -476,6 +511,8 @@ class DataFormat:
     priority: int = 100  # a record holding the fields of several formats is of the lowest
     sources: Callable[[Example, dict], list[str]] | None = None  # the field each message came from, for `data check`
     columns: Callable[[dict, dict], dict] | None = None  # a LLaMA-Factory dataset_info entry's renames
+    alone: bool = False  # detected only in a record with no fields but its own and ``optional`` ones (a text
+    # with a misspelt label is then a classification record to report, not a document)
 
     @property
     def prompt_fields(self) -> tuple[str, ...]:
@@ -515,7 +552,8 @@ def _by_priority() -> list[DataFormat]:
 
 def detect_format(record: dict) -> str | None:
     """The format whose fields the record holds (the highest in priority when several fit), else None."""
-    return next((f.name for f in _by_priority() if all(k in record for k in f.fields)), None)
+    return next((f.name for f in _by_priority() if all(k in record for k in f.fields)
+                 and (not f.alone or set(record) <= {*f.fields, *f.optional})), None)
 
 
 def convert_record(record: dict, fmt: str, file: str = "", line: int = 0, mapping: dict | None = None) -> Example:
@@ -532,10 +570,11 @@ def prompt_conversation(record: dict, file: str = "", line: int = 0) -> list[Mes
     record that lacks only its reply (``prompt`` without ``completion``, ``text`` without
     ``label``, a QA ``question`` and ``context`` without ``answer``, an alpaca ``instruction``
     with ``system``/``history`` but no ``output``) is read by that format's prompt reader, the
-    one training uses too. A record holding only ``input`` is that text as the user turn.
+    one training uses too. A record holding only ``input`` is that text as the user turn; so is one
+    holding only ``text`` (a classification input, not a document to continue).
     """
     fmt = detect_format(record)
-    if fmt is not None:
+    if fmt is not None and fmt != "text":
         return convert_record(record, fmt, file, line).prompt_messages
     for entry in _by_priority():
         if entry.prompt is not None and all(k in record for k in entry.prompt_fields):
@@ -665,6 +704,19 @@ def _qa_prompt(record: dict, file: str, line: int) -> list[Message]:
     return [Message("user", f"{context}\n\n{question}" if context.strip() else question)]
 
 
+# text
+
+def _read_text(record: dict, file: str, line: int) -> Example:
+    return Example([Message(TEXT_ROLE, _text(record, "text", file, line))], file, line)  # _text refuses an empty one
+
+
+def _write_text(example: Example) -> dict:
+    if not example.is_text:
+        raise DataError(example.source, example.line, "format text holds raw documents; this example is a "
+                        "conversation (use messages, sharegpt or alpaca)")
+    return {"text": example.messages[0].content}
+
+
 # messages
 
 def _read_messages(record: dict, file: str, line: int) -> Example:
@@ -788,6 +840,8 @@ for _entry in (  # FORMATS keeps this order; detection goes by priority
     DataFormat("classification", ("text", "label"), prompt=_user_field("text"), reply="label", label=True,
                priority=60),
     DataFormat("qa", ("question", "answer"), prompt=_qa_prompt, reply="answer", optional=("context",), priority=50),
+    # last: a record with a text and a label is classification; text alone is a document to pretrain on
+    DataFormat("text", ("text",), read=_read_text, write=_write_text, optional=("id",), priority=90, alone=True),
 ):
     register_format(_entry)
 

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
-from fewtune.data.formats import Example, Message
+from fewtune.data.formats import TEXT_ROLE, Example, Message
 
 
 class RenderError(ValueError):
@@ -149,6 +149,31 @@ def _adds_bos(tokenizer) -> bool:
     return bos is not None and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos]
 
 
+def _text_ids(tokenizer, text: str, end: bool = True) -> list[int]:
+    """A raw-text document as a pretraining stream: BOS where the tokenizer adds one, the text, EOS (``end``)."""
+    ids = [tokenizer.bos_token_id] if _adds_bos(tokenizer) else []
+    ids += tokenizer(text, add_special_tokens=False)["input_ids"]
+    if end and tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return ids
+
+
+def _text_rendered(ids: list[int], bos: int | None, truncated: bool = False, before: int | None = None) -> Rendered:
+    weights = [0.0 if i == 0 and t == bos else 1.0 for i, t in enumerate(ids)]
+    trained = len(ids) - 1  # every token but the first is predicted by the one before it
+    return Rendered(ids, weights, truncated, float(sum(weights)), trained, trained if before is None else before)
+
+
+def render_text_chunks(text: str, tokenizer, max_length: int | None) -> list[Rendered]:
+    """A raw-text document (format text) in consecutive pieces of at most ``max_length`` tokens, every token
+    carrying loss: a long document is cut into several training items, none of it dropped. A last piece of a
+    single token (nothing to predict) is left out."""
+    ids = _text_ids(tokenizer, text)
+    step = max_length or len(ids)
+    bos = tokenizer.bos_token_id if ids and ids[0] == tokenizer.bos_token_id and _adds_bos(tokenizer) else None
+    return [_text_rendered(ids[i:i + step], bos) for i in range(0, len(ids), step) if len(ids[i:i + step]) >= 2]
+
+
 def render_conversation(
     messages: Sequence[Message] | Example,
     tokenizer,
@@ -162,10 +187,18 @@ def render_conversation(
     ``for_generation`` drops a final assistant turn (the reference) and ends with the
     prompt the model continues from. Assistant tokens weigh 1 (or the message's own
     ``weight``), everything else ``prompt_loss_weight``. Sequences longer than
-    ``max_length`` are cut on the right; generation prompts are never cut.
+    ``max_length`` are cut on the right; generation prompts are never cut. A raw-text example
+    (format text) is its text with BOS/EOS and no template, every token trained (training cuts long
+    ones into pieces instead: :func:`render_text_chunks`).
     """
     if isinstance(messages, Example):
         messages = messages.messages
+    if len(messages) == 1 and messages[0].role == TEXT_ROLE:  # raw text: no template, every token trained
+        ids = _text_ids(tokenizer, messages[0].content, end=not for_generation)
+        bos = tokenizer.bos_token_id if _adds_bos(tokenizer) else None
+        if max_length is not None and not for_generation and len(ids) > max_length:
+            return _text_rendered(ids[:max_length], bos, True, len(ids) - 1)
+        return _text_rendered(ids, bos)
     msgs = _with_system(messages, template)
     if for_generation and msgs and msgs[-1].role == "assistant":
         msgs = msgs[:-1]

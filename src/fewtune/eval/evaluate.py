@@ -59,6 +59,8 @@ def detect_task(path: str | Path, examples: Sequence[Example] | None) -> str:
     if Path(path).suffix.lower() == ".txt":
         return "perplexity"
     assert examples is not None
+    if examples and all(e.is_text for e in examples):  # raw documents (format text): how well the model predicts them
+        return "perplexity"
     if all(e.label is not None for e in examples):
         return "classification"
     if all(e.reference is not None for e in examples):

@@ -60,8 +60,11 @@ def measure(examples: list[Example], tokenizer=None, template: Template | None =
     ``max_length`` truncation is judged against)."""
     out = []
     for example in tqdm(examples, desc=desc, unit="ex", disable=not progress or len(examples) < 200, leave=False):
-        prompt_text = "\n".join(m.content for m in example.prompt_messages)
-        completion_text = example.reference or ""
+        if example.is_text:  # a raw document is trained on whole: all of it counts as completion
+            prompt_text, completion_text = "", example.messages[0].content
+        else:
+            prompt_text = "\n".join(m.content for m in example.prompt_messages)
+            completion_text = example.reference or ""
         m = Measure(example.line, prompt_chars=len(prompt_text), completion_chars=len(completion_text),
                     prompt_words=len(words(prompt_text)), completion_words=len(words(completion_text)),
                     language=language(prompt_text + completion_text))
@@ -82,7 +85,7 @@ def _measure_tokens(m: Measure, example: Example, tokenizer, template: Template,
     m.prompt_tokens = m.total_tokens - m.completion_tokens
     m.first_trained = next((i for i, w in enumerate(full.loss_weights) if w > 0), m.total_tokens)
     m.kept_tokens, m.kept_completion_tokens = m.total_tokens, m.completion_tokens
-    if m.total_tokens > max_length:
+    if m.total_tokens > max_length and not example.is_text:  # training cuts a long document into pieces instead
         # the same call training makes; the first token is never a target, as in render_set
         cut = render_conversation(example, tokenizer, template, max_length, prompt_loss_weight=0.0)
         kept = sum(1 for w in cut.loss_weights[1:] if w > 0)

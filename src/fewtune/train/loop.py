@@ -39,7 +39,7 @@ from fewtune import runlog
 from fewtune.runinfo import RunFormatError, check_run_format, write_marker
 from fewtune.train import tracking
 from fewtune.train import checkpoint as ckpt
-from fewtune.train import fingerprint, precision_probe, runtime, validate
+from fewtune.train import fingerprint, precision_probe, runtime, stages, validate
 from fewtune.train.batching import batch_weight, collate, pack, setup_packing
 from fewtune.train.loss import WeightedLMLoss
 from fewtune.train.optim import build_optimizer, build_scheduler, epoch_batches
@@ -100,6 +100,10 @@ class Trainer:
     def __init__(self, cfg: Config, run_dir: Path | None = None, resume: bool = False):
         from accelerate.utils import set_seed
 
+        try:  # model.init_from: start from an earlier stage's weights (merged once into a model folder)
+            cfg, self.earlier_stages = stages.resolve(cfg)
+        except stages.StageError as err:
+            raise TrainingError(str(err)) from None
         self.cfg, self.run_dir = cfg, Path(run_dir or cfg.train.output_dir)
         try:
             if resume:  # a run directory a newer fewtune wrote (or whose marker is damaged) is not continued
@@ -263,6 +267,8 @@ class Trainer:
             write_marker(self.run_dir)
             self.template.save(self.run_dir / "template.json")
             self.tokenizer.save_pretrained(self.run_dir / "tokenizer")
+            stages.write_lineage(self.run_dir, [*self.earlier_stages,
+                                                stages.stage_entry(self.cfg, self.run_dir, self.train_set.examples)])
         self.accelerator.wait_for_everyone()
 
     def resume(self, force: bool = False) -> bool:
