@@ -291,3 +291,32 @@ def score(
     typer.echo(f"scores written to {out}")
     if keep is not None:
         typer.echo(f"{result.kept} examples written to {keep}, {result.rejected} to {rejects}")
+
+
+@app.command()
+def noise(
+    file: Annotated[Path, typer.Argument(help="classification data file (a label on every example)")],
+    out: Annotated[Path, typer.Option(help="folder for the fold runs, out-of-fold probabilities and label_issues.jsonl")],
+    config: Annotated[Optional[Path], typer.Option(help="training config of the fold runs (default: suggest's for FILE)")] = None,
+    model: Annotated[Optional[str], typer.Option(help="base model of the fold runs (default: the config's, or the embedded default)")] = None,
+    folds: Annotated[int, typer.Option(help="K: each example is scored by a run trained on the other K-1 folds")] = 5,
+    seed: Annotated[int, typer.Option(help="seed of the stratified fold split")] = 0,
+    clean: Annotated[Optional[Path], typer.Option(help="write the set without the flagged examples (records as read)")] = None,
+    rejects: Annotated[Optional[Path], typer.Option(help="with --clean: the flagged examples, with what was found")] = None,
+    relabel: Annotated[bool, typer.Option(help="with --clean: keep flagged examples with the suggested label")] = False,
+    batch_size: int = 16,
+    fmt: FormatOpt = "auto",
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="dotted config overrides for the fold runs, e.g. train.epochs=3")] = None,
+):
+    """Find probably wrong labels: K-fold runs score every example out of fold (choice scoring), and confident
+    learning (cleanlab) ranks the examples whose given label the models doubt, each with the label they prefer."""
+    from fewtune.quality.noise import find_label_noise, summary_lines
+
+    result = _call(find_label_noise, file, out, config=config, model=model, overrides=overrides, folds=folds,
+                   seed=seed, fmt=fmt, batch_size=batch_size, clean=clean, rejects=rejects, relabel=relabel)
+    for line in summary_lines(result):
+        typer.echo(line)
+    typer.echo(f"out-of-fold probabilities: {out / 'oof_probs.jsonl'}; issues: {out / 'label_issues.jsonl'}")
+    if clean is not None:
+        typer.echo(f"cleaned set: {clean} ({'relabelled' if relabel else 'flagged examples left out'}); "
+                   f"flagged: {rejects}")
