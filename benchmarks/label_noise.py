@@ -14,7 +14,7 @@ cleaning is worth on the test set.
 
 Rows go to benchmarks/results/label_noise.jsonl (a rerun skips what is there); the table to
 benchmarks/results/label_noise.md, above the hand-written notes. Runs alone (it trains); prints and records
-the CPU kind. Waits while runs/augment/PAUSE exists, like augment.py.
+the CPU kind. Waits before its next run while runs/label_noise/PAUSE exists.
 """
 
 from __future__ import annotations
@@ -108,6 +108,14 @@ def train_one(arm: str, train_file: Path, seed: int, code: str, command: str) ->
             "code": code, "command": command}
 
 
+def wait_while_paused() -> None:
+    pause = WORK / "PAUSE"
+    if pause.exists():
+        print(f"paused: waiting until {pause} is removed", flush=True)
+    while pause.exists():
+        time.sleep(5)
+
+
 def _ms(values: list[float]) -> str:
     if not values:
         return "-"
@@ -164,14 +172,14 @@ def main() -> None:
         files = aug.prepare(DATASET)
         noisy, truth = plant(files["train"], WORK / "noisy.jsonl", args.noise, args.plant_seed)
         if not any(r["kind"] == "finder" for r in done):
-            aug.wait_while_paused()
+            wait_while_paused()
             print("== finding label issues", flush=True)
             record(find(noisy, truth, args.folds, code, command))
         for seed in [int(s) for s in args.seeds.split(",")]:
             for arm, path in (("noisy", noisy), ("cleaned", WORK / "cleaned.jsonl")):
                 if any(r["kind"] == "train" and (r["arm"], r["seed"]) == (arm, seed) for r in done):
                     continue
-                aug.wait_while_paused()
+                wait_while_paused()
                 print(f"== {arm} / seed {seed}", flush=True)
                 record(train_one(arm, path, seed, code, command))
     text = table(aug.read_lines(RESULTS))

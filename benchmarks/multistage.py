@@ -16,7 +16,7 @@ trains faster here, the same for both arms), recorded per row.
 
 Rows go to benchmarks/results/multistage.jsonl (a rerun skips what is there); the table to
 benchmarks/results/multistage.md, above the hand-written notes. Runs alone (it trains); prints and records
-the CPU kind. Waits while runs/augment/PAUSE exists, like augment.py.
+the CPU kind. Waits before its next run while runs/multistage/PAUSE exists.
 """
 
 from __future__ import annotations
@@ -126,6 +126,14 @@ def stage2(arm: str, seed: int, code: str, command: str) -> dict:
             "load": os.getloadavg()[0], "cpu": cpu_kind(cores=False), "code": code, "command": command}
 
 
+def wait_while_paused() -> None:
+    pause = WORK / "PAUSE"
+    if pause.exists():
+        print(f"paused: waiting until {pause} is removed", flush=True)
+    while pause.exists():
+        time.sleep(5)
+
+
 def _ms(values: list[float]) -> str:
     if not values:
         return "-"
@@ -182,14 +190,14 @@ def main() -> None:
     if not args.table_only:
         if not any(r["kind"] == "stage1" for r in done):
             reviews, held, leaked = corpus(args.reviews)
-            aug.wait_while_paused()
+            wait_while_paused()
             print("== stage 1: continued pretraining", flush=True)
             record(stage1(reviews, held, leaked, code, command))
         for seed in [int(s) for s in args.seeds.split(",")]:
             for arm in ("with", "without"):
                 if any(r["kind"] == "stage2" and (r["arm"], r["seed"]) == (arm, seed) for r in done):
                     continue
-                aug.wait_while_paused()
+                wait_while_paused()
                 print(f"== {arm} / seed {seed}", flush=True)
                 record(stage2(arm, seed, code, command))
     text = table(aug.read_lines(RESULTS))
