@@ -131,7 +131,7 @@ def find_label_noise(data: str | Path, out: str | Path, *, config: str | Path | 
         from cleanlab.filter import find_label_issues
         from cleanlab.rank import get_label_quality_scores
     except ImportError:
-        raise NoiseError("finding label issues needs the cleanlab package: pip install 'cleanlab>=2.6'") from None
+        raise NoiseError("finding label issues needs the cleanlab package: pip install 'cleanlab>=2.9'") from None
     data = Path(data)
     checked = load_checked(data, fmt)
     examples = checked.examples
