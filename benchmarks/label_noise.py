@@ -116,12 +116,6 @@ def wait_while_paused() -> None:
         time.sleep(5)
 
 
-def _ms(values: list[float]) -> str:
-    if not values:
-        return "-"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
-
-
 def table(rows: list[dict]) -> str:
     lines = ["# Label-noise finding on SNIPS-40 with planted noise", "",
              "Command: `python benchmarks/label_noise.py` (see its docstring). 10% of the 280 training labels flipped "
@@ -142,7 +136,7 @@ def table(rows: list[dict]) -> str:
         for arm in dict.fromkeys(r["arm"] for r in trained):
             rs = sorted((r for r in trained if r["arm"] == arm), key=lambda r: r["seed"])
             lines.append(f"| {arm} | {rs[0]['n_train']} + {rs[0]['n_validation']} | {len(rs)} | "
-                         f"{_ms([r['test'] for r in rs])} | {', '.join(format(r['test'], '.3f') for r in rs)} | "
+                         f"{aug._ms([r['test'] for r in rs])} | {', '.join(format(r['test'], '.3f') for r in rs)} | "
                          f"{statistics.mean(r['train_s'] for r in rs):.0f} s | "
                          f"{', '.join(sorted({r['cpu'] for r in rs}))} |")
     return "\n".join(lines) + "\n"

@@ -134,12 +134,6 @@ def wait_while_paused() -> None:
         time.sleep(5)
 
 
-def _ms(values: list[float]) -> str:
-    if not values:
-        return "-"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
-
-
 def table(rows: list[dict]) -> str:
     lines = ["# Multi-stage training: continued pretraining on unlabeled reviews, then eprstmt SFT", "",
              "Command: `python benchmarks/multistage.py` (see its docstring). Model gemma3-270m; stage 1: LoRA r=16 "
@@ -163,7 +157,7 @@ def table(rows: list[dict]) -> str:
             if not rs:
                 continue
             what = "the base model" if arm == "without" else "stage 1 (merged)"
-            lines.append(f"| {what} | {len(rs)} | {_ms([r['test'] for r in rs])} | "
+            lines.append(f"| {what} | {len(rs)} | {aug._ms([r['test'] for r in rs])} | "
                          f"{', '.join(format(r['test'], '.3f') for r in rs)} | "
                          f"{statistics.mean(r['train_s'] for r in rs):.0f} s | "
                          f"{', '.join(sorted({str(r['precision']) for r in rs}))} |")
