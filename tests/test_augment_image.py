@@ -72,21 +72,22 @@ def test_options_have_ceilings():
 def test_augmenter_writes_images_and_points_at_them(tmp_path):
     src = tmp_path / "cat.png"
     picture().save(src)
-    example = Example([Message("user", "What colour is the bar?"), Message("assistant", "green")], "d.jsonl", 1,
-                      meta={"images": [str(src)]})
+    example = Example([Message("user", "<image>What colour is the bar?", images=(str(src),)),
+                       Message("assistant", "green")], "d.jsonl", 1)
     out = tmp_path / "aug"
     augment = get_method("image").make({"out_dir": str(out)})
     cands = augment(example, 2, random.Random(0), [])
     assert len(cands) == 2
     for cand in cands:
-        (path,) = cand.example.meta["images"]
+        (path,) = cand.example.images
         assert path.startswith(str(out)) and path != str(src)
         with Image.open(path) as img:
             assert img.size == (64, 48)
-        assert cand.example.messages == example.messages  # the text and the answer are untouched
+        assert [m.content for m in cand.example.messages] == [m.content for m in example.messages]  # text kept
+        assert cand.example.messages[0].images == (path,)  # the placeholder now points at the changed picture
         assert set(cand.params["images"][0]) == {"brightness", "contrast", "rotate", "crop"}
-    assert cands[0].example.meta["images"] != cands[1].example.meta["images"]
-    assert example.meta["images"] == [str(src)]  # the source example is not changed
+    assert cands[0].example.images != cands[1].example.images
+    assert example.images == [str(src)]  # the source example is not changed
     again = get_method("image").make({"out_dir": str(out)})(example, 2, random.Random(0), [])
     assert [c.params for c in again] == [c.params for c in cands]
 
@@ -97,8 +98,8 @@ def test_examples_without_images_give_nothing():
 
 
 def test_missing_image_file_is_an_error(tmp_path):
-    example = Example([Message("user", "hi")], meta={"images": [str(tmp_path / "gone.png")]})
-    with pytest.raises(AugmentError, match="does not exist"):
+    example = Example([Message("user", "<image>hi", images=(str(tmp_path / "gone.png"),))])
+    with pytest.raises(AugmentError, match="not found"):
         get_method("image").make()(example, 1, random.Random(0), [])
 
 
@@ -107,8 +108,8 @@ def test_the_pipeline_keeps_image_candidates_whose_text_is_unchanged(tmp_path):
 
     src = tmp_path / "cat.png"
     picture().save(src)
-    examples = [Example([Message("user", "What colour is the bar?"), Message("assistant", "green")], "d.jsonl", 1,
-                        meta={"images": [str(src)]}),
+    examples = [Example([Message("user", "<image>What colour is the bar?", images=(str(src),)),
+                         Message("assistant", "green")], "d.jsonl", 1),
                 Example([Message("user", "What colour is the bar?"), Message("assistant", "green")], "d.jsonl", 2)]
     settings = AugmentSettings(["image"], per_example=2, options={"image": {"out_dir": str(tmp_path / "aug")}})
     kept, rejected, counts = augment_examples(examples, settings, progress=False)

@@ -107,10 +107,10 @@ def test_openai_tool_calls_and_non_text_parts(tmp_path):
     path = tmp_path / "tools.jsonl"
     path.write_text(json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")
     assert json.loads(load_examples(path)[0].reference) == calls
-    image = {"messages": [{"role": "user", "content": [{"type": "text", "text": "what is this"},
-                                                        {"type": "image_url", "image_url": {"url": "x.png"}}]},
+    audio = {"messages": [{"role": "user", "content": [{"type": "text", "text": "what is this"},
+                                                        {"type": "input_audio", "input_audio": {"data": ""}}]},
                           {"role": "assistant", "content": "a cat"}]}
-    path.write_text(json.dumps(image) + "\n")
-    with pytest.raises(DataError, match="only text parts") as info:
+    path.write_text(json.dumps(audio) + "\n")
+    with pytest.raises(DataError, match="text and image parts are supported") as info:  # image parts: test_vision
         load_examples(path)
     assert info.value.field == "messages[0].content"

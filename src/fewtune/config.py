@@ -39,6 +39,20 @@ TASK_METRICS = {
 }
 
 
+class VisionSection(Section):
+    """Vision-language models (Qwen2-VL family): image resolution and what trains besides the language model's
+    adapter. The vision tower is frozen by default."""
+
+    train_projector: bool = Field(False, description="Train the projector between vision tower and language model "
+                                  "(Qwen2-VL's merger) in full next to the LoRA adapter; saved with the adapter.")
+    train_vision_blocks: int = Field(0, ge=0, description="Train the top N blocks of the vision tower in full "
+                                     "(0: the vision tower stays frozen).")
+    min_pixels: int | None = Field(None, gt=0, description="Smallest image area the processor resizes to; None: the "
+                                   "model's own setting.")
+    max_pixels: int | None = Field(None, gt=0, description="Largest image area the processor resizes to (fewer "
+                                   "pixels, fewer image tokens: faster, less detail); None: the model's own setting.")
+
+
 class ModelSection(Section):
     """The base model and the prompt layout it is trained and prompted with."""
 
@@ -58,6 +72,8 @@ class ModelSection(Section):
         "pretraining on domain text before the task). A weight adapter of that run is merged into its base (written "
         "once to RUN_DIR/merged) and this run trains on the merged model; model.name is then that model. The run "
         "directory's lineage.json lists the stages.")
+    vision: VisionSection = Field(default_factory=VisionSection, description="Vision-language models: image size "
+                                  "and which vision parts train.")
 
 
 class ReplaySection(Section):
@@ -78,6 +94,23 @@ class CurriculumSection(Section):
     epochs: int = Field(1, ge=1, description="Epochs in curriculum order; later epochs are shuffled as usual.")
 
 
+class ImageAugmentSection(Section):
+    """Light label-preserving changes to training images (fewtune.augment.image: the same as `fewtune augment
+    --methods image`), drawn afresh each epoch without writing files; never on validation."""
+
+    prob: float = Field(0.0, ge=0.0, le=1.0, description="Chance that an image is changed in an epoch; 0: off.")
+    brightness: float = Field(0.15, ge=0, le=0.5, description="Largest relative brightness change.")
+    contrast: float = Field(0.15, ge=0, le=0.5, description="Largest relative contrast change.")
+    rotate: float = Field(5, ge=0, le=20, description="Largest rotation, degrees.")
+    crop: float = Field(0.05, ge=0, le=0.2, description="Largest share cut from each side, resized back (the image "
+                        "keeps its size, so its token count does not change).")
+
+    def options(self):
+        from fewtune.augment.options import ImageOptions
+
+        return ImageOptions(brightness=self.brightness, contrast=self.contrast, rotate=self.rotate, crop=self.crop)
+
+
 class AugmentSection(Section):
     """Augmentation during training: cheap, model-free methods applied afresh each epoch to training examples
     (never to validation). LLM-based methods run beforehand with `fewtune augment` and are mixed in with
@@ -89,6 +122,8 @@ class AugmentSection(Section):
                         "augmentation of it in an epoch (one method, drawn from methods).")
     options: dict[str, dict[str, Any]] = Field({}, description="Per-method options, e.g. {eda: {alpha_sr: 0.1}}; "
                                                "the keys each method takes: fewtune augment --list-methods.")
+    images: ImageAugmentSection = Field(default_factory=ImageAugmentSection, description="Image augmentation for "
+                                        "examples with images (vision-language models).")
     seed: int | None = Field(None, description="Seed of the augmentations (with the epoch and the example's "
                              "index, so a resumed run sees the same data); None: train.seed.")
 

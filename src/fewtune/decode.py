@@ -32,6 +32,8 @@ def supported(model) -> bool:
     config = getattr(model, "config", None)
     if config is None or getattr(config, "is_encoder_decoder", False):
         return False
+    if getattr(config, "vision_config", None) is not None:  # M-RoPE positions and image inputs: model.generate
+        return False
     peft_config = getattr(model, "active_peft_config", None)
     if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
         return False

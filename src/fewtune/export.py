@@ -40,6 +40,8 @@ def export_merged(run_dir: str | Path, out_dir: str | Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     loaded.tokenizer.save_pretrained(out_dir)
+    if loaded.vision is not None:  # a vision-language model's image processor: the merged folder loads alone
+        loaded.vision.save(out_dir)
     loaded.template.save(out_dir / "template.json")
     log.info("merged model written to %s", out_dir)
     return out_dir

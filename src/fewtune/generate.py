@@ -21,6 +21,7 @@ from fewtune.config import Config, GenerateSection, load_config
 from fewtune.data.formats import Message
 from fewtune.data.render import Template, render_conversation
 from fewtune.models import EMBEDDED, ModelNotFoundError, load_model, load_tokenizer
+from fewtune.vision import vision_for
 from fewtune.runinfo import MARKER, check_run_format
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,13 @@ class Loaded:
     source: str
     precision: str = "no"  # what the weights run in: "no" (float32), "bf16" (fewtune.inference_precision)
     precision_reason: str = ""
+    vision: object = None  # a vision-language model's image handling (fewtune.vision.Vision), else None
+
+
+class PromptIds(list):
+    """A rendered prompt's token ids, with the images whose tokens are among them (in order)."""
+
+    images: tuple[str, ...] = ()
 
 
 def is_run_dir(path: str | Path) -> bool:
@@ -199,7 +207,8 @@ def _load(path_or_model: str, template_kind: str, system_prompt: str | None, dty
                                     f"Resume it with: fewtune train --resume {run}")
         if system_prompt is not None and template is not None:  # asked for explicitly: e.g. a run whose
             template.system_prompt = system_prompt  # examples carried their system message in the data
-        return Loaded(model.eval(), tokenizer, template, cfg, str(run))
+        vision = vision_for(cfg.model.name, str(run / "tokenizer"), cfg.model.vision)
+        return Loaded(model.eval(), tokenizer, template, cfg, str(run), vision=vision)
     check_target(path_or_model)
     tokenizer = load_tokenizer(path_or_model)
     saved = Path(path_or_model) / "template.json"  # a merged export carries its template too
@@ -207,7 +216,8 @@ def _load(path_or_model: str, template_kind: str, system_prompt: str | None, dty
         tokenizer, template_kind, system_prompt=system_prompt)
     if system_prompt is not None:
         template.system_prompt = system_prompt
-    return Loaded(load_model(path_or_model, dtype).eval(), tokenizer, template, None, path_or_model)
+    return Loaded(load_model(path_or_model, dtype).eval(), tokenizer, template, None, path_or_model,
+                  vision=vision_for(path_or_model))
 
 
 def cut_at_stop(text: str, stops: Sequence[str]) -> str:
@@ -222,7 +232,16 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> str:
 
 
 def prompt_ids(loaded: Loaded, conversation: Sequence[Message]) -> list[int]:
-    return render_conversation(list(conversation), loaded.tokenizer, loaded.template, for_generation=True).input_ids
+    """The prompt's ids as training rendered them (a :class:`PromptIds` carrying its images, if it has any)."""
+    if loaded.vision is None and any(m.images for m in conversation):
+        raise PromptError(f"the prompt has images but {loaded.source} is a text-only model")
+    rendered = render_conversation(list(conversation), loaded.tokenizer, loaded.template, for_generation=True,
+                                   vision=loaded.vision)
+    if not rendered.images:
+        return rendered.input_ids
+    ids = PromptIds(rendered.input_ids)
+    ids.images = rendered.images
+    return ids
 
 
 # ---------------------------------------------------------------- prompts that cannot be answered
@@ -396,7 +415,8 @@ def generate_ids(loaded: Loaded, all_ids: Sequence[list[int]], gen: GenerateSect
     torch.manual_seed(gen.seed)
     # fewtune's decoding loop (fewtune.decode): the prefix every prompt shares runs once, finished rows leave
     # the batch; models it does not cover go through model.generate
-    own_loop = decode.supported(model)
+    images = [tuple(getattr(ids, "images", ())) for ids in all_ids]
+    own_loop = decode.supported(model) and not any(images)
     n_prefix = decode.common_prefix(all_ids) if own_loop and len(all_ids) > 1 else 0
     prefix_layers = decode.prefix_cache(model, all_ids[0][:n_prefix]) if n_prefix else None
     string_stops = [s for s in stops if s != tokenizer.eos_token]
@@ -429,8 +449,13 @@ def generate_ids(loaded: Loaded, all_ids: Sequence[list[int]], gen: GenerateSect
                 ids[row, width - len(all_ids[i]):] = torch.tensor(all_ids[i])
                 mask[row, width - len(all_ids[i]):] = 1
             criteria = StoppingCriteriaList([StopOnStrings(tokenizer, string_stops, width)])
+            pixels = {}
+            refs = [ref for i in chunk for ref in images[i]]
+            if refs:  # a vision-language model: the chunk's images, in the order their tokens appear
+                pixels = {k: v.to(device) for k, v in loaded.vision.pixel_inputs(refs).items()}
+                pixels["mm_token_type_ids"] = loaded.vision.token_types(ids).to(device)
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
-                                 stopping_criteria=criteria)
+                                 stopping_criteria=criteria, **pixels)
             new_ids = []
             for row in out[:, width:].tolist():  # what follows the first end-of-turn token is padding
                 end = next((j + 1 for j, t in enumerate(row) if t in eos_ids), len(row))

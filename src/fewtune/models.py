@@ -183,6 +183,12 @@ def load_tokenizer(name_or_path: str):
         raise _hub_error(name_or_path, err) from err
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    processor_template = Path(resolved) / "chat_template.json"  # a vision-language model's processor keeps it
+    if not getattr(tokenizer, "chat_template", None) and processor_template.is_file():
+        try:
+            tokenizer.chat_template = json.loads(processor_template.read_text(encoding="utf-8"))["chat_template"]
+        except (OSError, ValueError, KeyError) as err:
+            log.warning("%s is unreadable (%s): the model has no chat template", processor_template, err)
     return tokenizer
 
 
@@ -197,11 +203,16 @@ def resolve_dtype(dtype: str) -> torch.dtype:
 
 
 def load_model(name_or_path: str, dtype: str = "auto"):
-    from transformers import AutoModelForCausalLM
+    """The model with its language-model head: a causal LM, or for a vision-language model (a config with a
+    vision_config, e.g. Qwen2-VL) the image-text-to-text class, whose forward also takes images."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    from fewtune.vision import is_vision_config, model_config
 
     resolved = resolve_model_path(name_or_path)
+    auto = AutoModelForImageTextToText if is_vision_config(model_config(resolved)) else AutoModelForCausalLM
     try:
-        model = AutoModelForCausalLM.from_pretrained(resolved, dtype=resolve_dtype(dtype))
+        model = auto.from_pretrained(resolved, dtype=resolve_dtype(dtype))
     except OSError as err:
         raise _hub_error(name_or_path, err) from err
     return model

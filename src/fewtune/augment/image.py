@@ -6,8 +6,10 @@ question about it keeps its answer. The crop cuts at most ``crop`` of each side 
 so the size never changes; the corners a rotation uncovers are filled with the image's mean colour
 rather than black, so no dark wedge appears.
 
-Examples name their images in ``meta["images"]`` (local paths). The augmented images are written
-to ``out_dir`` (or a temporary folder), and each candidate's ``meta["images"]`` points at them.
+An example's images are its messages' (``Message.images``: LLaMA-Factory ``images`` lists and OpenAI image
+parts are read into them). The augmented images are written to ``out_dir`` (or a temporary folder), and each
+candidate's messages point at them, placeholders unchanged. Training applies the same changes afresh each epoch
+without writing files (``data.augment.images``, fewtune.vision).
 """
 
 from __future__ import annotations
@@ -19,9 +21,12 @@ import tempfile
 from pathlib import Path
 
 
-from fewtune.augment.base import AugmentError, Candidate, Resources, with_turns
+from dataclasses import replace
+
+from fewtune.augment.base import AugmentError, Candidate, Resources, with_messages
 from fewtune.augment.options import ImageOptions
 from fewtune.data.formats import Example
+from fewtune.data.images import ImageError, load_image
 
 
 def augment_image(img, rng: random.Random, options: ImageOptions):
@@ -59,28 +64,29 @@ def build_image(options: ImageOptions, resources: Resources):
         return out_dir[0]
 
     def augment(example: Example, n: int, rng: random.Random, protected: list[str]) -> list[Candidate]:
-        from PIL import Image
-
-        paths = example.meta.get("images") or []
-        if isinstance(paths, str):
-            paths = [paths]
+        paths = example.images
         out = []
         for _ in range(n):
             new_paths, applied = [], []
             for path in paths:
-                source = Path(path)
-                if not source.is_file():
-                    raise AugmentError(f"image {path} (in {example.source} line {example.line}) does not exist")
-                with Image.open(source) as img:
-                    new, params = augment_image(img, rng, options)
+                try:
+                    img = load_image(path)
+                except ImageError as err:
+                    raise AugmentError(f"{err} (in {example.source} line {example.line})") from None
+                new, params = augment_image(img, rng, options)
                 # named by content of the change, so reruns with the same seed rewrite the same files
-                digest = hashlib.sha1(json.dumps([str(source.resolve()), params]).encode()).hexdigest()[:10]
+                digest = hashlib.sha1(json.dumps([path, params]).encode()).hexdigest()[:10]
+                source = Path(path) if not path.startswith("data:") else Path("inline.png")
                 target = folder() / f"{source.stem}.aug-{digest}{source.suffix or '.png'}"
                 new.save(target)
                 new_paths.append(str(target))
                 applied.append(params)
             if new_paths:
-                out.append(Candidate(with_turns(example, {}, meta={"images": new_paths}), {"images": applied}))
+                given, messages = 0, []
+                for m in example.messages:  # the same placeholders, each pointing at its changed picture
+                    messages.append(replace(m, images=tuple(new_paths[given:given + len(m.images)])))
+                    given += len(m.images)
+                out.append(Candidate(with_messages(example, messages), {"images": applied}))
         return out
 
     return augment

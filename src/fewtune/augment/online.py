@@ -43,8 +43,9 @@ class EpochStats:
 class OnlineAugmenter:
     """The training set of each epoch: ``items`` with some replaced by renders of fresh augmentations."""
 
-    def __init__(self, section, seed: int, rendered, augmentable: list[int], tokenizer, template, data):
-        self.section, self.seed = section, seed
+    def __init__(self, section, seed: int, rendered, augmentable: list[int], tokenizer, template, data,
+                 vision=None):
+        self.section, self.seed, self.vision = section, seed, vision
         self.rendered, self.augmentable = rendered, augmentable
         self.tokenizer, self.template, self.data = tokenizer, template, data
         resources = Resources()
@@ -77,14 +78,14 @@ class OnlineAugmenter:
             stats.kept_original["empty"] += 1
             return None
         if (normalize(text) == normalize(input_text(example))
-                and cand.meta.get("images") == example.meta.get("images")):  # an image method changes only those
+                and cand.images == example.images):  # an image method changes only those
             stats.kept_original["unchanged"] += 1
             return None
         if spans_kept(cand, spans):
             stats.kept_original["protected span lost"] += 1
             return None
         rendered = render_conversation(cand, self.tokenizer, self.template, self.data.max_length,
-                                       self.data.prompt_loss_weight)
+                                       self.data.prompt_loss_weight, vision=self.vision)
         if rendered.completion_tokens == 0:
             stats.kept_original["nothing to learn once rendered"] += 1
             return None
@@ -111,11 +112,11 @@ class OnlineAugmenter:
         return items, stats
 
 
-def build_online_augmenter(cfg, rendered, task_examples, tokenizer, template) -> OnlineAugmenter:
+def build_online_augmenter(cfg, rendered, task_examples, tokenizer, template, vision=None) -> OnlineAugmenter:
     """The augmenter of a run: ``task_examples`` are the training examples augmentation may change (the
     data set's own, not replayed general ones)."""
     section = cfg.data.augment
     ids = {id(e) for e in task_examples}
     augmentable = [i for i, e in enumerate(rendered.examples) if id(e) in ids]
     seed = cfg.train.seed if section.seed is None else section.seed
-    return OnlineAugmenter(section, seed, rendered, augmentable, tokenizer, template, cfg.data)
+    return OnlineAugmenter(section, seed, rendered, augmentable, tokenizer, template, cfg.data, vision)

@@ -130,7 +130,7 @@ def _excluded_keys(files: list[str]) -> dict[tuple, str]:
 def _key(example: Example) -> tuple:
     """What makes two examples the same input: the normalised text and the images it shows (an image
     augmentation changes only the latter)."""
-    return input_key(example), tuple(str(p) for p in example.meta.get("images") or ())
+    return input_key(example), tuple(example.images)
 
 
 def _reject_reason(source: Example, cand: Example, spans: list[str], originals: set, kept: set,

@@ -76,10 +76,11 @@ def _write(path: Path, payload: dict) -> None:
 
 
 def cached_render_set(examples: list[Example], tokenizer, template: Template, data: DataSection, what: str,
-                      use_cache: bool = True) -> RenderedSet:
-    """``render_set`` with its result kept on disk; errors (bad examples) are raised as before."""
-    if not use_cache or not examples:
-        return render_set(examples, tokenizer, template, data, what)
+                      use_cache: bool = True, vision=None) -> RenderedSet:
+    """``render_set`` with its result kept on disk; errors (bad examples) are raised as before. Sets with
+    images are rendered afresh (their token counts depend on the image files, not only on the text)."""
+    if not use_cache or not examples or any(m.images for e in examples for m in e.messages):
+        return render_set(examples, tokenizer, template, data, what, vision)
     path = _cache_dir() / f"{cache_key(examples, tokenizer, template, data, what)}.json"
     if path.exists():
         try:

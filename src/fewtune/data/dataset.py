@@ -51,8 +51,10 @@ class RenderedSet:
         return sum(len(r) for r in self.items)
 
 
-def render_set(examples: list[Example], tokenizer, template: Template, data: DataSection, what: str) -> RenderedSet:
-    """Render every example; one with nothing left to learn is an error (or dropped, if asked)."""
+def render_set(examples: list[Example], tokenizer, template: Template, data: DataSection, what: str,
+               vision=None) -> RenderedSet:
+    """Render every example; one with nothing left to learn is an error (or dropped, if asked). ``vision``: the
+    model's image handling (``fewtune.vision.Vision``), needed when examples have images."""
     out = RenderedSet([], [])
     bad: list[tuple[Example, str]] = []
     documents = pieces = 0
@@ -65,7 +67,8 @@ def render_set(examples: list[Example], tokenizer, template: Template, data: Dat
             out.items += chunks
             out.examples += [example] * len(chunks)
             continue
-        rendered = render_conversation(example, tokenizer, template, data.max_length, data.prompt_loss_weight)
+        rendered = render_conversation(example, tokenizer, template, data.max_length, data.prompt_loss_weight,
+                                       vision=vision)
         # judged on completion tokens: with prompt_loss_weight > 0 an example whose answer is
         # cut away would still "train" on its prompt, which is not what anyone wants
         if rendered.completion_tokens == 0:

@@ -35,6 +35,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from fewtune.data.images import IMAGE_PLACEHOLDER, ImageError, count_placeholders, resolve_image
 from fewtune.data.encoding import (ENCODING_NAMES, LINE_BREAK, LINE_BREAK_BYTES, NON_ASCII_BYTES, ascii_compatible,
                                    chosen_encoding, detect_encoding, encoding_name, read_hint, reading_codec, split_lines,
                                    utf8_read_as_other, without_bom)
@@ -63,6 +64,8 @@ class Message:
     role: str
     content: str
     weight: float | None = None  # None: 1 for assistant turns, prompt_loss_weight for the rest
+    # the images this message shows, one per <image> placeholder in ``content``, in order (fewtune.data.images)
+    images: tuple[str, ...] = ()
 
 
 @dataclass
@@ -90,6 +93,11 @@ class Example:
         return None
 
     @property
+    def images(self) -> list[str]:
+        """Every image of the conversation, in order."""
+        return [ref for m in self.messages for ref in m.images]
+
+    @property
     def is_text(self) -> bool:
         """A raw-text document (format text) rather than a conversation."""
         return len(self.messages) == 1 and self.messages[0].role == TEXT_ROLE
@@ -105,6 +113,8 @@ class Example:
             {"role": m.role, "content": m.content, **({"weight": m.weight} if m.weight is not None else {})}
             for m in self.messages
         ]}
+        if self.images:  # LLaMA-Factory's layout: <image> placeholders in the text, the files in one list
+            row["images"] = self.images
         if self.label is not None:
             row["label"] = self.label
         return row
@@ -648,16 +658,34 @@ def _text(record: dict, key: str, file: str, line: int, required: bool = True) -
     return value
 
 
-def _content(value: Any, file: str, line: int, where: str) -> str:
+def _image_part(part: dict, file: str, line: int, where: str) -> str:
+    """The image reference of an image content part: OpenAI's ``{"type": "image_url", "image_url": {"url"}}``
+    (or the URL as a plain string), or ``{"type": "image", "image": ...}``."""
+    value = part.get("image_url") if part.get("type") == "image_url" else part.get("image")
+    if isinstance(value, dict):
+        value = value.get("url")
+    try:
+        return resolve_image(value, Path(file).parent if file else None)
+    except ImageError as err:
+        raise DataError(file, line, str(err), where) from None
+
+
+def _content(value: Any, file: str, line: int, where: str, images: list[str] | None = None) -> str:
+    """A message's text; image parts become ``<image>`` placeholders with their references added to ``images``."""
     if isinstance(value, str):
         return value
     if isinstance(value, list):  # OpenAI content parts
         texts = []
         for i, part in enumerate(value):
             kind = part.get("type", "text") if isinstance(part, dict) else type(part).__name__
+            if kind in ("image_url", "image") and images is not None:
+                images.append(_image_part(part, file, line, f"{where}[{i}]"))
+                texts.append(IMAGE_PLACEHOLDER)
+                continue
             if kind != "text" or not isinstance(part.get("text"), str):
-                # never dropped silently: a text model cannot learn from an image part
-                raise DataError(file, line, f"content part {i} is of type {kind!r}; only text parts are supported", where)
+                # never dropped silently: an audio or file part is nothing a model here can learn from
+                raise DataError(file, line, f"content part {i} is of type {kind!r}; text and image parts are "
+                                "supported", where)
             texts.append(part["text"])
         return "".join(texts)
     if isinstance(value, dict):  # structured content (a function call's arguments) as JSON text
@@ -686,9 +714,40 @@ def _messages(turns: Any, key: str, role_key: str, content_key: str, roles: dict
         weight = turn.get("weight")
         if weight is not None and not (isinstance(weight, (int, float)) and 0 <= weight <= 1):
             raise DataError(file, line, f"must be a number in [0, 1], got {weight!r}", f"{where}.weight")
-        msgs.append(Message(role, _content(turn[content_key], file, line, f"{where}.{content_key}"),
-                            float(weight) if weight is not None else None))
+        images: list[str] = []
+        msgs.append(Message(role, _content(turn[content_key], file, line, f"{where}.{content_key}", images),
+                            float(weight) if weight is not None else None, tuple(images)))
     return msgs
+
+
+def _attach_images(example: Example, record: dict, file: str, line: int, key: str = "images") -> Example:
+    """LLaMA-Factory's record-level ``images`` given to the messages whose ``<image>`` placeholders they fill,
+    in order. The counts must agree: an image without a place (or a place without an image) is an error."""
+    refs = record.get(key)
+    if refs is None or refs == []:
+        return example
+    if isinstance(refs, str):
+        refs = [refs]
+    if not isinstance(refs, list):
+        raise DataError(file, line, f"must be a list of image paths, got {type(refs).__name__}", key)
+    if any(m.images for m in example.messages):
+        raise DataError(file, line, "images are given both as content parts and in the record's list; use one", key)
+    resolved = []
+    for i, ref in enumerate(refs):
+        try:
+            resolved.append(resolve_image(ref, Path(file).parent if file else None))
+        except ImageError as err:
+            raise DataError(file, line, str(err), f"{key}[{i}]") from None
+    places = [count_placeholders(m.content) for m in example.messages]
+    if sum(places) != len(resolved):
+        raise DataError(file, line, f"{len(resolved)} image{'s' * (len(resolved) != 1)} but {sum(places)} "
+                        f"{IMAGE_PLACEHOLDER} placeholder{'s' * (sum(places) != 1)} in the messages: each image needs "
+                        f"one {IMAGE_PLACEHOLDER} where it stands", key)
+    given, messages = 0, []
+    for m, n in zip(example.messages, places):
+        messages.append(replace(m, images=tuple(resolved[given:given + n])) if n else m)
+        given += n
+    return replace(example, messages=messages)
 
 
 def _user_field(key: str) -> PromptReader:
@@ -723,8 +782,9 @@ def _read_messages(record: dict, file: str, line: int) -> Example:
     label = record.get("label")
     if isinstance(label, (dict, list)):  # a label is one class name; a structure cannot be counted or split by
         raise DataError(file, line, f"must be a string, got {type(label).__name__}", "label")
-    return Example(_messages(record.get("messages"), "messages", "role", "content", None, file, line), file, line,
-                   label=label)
+    example = Example(_messages(record.get("messages"), "messages", "role", "content", None, file, line), file, line,
+                      label=label)
+    return _attach_images(example, record, file, line)
 
 
 def _messages_sources(example: Example, raw: dict) -> list[str]:
@@ -794,7 +854,7 @@ def _read_sharegpt(record: dict, file: str, line: int) -> Example:
         system = (f"{system}\n\n" if system else "") + f"Available tools:\n{tools_text}"
     if system and not (msgs and msgs[0].role == "system"):
         msgs.insert(0, Message("system", system))
-    return Example(msgs, file, line)
+    return _attach_images(Example(msgs, file, line), record, file, line)
 
 
 def _write_sharegpt(example: Example) -> dict:
@@ -802,6 +862,8 @@ def _write_sharegpt(example: Example) -> dict:
     system = msgs[0].content if msgs and msgs[0].role == "system" else None
     turns = msgs[1:] if system is not None else msgs
     row = {"conversations": [{"from": SHAREGPT_TAGS[m.role], "value": m.content} for m in turns]}
+    if example.images:
+        row["images"] = example.images
     return {**row, "system": system} if system is not None else row
 
 
@@ -822,7 +884,7 @@ def _sharegpt_columns(record: dict, mapping: dict) -> dict:
         {"from": role_names.get(t.get(role_tag), t.get(role_tag)), "value": t.get(content_tag)} if isinstance(t, dict) else t
         for t in (record.get(source) or [])
     ]
-    for key in ("system", "tools"):
+    for key in ("system", "tools", "images"):
         if columns.get(key) in record:
             out[key] = record[columns[key]]
     return out
@@ -831,11 +893,11 @@ def _sharegpt_columns(record: dict, mapping: dict) -> dict:
 for _entry in (  # FORMATS keeps this order; detection goes by priority
     DataFormat("prompt_completion", ("prompt", "completion"), prompt=_user_field("prompt"), reply="completion",
                priority=40),
-    DataFormat("messages", ("messages",), read=_read_messages, write=Example.to_dict, optional=("label",),
+    DataFormat("messages", ("messages",), read=_read_messages, write=Example.to_dict, optional=("label", "images"),
                priority=10, sources=_messages_sources),
     DataFormat("alpaca", ("instruction", "output"), prompt=_alpaca_prompt, reply="output", write=_write_alpaca,
                optional=("input", "system", "history"), priority=30, sources=_alpaca_sources, columns=_alpaca_columns),
-    DataFormat("sharegpt", ("conversations",), read=_read_sharegpt, write=_write_sharegpt, optional=("system", "tools"),
+    DataFormat("sharegpt", ("conversations",), read=_read_sharegpt, write=_write_sharegpt, optional=("system", "tools", "images"),
                priority=20, sources=_sharegpt_sources, columns=_sharegpt_columns),
     DataFormat("classification", ("text", "label"), prompt=_user_field("text"), reply="label", label=True,
                priority=60),

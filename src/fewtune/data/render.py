@@ -13,11 +13,12 @@ final assistant turn, so its token ids are, by construction, a prefix of the tra
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 from fewtune.data.formats import TEXT_ROLE, Example, Message
+from fewtune.data.images import IMAGE_PLACEHOLDER
 
 
 class RenderError(ValueError):
@@ -75,6 +76,8 @@ class Rendered:
     trainable_before_truncation: float = 0.0
     completion_tokens: int = 0  # tokens of assistant turns with weight > 0 that survived truncation
     completion_tokens_before_truncation: int = 0
+    images: tuple[str, ...] = ()  # the images whose tokens are in input_ids, in order
+    vision: object = field(default=None, repr=False, compare=False)  # fewtune.vision.Vision that makes their pixels
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -87,8 +90,22 @@ def _with_system(messages: Sequence[Message], template: Template) -> list[Messag
     return msgs
 
 
+def _content_parts(message: Message) -> str | list[dict]:
+    """A message as the chat template takes it: its text, or for a message with images the content parts
+    (``{"type": "image"}`` where each placeholder stands) that vision-language templates expand."""
+    if not message.images:
+        return message.content
+    parts: list[dict] = []
+    for i, text in enumerate(message.content.split(IMAGE_PLACEHOLDER)):
+        if i:
+            parts.append({"type": "image"})
+        if text:
+            parts.append({"type": "text", "text": text})
+    return parts
+
+
 def _chat_text(tokenizer, template: Template, messages: Sequence[Message], generation_prompt: bool) -> str:
-    as_dicts = [{"role": m.role, "content": m.content} for m in messages]
+    as_dicts = [{"role": m.role, "content": _content_parts(m)} for m in messages]
     return tokenizer.apply_chat_template(as_dicts, chat_template=template.chat_template, tokenize=False,
                                          add_generation_prompt=generation_prompt)
 
@@ -174,6 +191,32 @@ def render_text_chunks(text: str, tokenizer, max_length: int | None) -> list[Ren
     return [_text_rendered(ids[i:i + step], bos) for i in range(0, len(ids), step) if len(ids[i:i + step]) >= 2]
 
 
+def _expand_images(ids: list[int], weights: list[float], completion: list[bool], images: list[str],
+                   vision) -> tuple[list[int], list[float], list[bool], list[tuple[int, int]]]:
+    """Each image token the template wrote repeated as often as the image has positions (weight 0): the ids
+    the model takes. Returns them with each image's (start, end) span."""
+    marks = [i for i, t in enumerate(ids) if t == vision.image_token_id]
+    if len(marks) != len(images):
+        raise RenderError(f"the chat template wrote {len(marks)} image token(s) for {len(images)} image(s): it does "
+                          "not render image parts the way this model's processor expects")
+    out_ids: list[int] = []
+    out_w: list[float] = []
+    out_c: list[bool] = []
+    spans: list[tuple[int, int]] = []
+    last = 0
+    for mark, ref in zip(marks, images):
+        out_ids += ids[last:mark]
+        out_w += weights[last:mark]
+        out_c += completion[last:mark]
+        n = vision.image_tokens(ref)
+        spans.append((len(out_ids), len(out_ids) + n))
+        out_ids += [vision.image_token_id] * n
+        out_w += [0.0] * n
+        out_c += [False] * n
+        last = mark + 1
+    return out_ids + ids[last:], out_w + weights[last:], out_c + completion[last:], spans
+
+
 def render_conversation(
     messages: Sequence[Message] | Example,
     tokenizer,
@@ -181,6 +224,7 @@ def render_conversation(
     max_length: int | None = None,
     prompt_loss_weight: float = 0.0,
     for_generation: bool = False,
+    vision=None,
 ) -> Rendered:
     """Token ids and per-token loss weights for a conversation.
 
@@ -190,6 +234,11 @@ def render_conversation(
     ``max_length`` are cut on the right; generation prompts are never cut. A raw-text example
     (format text) is its text with BOS/EOS and no template, every token trained (training cuts long
     ones into pieces instead: :func:`render_text_chunks`).
+
+    Messages with images need ``vision`` (``fewtune.vision.Vision``, the model's image handling) and the
+    chat template: each image's token is repeated as often as the image has positions, with weight 0, and
+    ``images`` lists the images that made it into ``input_ids`` (a cut never splits an image: it moves to
+    the image's start).
     """
     if isinstance(messages, Example):
         messages = messages.messages
@@ -204,6 +253,12 @@ def render_conversation(
         msgs = msgs[:-1]
     if not msgs:
         raise RenderError("empty conversation")
+    images = [ref for m in msgs for ref in m.images]
+    if images and template.kind != "chat":
+        raise RenderError("examples with images need the model's chat template (model.template: chat or auto)")
+    if images and vision is None:
+        raise RenderError(f"this conversation has {len(images)} image(s) but the model is text-only (no image "
+                          "processor): use a vision-language model, or data without images")
     if template.kind == "chat":
         segments = _chat_segments(tokenizer, template, msgs, for_generation, prompt_loss_weight)
         ids: list[int] = []
@@ -218,9 +273,18 @@ def render_conversation(
         ids.extend(piece)
         weights.extend([float(weight)] * len(piece))
         completion.extend([is_completion and weight > 0] * len(piece))
+    spans: list[tuple[int, int]] = []
+    if images:
+        ids, weights, completion, spans = _expand_images(ids, weights, completion, images, vision)
     total = sum(weights)
     n_completion = sum(completion)
     truncated = False
     if max_length is not None and not for_generation and len(ids) > max_length:
-        ids, weights, completion, truncated = ids[:max_length], weights[:max_length], completion[:max_length], True
-    return Rendered(ids, weights, truncated, total, sum(completion[1:]), n_completion)
+        cut = max_length
+        for start, end in spans:  # an image is whole or not there: its features fill every one of its positions
+            if start < cut < end:
+                cut = start
+        ids, weights, completion, truncated = ids[:cut], weights[:cut], completion[:cut], True
+        images = [ref for ref, (_, end) in zip(images, spans) if end <= cut]
+    return Rendered(ids, weights, truncated, total, sum(completion[1:]), n_completion, tuple(images),
+                    vision if images else None)

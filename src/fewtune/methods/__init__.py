@@ -78,9 +78,23 @@ def load_base(model_section, method_section):
     return load_model(model_section.name, model_section.dtype)
 
 
-def apply_method(model, method_section, model_name: str | None = None):
-    """The model ready to train with the configured method (a peft model, or the model with parts frozen)."""
+def apply_method(model, method_section, model_name: str | None = None, vision_section=None):
+    """The model ready to train with the configured method (a peft model, or the model with parts frozen).
+
+    A vision-language model trains LoRA on its language model only; the vision tower stays frozen unless
+    ``vision_section`` (config's model.vision) names the projector or top vision blocks to train in full."""
     entry = get_method(method_section.name)
+    if getattr(model.config, "vision_config", None) is not None:
+        from fewtune.vision import lora_targets, modules_to_train
+
+        if entry.name != "lora":
+            raise MethodError(f"method.name={entry.name}: vision-language models train with method.name=lora here "
+                              "(LoRA on the language model, the vision tower frozen; model.vision trains more)")
+        full = modules_to_train(model, getattr(vision_section, "train_projector", False),
+                                getattr(vision_section, "train_vision_blocks", 0))
+        options = {**entry.options, "target_modules": lora_targets(model, method_section.lora.target_modules),
+                   "modules_to_save": full or None}
+        return entry.builder()(model, method_section, model_name, **options)
     return entry.builder()(model, method_section, model_name, **entry.options)
 
 

@@ -34,7 +34,8 @@ MIN_SHARED_PREFIX = 4  # shorter common prefixes are not worth an extra segment
 
 
 def collate(items: list[Rendered], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch; padding has attention 0 and loss weight 0."""
+    """Right-padded batch; padding has attention 0 and loss weight 0. Items with images add the pixel inputs
+    their model takes (``pixel_values``, ``image_grid_thw``, ``mm_token_type_ids``: fewtune.vision)."""
     width = max(len(r) for r in items)
     ids = torch.full((len(items), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(items), width), dtype=torch.long)
@@ -44,7 +45,14 @@ def collate(items: list[Rendered], pad_id: int) -> dict[str, torch.Tensor]:
         ids[row, :n] = torch.tensor(r.input_ids)
         mask[row, :n] = 1
         weights[row, :n] = torch.tensor(r.loss_weights)
-    return {"input_ids": ids, "attention_mask": mask, "loss_weights": weights}
+    batch = {"input_ids": ids, "attention_mask": mask, "loss_weights": weights}
+    images = [ref for r in items for ref in r.images]
+    if images:
+        vision = next(r.vision for r in items if r.images)
+        keys = [(len(r), j) for r in items for j in range(len(r.images))]  # the augmentation draw of each image
+        batch.update(vision.pixel_inputs(images, keys))
+        batch["mm_token_type_ids"] = vision.token_types(ids)
+    return batch
 
 
 def common_prefix_length(items: list[Rendered]) -> int:
@@ -61,6 +69,9 @@ def common_prefix_length(items: list[Rendered]) -> int:
 
 def pack(items: list[Rendered], share_prefix: bool = True) -> dict[str, torch.Tensor]:
     """One packed row for a micro-batch (see the module docstring for the layout)."""
+    if any(r.images for r in items):
+        raise ValueError("examples with images are not packed (their M-RoPE positions restart per image grid); "
+                         "training turns packing off for vision-language models")
     shared = common_prefix_length(items) if share_prefix else 0
     tokens: list[int] = list(items[0].input_ids[:shared])
     positions: list[int] = list(range(shared))

@@ -47,6 +47,7 @@ from fewtune.train.packed_attention import attention_implementation, restore_att
 from fewtune.train.curriculum import build_curriculum
 from fewtune.train.regularise import build_regularisers
 from fewtune.train.state import LoopState
+from fewtune.vision import vision_for
 
 __all__ = ["Interrupted", "Trainer", "TrainingError", "TrainResult", "collate", "epoch_batches", "train"]
 
@@ -80,7 +81,7 @@ class TrainResult:
 def build_training_model(cfg: Config, precision: str) -> tuple:
     """The model as training runs it in ``precision``: (model, loss module, base model, its attention before
     packing, packing on). The trainer, its precision probe and `suggest`'s throughput probe all build it here."""
-    model = apply_method(load_base(cfg.model, cfg.method), cfg.method, cfg.model.name)
+    model = apply_method(load_base(cfg.model, cfg.method), cfg.method, cfg.model.name, cfg.model.vision)
     runtime.keep_trainable_fp32(model)
     if cfg.model.dtype == "auto" and runtime.store_frozen_low_precision(model, precision):
         log.debug("frozen weights stored in %s, trainable ones in float32", precision)
@@ -92,7 +93,9 @@ def build_training_model(cfg: Config, precision: str) -> tuple:
                                  label_smoothing=cfg.regularise.label_smoothing)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     attention_before = attention_implementation(base)
-    packing = cfg.train.packing and setup_packing(loss_module, cfg.train.share_prefix)
+    if cfg.train.packing and loss_module.vision_language:
+        log.info("packing is off for a vision-language model: its M-RoPE positions follow each image's grid")
+    packing = cfg.train.packing and not loss_module.vision_language and setup_packing(loss_module, cfg.train.share_prefix)
     return model, loss_module, base, attention_before, packing
 
 
@@ -143,16 +146,27 @@ class Trainer:
         task_examples, val_examples = load_train_val(cfg.data)
         train_examples = add_replay(task_examples, cfg.data, self.run_dir)
         cache = cfg.train.cache_tokenized
+        # a vision-language model: images rendered as image tokens; training images augmented per epoch
+        self.vision = vision_for(cfg.model.name, settings=cfg.model.vision)
+        with_images = next((e for e in [*train_examples, *val_examples] if e.images), None)
+        if with_images is not None and self.vision is None:
+            raise TrainingError(f"{with_images.source}:{with_images.line} has images, but {cfg.model.name} is a "
+                                "text-only model: use a vision-language model (e.g. a Qwen2-VL folder) or data without "
+                                "images")
+        self.train_vision = self.vision.for_training(cfg.data.augment.images, cfg.data.augment.seed
+                                                     if cfg.data.augment.seed is not None else cfg.train.seed) \
+            if self.vision else None
         self.train_set: RenderedSet = cached_render_set(train_examples, self.tokenizer, self.template, cfg.data,
-                                                        "training", cache)
+                                                        "training", cache, self.train_vision)
         self.val_set: RenderedSet = cached_render_set(val_examples, self.tokenizer, self.template, cfg.data,
-                                                      "validation", cache)
+                                                      "validation", cache, self.vision)
         if not self.train_set.items:
             raise TrainingError("no training example is left after dropping the ones with nothing to learn")
         self.lengths = [len(r) for r in self.train_set.items]
         # data.augment: some task examples replaced each epoch by a fresh augmentation (same count, so the same
         # steps per epoch; batches are formed on the originals' lengths, so the order does not depend on it)
-        self.augmenter = build_online_augmenter(cfg, self.train_set, task_examples, self.tokenizer, self.template)
+        self.augmenter = build_online_augmenter(cfg, self.train_set, task_examples, self.tokenizer, self.template,
+                                                self.train_vision)
         self.items = self.train_set.items  # the current epoch's (fit sets them per epoch)
         self.augment_stats: list[dict] = []
 
@@ -221,6 +235,8 @@ class Trainer:
 
     def _use_epoch_items(self, epoch: int) -> None:
         """The epoch's training items: the rendered set, with data.augment's replacements for this epoch."""
+        if self.train_vision is not None:
+            self.train_vision.epoch = epoch  # image augmentation draws afresh each epoch
         self.items, stats = self.augmenter.epoch_items(epoch)
         if stats is not None:
             record = stats.to_dict()
@@ -267,6 +283,8 @@ class Trainer:
             write_marker(self.run_dir)
             self.template.save(self.run_dir / "template.json")
             self.tokenizer.save_pretrained(self.run_dir / "tokenizer")
+            if self.vision is not None:  # the image processor renders inference prompts as training did
+                self.vision.save(self.run_dir / "tokenizer")
             stages.write_lineage(self.run_dir, [*self.earlier_stages,
                                                 stages.stage_entry(self.cfg, self.run_dir, self.train_set.examples)])
         self.accelerator.wait_for_everyone()

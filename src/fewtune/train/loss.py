@@ -55,6 +55,9 @@ class WeightedLMLoss(torch.nn.Module):
         self.virtual = virtual_tokens(model)
         self.selective = selective and not is_prompt_learning(model) and hasattr(base, "get_decoder") and not any(
             getattr(config, a, None) not in (None, 1, 1.0) for a in _LOGIT_TRANSFORMS)
+        # a vision-language model: the decoder input comes from its multimodal model (image features put in
+        # at the image positions), not from the bare language model
+        self.vision_language = getattr(config, "vision_config", None) is not None
         self.chunk = chunk_positions(base.get_output_embeddings().weight.shape[0] if self.selective else 0, chunk_size)
 
     @property
@@ -80,20 +83,26 @@ class WeightedLMLoss(torch.nn.Module):
 
     def _decoder(self, **inputs):
         # use_cache=False: a training forward has no use for a KV cache (the config default builds one)
-        return _base_model(self.model).get_decoder()(use_cache=False, **inputs).last_hidden_state
+        base = _base_model(self.model)
+        if self.vision_language:
+            return base.model(use_cache=False, **inputs).last_hidden_state
+        return base.get_decoder()(use_cache=False, **inputs).last_hidden_state
 
     def forward(self, input_ids, attention_mask=None, loss_weights=None, position_ids=None, loss_index=None,
-                targets=None, weights=None, **layout):
+                targets=None, weights=None, pixel_values=None, image_grid_thw=None, mm_token_type_ids=None,
+                **layout):
         if loss_index is not None:
             return self._packed(input_ids, position_ids, loss_index, targets, weights, layout)
         targets = input_ids[:, 1:]
         weights = loss_weights[:, 1:].float()
         select = weights > 0
         w = weights[select]
+        images = {k: v for k, v in (("pixel_values", pixel_values), ("image_grid_thw", image_grid_thw),
+                                    ("mm_token_type_ids", mm_token_type_ids)) if v is not None}
         if self.selective:
-            hidden = self._decoder(input_ids=input_ids, attention_mask=attention_mask)[:, :-1][select]
+            hidden = self._decoder(input_ids=input_ids, attention_mask=attention_mask, **images)[:, :-1][select]
             return self.weighted_ce(hidden, targets[select], w), w.sum()
-        logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, **images).logits
         logits = logits[:, self.virtual:][:, :-1][select]
         ce = F.cross_entropy(logits.float(), targets[select], reduction="none", label_smoothing=self.smoothing)
         return (ce * w).sum(), w.sum()

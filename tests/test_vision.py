@@ -1,0 +1,266 @@
+"""Vision-language SFT on a tiny randomly initialised Qwen2-VL: image data, render, train, reload, generate, merge."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fewtune.config import build_config
+from fewtune.data.formats import DataError, Message, convert_record, load_examples
+from fewtune.data.render import Template, render_conversation
+from fewtune.models import DEFAULT_MODEL, load_tokenizer
+from fewtune.train.batching import collate
+from fewtune.vision import load_vision
+from tests.conftest import write_jsonl
+from tests.tiny_vl import build_tiny_qwen2_vl, picture
+
+COLOURS = {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200)}
+
+
+@pytest.fixture(scope="session")
+def tiny_vl(tmp_path_factory) -> str:
+    return str(build_tiny_qwen2_vl(tmp_path_factory.mktemp("tiny-qwen2-vl"), load_tokenizer(DEFAULT_MODEL)))
+
+
+@pytest.fixture(scope="session")
+def colour_data(tmp_path_factory) -> Path:
+    """24 pictures of a coloured bar (three colours, four widths) and the question what colour it is."""
+    root = tmp_path_factory.mktemp("colours")
+    rows = []
+    for i in range(24):
+        name = list(COLOURS)[i % 3]
+        picture(root / f"img{i}.png", (64 + 8 * (i % 4), 48), COLOURS[name])
+        rows.append({"messages": [{"role": "user", "content": "<image>What colour is the bar?"},
+                                  {"role": "assistant", "content": name}], "images": [f"img{i}.png"]})
+    return write_jsonl(root / "train.jsonl", rows)
+
+
+def vl_config(model: str, data: Path, out: Path, *overrides: str):
+    base = {"model": {"name": model}, "data": {"train": str(data), "val_ratio": 0.25, "max_length": 128},
+            "method": {"name": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
+            "train": {"output_dir": str(out), "epochs": 2, "batch_size": 4, "lr": 5e-3, "warmup_ratio": 0.0,
+                      "seed": 3, "adapt_threads": False, "mixed_precision": "no"}}
+    return build_config(base, list(overrides))
+
+
+# ---------------------------------------------------------------- data
+
+
+def test_reads_llamafactory_multimodal_demo():
+    from fewtune.datasets.common import find_shared_data
+
+    try:
+        folder = find_shared_data() / "llamafactory-demo"
+    except Exception:
+        pytest.skip("../shared/data is not here")
+    direct = load_examples(folder / "mllm_demo.json")
+    mapped = load_examples(folder / "dataset_info.json", dataset="mllm_demo")
+    assert len(direct) == len(mapped) == 6
+    first = direct[0]
+    # two turns, each showing the picture once: each message holds the image its placeholder stands for
+    assert [len(m.images) for m in first.messages] == [1, 0, 1, 0]
+    assert first.images == [str((folder / "mllm_demo_data" / "1.jpg").resolve())] * 2
+    assert [e.images for e in mapped] == [e.images for e in direct]
+    again = convert_record(first.to_dict(), "messages", str(folder / "x.jsonl"), 1)
+    assert again.messages == first.messages
+
+
+def test_openai_image_parts_and_their_errors(tmp_path):
+    picture(tmp_path / "a.png")
+    uri = "data:image/png;base64," + base64.b64encode((tmp_path / "a.png").read_bytes()).decode()
+    record = {"messages": [
+        {"role": "user", "content": [{"type": "text", "text": "Compare "}, {"type": "image_url", "image_url": {"url": "a.png"}},
+                                     {"type": "text", "text": " with "}, {"type": "image_url", "image_url": {"url": uri}}]},
+        {"role": "assistant", "content": "the same"}]}
+    example = convert_record(record, "messages", str(tmp_path / "d.jsonl"), 3)
+    assert example.messages[0].content == "Compare <image> with <image>"
+    assert example.images == [str(tmp_path / "a.png"), uri]
+
+    remote = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "https://x.org/a.png"}}]},
+                           {"role": "assistant", "content": "no"}]}
+    with pytest.raises(DataError, match="local files only") as err:
+        convert_record(remote, "messages", "d.jsonl", 4)
+    assert err.value.line == 4 and err.value.field == "messages[0].content[0]"
+    counted = {"messages": [{"role": "user", "content": "<image> and <image>?"}, {"role": "assistant", "content": "x"}],
+               "images": ["a.png"]}
+    with pytest.raises(DataError, match="1 image but 2 <image> placeholders"):
+        convert_record(counted, "messages", str(tmp_path / "d.jsonl"), 5)
+    audio = {"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]},
+                          {"role": "assistant", "content": "x"}]}
+    with pytest.raises(DataError, match="text and image parts"):
+        convert_record(audio, "messages", "d.jsonl", 6)
+
+
+# ---------------------------------------------------------------- render
+
+
+def test_render_expands_each_image_and_trains_only_assistant_text(tiny_vl, tmp_path):
+    tokenizer = load_tokenizer(tiny_vl)
+    vision = load_vision(tiny_vl)
+    template = Template.for_tokenizer(tokenizer)
+    a, b = picture(tmp_path / "a.png", (64, 48)), picture(tmp_path / "b.png", (200, 120))
+    conversation = [Message("user", "<image>Who?", images=(str(a),)), Message("assistant", "Kane."),
+                    Message("user", "And <image>?", images=(str(b),)), Message("assistant", "Gretzka.")]
+    r = render_conversation(conversation, tokenizer, template, vision=vision)
+    pad = vision.image_token_id
+    grids = vision.pixel_inputs([str(a), str(b)])["image_grid_thw"]
+    expected = [int(g.prod()) // 4 for g in grids]
+    assert expected[0] < expected[1]  # the larger picture costs more tokens, as the processor says
+    runs, n = [], 0
+    for t in r.input_ids + [None]:
+        if t == pad:
+            n += 1
+        elif n:
+            runs, n = runs + [n], 0
+    assert runs == expected and r.images == (str(a), str(b))
+    # the ids are what Qwen2-VL's processor gives: the template's text with each image token repeated
+    text = tokenizer.apply_chat_template(
+        [{"role": m.role, "content": m.content.replace("<image>", "<|vision_start|><|image_pad|><|vision_end|>")}
+         for m in conversation], tokenize=False)
+    for n_tokens in expected:
+        text = text.replace("<|vision_start|><|image_pad|><|vision_end|>",
+                            "<|vision_start|>" + "<|IMG|>" * n_tokens + "<|vision_end|>", 1)
+    assert r.input_ids == tokenizer(text.replace("<|IMG|>", "<|image_pad|>"), add_special_tokens=False)["input_ids"]
+    # loss only on the assistant turns' text (and their end-of-turn token), never on an image
+    trained = tokenizer.decode([t for t, w in zip(r.input_ids, r.loss_weights) if w > 0])
+    assert trained == "Kane.<|im_end|>\nGretzka.<|im_end|>\n"
+    assert all(w == 0 for t, w in zip(r.input_ids, r.loss_weights) if t == pad)
+    # the generation prompt is a prefix of the training ids, with the same images
+    prompt = render_conversation(conversation[:3], tokenizer, template, for_generation=True, vision=vision)
+    assert r.input_ids[:len(prompt.input_ids)] == prompt.input_ids and prompt.images == r.images
+    # a cut never splits an image: it moves to the image's start and the image is left out
+    second = r.input_ids.index(pad, r.input_ids.index(pad) + expected[0])
+    cut = render_conversation(conversation, tokenizer, template, max_length=second + 2, vision=vision)
+    assert len(cut.input_ids) == second and cut.images == (str(a),) and cut.truncated
+
+
+def test_text_only_model_refuses_images(tiny_models, colour_data, tmp_path):
+    from fewtune.train.loop import TrainingError, Trainer
+
+    with pytest.raises(TrainingError, match="text-only model"):
+        Trainer(vl_config(tiny_models["llama"], colour_data, tmp_path / "run"))
+
+
+def test_image_augmentation_is_per_epoch_and_training_only(tiny_vl, colour_data):
+    from fewtune.config import ImageAugmentSection
+
+    vision = load_vision(tiny_vl)
+    ref = str(colour_data.parent / "img0.png")
+    train = vision.for_training(ImageAugmentSection(prob=1.0), seed=1)
+    plain = vision.pixel_inputs([ref])["pixel_values"]
+    first = train.pixel_inputs([ref], keys=[0])
+    assert torch.equal(vision.pixel_inputs([ref])["pixel_values"], plain)  # validation/inference: never changed
+    assert not torch.equal(first["pixel_values"], plain)
+    assert torch.equal(first["image_grid_thw"], vision.pixel_inputs([ref])["image_grid_thw"])  # same token count
+    assert torch.equal(train.pixel_inputs([ref], keys=[0])["pixel_values"], first["pixel_values"])  # reproducible
+    train.epoch = 1
+    assert not torch.equal(train.pixel_inputs([ref], keys=[0])["pixel_values"], first["pixel_values"])
+
+
+# ---------------------------------------------------------------- training and inference
+
+
+def _image_batch(run_or_model: str, data: Path):
+    """A padded batch of the first four examples as training renders them, for the model at ``run_or_model``."""
+    from fewtune.generate import load_for_inference
+
+    loaded = load_for_inference(run_or_model, precision="no")
+    items = [render_conversation(e, loaded.tokenizer, loaded.template, vision=loaded.vision)
+             for e in load_examples(data)[:4]]
+    return loaded, collate(items, loaded.tokenizer.pad_token_id)
+
+
+def _logits(model, batch):
+    keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+    with torch.no_grad():
+        return model(**{k: batch[k] for k in keys}).logits
+
+
+@pytest.fixture(scope="module")
+def trained_vl(tiny_vl, colour_data, tmp_path_factory):
+    """A LoRA run on the tiny Qwen2-VL with its trainer (the model as training left it)."""
+    from fewtune.train.loop import Trainer
+
+    base = {n: p.detach().clone() for n, p in
+            __import__("fewtune.models", fromlist=["load_model"]).load_model(tiny_vl).named_parameters()}
+    trainer = Trainer(vl_config(tiny_vl, colour_data, tmp_path_factory.mktemp("vl") / "run"))
+    result = trainer.fit()
+    return trainer, result, base
+
+
+def test_lora_trains_the_language_model_only_and_reloads(trained_vl, colour_data):
+    trainer, result, base = trained_vl
+    model = trainer.model
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in n and ".language_model." in n for n in trained)
+    for name, p in model.get_base_model().named_parameters():  # the vision tower did not move
+        if ".visual." in name:
+            assert torch.equal(p.detach(), base[name]), name
+    records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["train_loss"] for r in records if "train_loss" in r]
+    assert losses[-1] < losses[0]
+    assert (result.run_dir / "tokenizer" / "preprocessor_config.json").is_file()
+
+    loaded, batch = _image_batch(str(result.run_dir), colour_data)
+    assert "pixel_values" in batch and batch["image_grid_thw"].shape == (4, 3)
+    model.eval()
+    assert torch.allclose(_logits(loaded.model, batch), _logits(model, batch), atol=1e-5)
+
+    from fewtune.config import GenerateSection
+    from fewtune.generate import check_prompts, generate_ids
+
+    examples = load_examples(colour_data)[:3]
+    prompts = check_prompts(loaded, [e.prompt_messages for e in examples], 4)
+    assert all(len(p.images) == 1 for p in prompts)
+    out = generate_ids(loaded, prompts, GenerateSection(max_new_tokens=4, batch_size=2))
+    # greedy generation continues exactly as the model's own forward pass says
+    ids = torch.tensor([prompts[0]])
+    pixels = loaded.vision.pixel_inputs(list(prompts[0].images))
+    with torch.no_grad():
+        first = loaded.model(input_ids=ids, pixel_values=pixels["pixel_values"], image_grid_thw=pixels["image_grid_thw"],
+                             mm_token_type_ids=loaded.vision.token_types(ids)).logits[0, -1].argmax().item()
+    got: list[int] = []
+    generate_ids(loaded, prompts[:1], GenerateSection(max_new_tokens=1), on_step=lambda outs, tokens: got.extend(tokens))
+    assert out[0][0].tokens >= 1 and got == [first]
+
+
+def test_merged_export_equals_the_adapter(trained_vl, colour_data, tmp_path):
+    from fewtune.export import export_merged
+
+    _, result, _ = trained_vl
+    merged = export_merged(result.run_dir, tmp_path / "merged")
+    assert (merged / "preprocessor_config.json").is_file()
+    adapter, batch = _image_batch(str(result.run_dir), colour_data)
+    plain, batch2 = _image_batch(str(merged), colour_data)
+    assert torch.equal(batch["input_ids"], batch2["input_ids"])
+    assert torch.allclose(_logits(plain.model, batch), _logits(adapter.model, batch), atol=1e-4)
+
+
+def test_projector_and_top_vision_blocks_train_when_asked(tiny_vl, colour_data, tmp_path):
+    from safetensors import safe_open
+
+    from fewtune.models import load_model
+    from fewtune.train.loop import Trainer
+
+    base = {n: p.detach().clone() for n, p in load_model(tiny_vl).named_parameters()}
+    trainer = Trainer(vl_config(tiny_vl, colour_data, tmp_path / "run", "model.vision.train_projector=true",
+                                "model.vision.train_vision_blocks=1", "train.epochs=1"))
+    result = trainer.fit()
+    changed = {n for n, p in trainer.model.named_parameters()
+               if p.requires_grad and "lora_" not in n}
+    assert any(".merger." in n for n in changed) and any(".blocks.1." in n for n in changed)
+    assert not any(".blocks.0." in n for n in changed)  # only the top block
+    state = dict(trainer.model.named_parameters())
+    moved = [n for n in changed if ".merger." in n and not torch.equal(state[n].detach(), base[
+        n.replace("base_model.model.", "").replace(".modules_to_save.default", "")])]
+    assert moved, "the projector did not change"
+    with safe_open(str(result.run_dir / "adapter" / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert any("merger" in k for k in keys) and any("blocks.1." in k for k in keys)
+    loaded, batch = _image_batch(str(result.run_dir), colour_data)
+    trainer.model.eval()
+    assert torch.allclose(_logits(loaded.model, batch), _logits(trainer.model, batch), atol=1e-5)
