@@ -264,3 +264,44 @@ def test_projector_and_top_vision_blocks_train_when_asked(tiny_vl, colour_data, 
     loaded, batch = _image_batch(str(result.run_dir), colour_data)
     trainer.model.eval()
     assert torch.allclose(_logits(loaded.model, batch), _logits(trainer.model, batch), atol=1e-5)
+
+
+def test_data_check_finds_planted_image_faults(tiny_vl, tmp_path):
+    from fewtune.quality.check import check_data
+
+    picture(tmp_path / "ok.png", (64, 48))
+    picture(tmp_path / "big.png", (400, 300))
+    (tmp_path / "copy.png").write_bytes((tmp_path / "ok.png").read_bytes())
+    (tmp_path / "broken.png").write_bytes(b"not a picture at all")
+    picture(tmp_path / "tiny.png", (20, 12))
+    picture(tmp_path / "strip.png", (2000, 8))
+
+    def row(images, text="<image>What is it?", answer="a bar"):
+        return {"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": answer}],
+                "images": images}
+
+    data = write_jsonl(tmp_path / "train.jsonl", [
+        row(["ok.png"]),                                     # 1 fine
+        row(["gone.png"]),                                   # 2 missing file
+        row(["broken.png"]),                                 # 3 unreadable
+        row(["ok.png", "ok.png"]),                           # 4 two images, one placeholder
+        row(["copy.png"], "<image>What is this?"),           # 5 the same picture as ok.png under another name
+        row(["tiny.png"]),                                   # 6 too small to see
+        row(["strip.png"]),                                  # 7 too elongated for the processor
+        row(["big.png"], "<image>Describe it.", "word " * 40),  # 8 its image tokens push the answer past max_length
+    ])
+    cfg = build_config({"model": {"name": tiny_vl}, "data": {"max_length": 40}})
+    report = check_data(data, cfg=cfg, progress=False)
+    found = {(p.line, p.check, p.severity) for p in report.problems}
+    assert (2, "images", "error") in found and (3, "images", "error") in found
+    assert (4, "schema", "error") in found
+    assert (5, "images", "warning") in found and (6, "images", "warning") in found
+    assert (7, "images", "error") in found
+    assert (8, "length", "warning") in found  # image tokens + the question: the answer is cut
+    assert not any(p.line == 1 for p in report.problems)
+    messages = {p.line: p.message for p in report.problems if p.check in ("images", "schema")}
+    assert "not found" in messages[2] and "not a readable image" in messages[3]
+    assert "2 images but 1 <image> placeholder" in messages[4] and "same picture as" in messages[5]
+    images = report.stats["train"]["images"]
+    biggest = load_vision(tiny_vl).image_tokens(str(tmp_path / "big.png"))
+    assert images["unreadable"] == 2 and images["tokens_per_image"]["max"] == biggest > 4

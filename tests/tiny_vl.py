@@ -52,6 +52,7 @@ def picture(path: Path, size: tuple[int, int] = (64, 48), colour: tuple[int, int
     from PIL import Image, ImageDraw
 
     img = Image.new("RGB", size, (128, 128, 128))
-    ImageDraw.Draw(img).rectangle((8, 8, size[0] - 8, size[1] // 2), fill=colour)
+    w, h = size
+    ImageDraw.Draw(img).rectangle((w // 8, h // 8, w - 1 - w // 8, max(h // 2, h // 8)), fill=colour)
     img.save(path)
     return path

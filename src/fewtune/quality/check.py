@@ -19,6 +19,7 @@ from fewtune.config import Config
 from fewtune.data import collect as _collect
 from fewtune.data.collect import Collected, Problem, collect
 from fewtune.quality.duplicates import duplicate_problems, leakage_problems
+from fewtune.quality.images import image_problems
 from fewtune.data.encoding import ENCODING_NAMES, check_encoding, encoding_name, file_encoding, reading_encoding
 from fewtune.data.formats import DataError, _resolve_source, read_records
 from fewtune.data.render import RenderError, Template
@@ -144,6 +145,17 @@ def load_template(cfg: Config, model: str | None = None, tokenizer=None, kind: s
     except RenderError as err:
         return None, None, f"token counts skipped: {err}"
     return tokenizer, template, None
+
+
+def load_vision_quietly(cfg: Config, model: str | None = None):
+    """(the model's image handling or None, why-not): a vision-language model's image processor, for image
+    token counts; a text-only model gives (None, None)."""
+    from fewtune.vision import VisionError, vision_for
+
+    try:
+        return vision_for(model or cfg.model.name, settings=cfg.model.vision), None
+    except (VisionError, OSError, ValueError) as err:
+        return None, f"image token counts skipped: {err}"
 
 
 def common_ending(texts: list[str]) -> tuple[str, int]:
@@ -295,11 +307,14 @@ def check_data(path: str | Path, validation: str | Path | None = None, cfg: Conf
         detected = encoding_problem(data, encoding)
         if detected:
             report.problems.append(detected)
-    tok = tmpl = None
+    tok = tmpl = vision = None
     if tokens:
         tok, tmpl, why_not = load_template(cfg, model, tokenizer, template)
         if why_not:
             report.problems.append(Problem("warning", "length", str(path), None, None, why_not))
+        vision, why_not = load_vision_quietly(cfg, model)
+        if why_not:
+            report.problems.append(Problem("warning", "images", str(path), None, None, why_not))
     elif (template or cfg.model.template) == "plain":  # no tokenizer needed for the separator checks
         tmpl = Template("plain", cfg.model.separator, cfg.model.stop, cfg.data.system_prompt)
     for role, data in sets.items():
@@ -308,7 +323,11 @@ def check_data(path: str | Path, validation: str | Path | None = None, cfg: Conf
         if tmpl is not None and tmpl.kind == "plain":
             template_problems(data, tmpl)
         stats["duplicates"] = duplicate_problems(data)
-        measures = measure(data.examples, tok, tmpl, settings.max_length, progress, desc=f"measuring {role}")
+        images = image_problems(data, vision)
+        if images is not None:
+            stats["images"] = images
+        measures = measure(data.examples, tok, tmpl, settings.max_length, progress, desc=f"measuring {role}",
+                           vision=vision)
         report.measures[role] = measures
         length_problems(data, measures, settings.max_length)
         stats["lengths"] = length_stats(measures, settings.max_length)

@@ -14,16 +14,17 @@ from fewtune.data.formats import Example
 from fewtune.quality.textstats import normalize
 
 
+# a message's images are part of what it says: one question about two pictures is two inputs
 def exact_key(example: Example) -> tuple:
-    return tuple((m.role, m.content) for m in example.messages) + ((example.label,) if example.label else ())
+    return tuple((m.role, m.content, *m.images) for m in example.messages) + ((example.label,) if example.label else ())
 
 
 def near_key(example: Example) -> tuple:
-    return tuple((m.role, normalize(m.content)) for m in example.messages)
+    return tuple((m.role, normalize(m.content), *m.images) for m in example.messages)
 
 
 def input_key(example: Example) -> tuple:
-    return tuple((m.role, normalize(m.content)) for m in example.prompt_messages)
+    return tuple((m.role, normalize(m.content), *m.images) for m in example.prompt_messages)
 
 
 def output_of(example: Example) -> str:

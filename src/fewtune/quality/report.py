@@ -11,7 +11,7 @@ from rich.table import Table
 from fewtune.quality.check import Report
 from fewtune.data.collect import Problem
 
-CHECK_ORDER = ("read", "schema", "template", "duplicates", "length", "labels", "size")
+CHECK_ORDER = ("read", "schema", "template", "duplicates", "images", "length", "labels", "size")
 
 
 def _lines(lines: list[int | None], limit: int = 8) -> str:
@@ -113,6 +113,14 @@ def print_stats(report: Report, console: Console) -> None:
         if dup:
             console.print(f"{role}: duplicates: {dup['exact_duplicates']} exact, {dup['near_duplicates']} near, "
                           f"{dup['conflicts']} conflicting inputs")
+        images = stats.get("images")
+        if images:
+            cost = images.get("tokens_per_image")
+            console.print(f"{role}: images: {images['images']} in {images['examples_with_images']} examples "
+                          f"({images['distinct_pictures']} distinct pictures, {images['unreadable']} unreadable)"
+                          + (f"; sizes {images['width']['min']}-{images['width']['max']} x "
+                             f"{images['height']['min']}-{images['height']['max']} px" if "width" in images else "")
+                          + (f"; tokens per image {cost['min']}-{cost['max']} (mean {cost['mean']:g})" if cost else ""))
         leak = stats.get("leakage")
         if leak:
             console.print(f"{role}: leakage: {leak['leaked_inputs']} of {leak['validation_examples']} inputs also in "

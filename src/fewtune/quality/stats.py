@@ -55,9 +55,9 @@ class Settings:
 
 
 def measure(examples: list[Example], tokenizer=None, template: Template | None = None,
-            max_length: int = 512, progress: bool = True, desc: str = "measuring") -> list[Measure]:
+            max_length: int = 512, progress: bool = True, desc: str = "measuring", vision=None) -> list[Measure]:
     """Lengths of every example; token counts only with a tokenizer and template (which
-    ``max_length`` truncation is judged against)."""
+    ``max_length`` truncation is judged against), image tokens included with ``vision``."""
     out = []
     for example in tqdm(examples, desc=desc, unit="ex", disable=not progress or len(examples) < 200, leave=False):
         if example.is_text:  # a raw document is trained on whole: all of it counts as completion
@@ -69,14 +69,15 @@ def measure(examples: list[Example], tokenizer=None, template: Template | None =
                     prompt_words=len(words(prompt_text)), completion_words=len(words(completion_text)),
                     language=language(prompt_text + completion_text))
         if tokenizer is not None and template is not None:
-            _measure_tokens(m, example, tokenizer, template, max_length)
+            _measure_tokens(m, example, tokenizer, template, max_length, vision)
         out.append(m)
     return out
 
 
-def _measure_tokens(m: Measure, example: Example, tokenizer, template: Template, max_length: int) -> None:
+def _measure_tokens(m: Measure, example: Example, tokenizer, template: Template, max_length: int,
+                    vision=None) -> None:
     try:
-        full = render_conversation(example, tokenizer, template, None, prompt_loss_weight=0.0)
+        full = render_conversation(example, tokenizer, template, None, prompt_loss_weight=0.0, vision=vision)
     except (RenderError, ValueError, TypeError) as err:  # a chat template may raise on odd conversations
         m.error = str(err).splitlines()[0][:300]
         return
@@ -87,7 +88,7 @@ def _measure_tokens(m: Measure, example: Example, tokenizer, template: Template,
     m.kept_tokens, m.kept_completion_tokens = m.total_tokens, m.completion_tokens
     if m.total_tokens > max_length and not example.is_text:  # training cuts a long document into pieces instead
         # the same call training makes; the first token is never a target, as in render_set
-        cut = render_conversation(example, tokenizer, template, max_length, prompt_loss_weight=0.0)
+        cut = render_conversation(example, tokenizer, template, max_length, prompt_loss_weight=0.0, vision=vision)
         kept = sum(1 for w in cut.loss_weights[1:] if w > 0)
         m.kept_tokens, m.kept_completion_tokens = len(cut), kept
         m.cut = "entirely" if kept == 0 and m.completion_tokens else ("partly" if kept < m.completion_tokens else "none")
