@@ -305,3 +305,53 @@ def test_data_check_finds_planted_image_faults(tiny_vl, tmp_path):
     images = report.stats["train"]["images"]
     biggest = load_vision(tiny_vl).image_tokens(str(tmp_path / "big.png"))
     assert images["unreadable"] == 2 and images["tokens_per_image"]["max"] == biggest > 4
+
+
+def test_choice_scoring_with_images_scores_what_training_renders(trained_vl, colour_data):
+    from fewtune.eval.scoring import image_choice_scores
+
+    trainer, result, _ = trained_vl
+    loaded, _ = _image_batch(str(result.run_dir), colour_data)
+    example = load_examples(colour_data)[0]
+    conversation = example.prompt_messages
+    (score,) = image_choice_scores(loaded.model, loaded.tokenizer, loaded.template, loaded.vision, [conversation],
+                                   list(COLOURS), progress=False)
+    prompt = render_conversation(conversation, loaded.tokenizer, loaded.template, for_generation=True,
+                                 vision=loaded.vision)
+    for label, logprob, n in zip(COLOURS, score.logprobs, score.n_tokens):
+        full = render_conversation(conversation + [Message("assistant", label)], loaded.tokenizer, loaded.template,
+                                   vision=loaded.vision)
+        ids = torch.tensor([full.input_ids])
+        pixels = loaded.vision.pixel_inputs(list(full.images))
+        with torch.no_grad():
+            logits = loaded.model(input_ids=ids, mm_token_type_ids=loaded.vision.token_types(ids), **pixels).logits[0]
+        start = len(prompt.input_ids)
+        expected = sum(torch.log_softmax(logits[p - 1].float(), -1)[full.input_ids[p]].item()
+                       for p in range(start, start + n))
+        assert loaded.tokenizer.decode(full.input_ids[start:start + n]) == f"{label}<|im_end|>"
+        assert logprob == pytest.approx(expected, abs=1e-4)
+
+
+def test_generate_and_eval_commands_take_images(trained_vl, colour_data, tmp_path):
+    from typer.testing import CliRunner
+
+    from fewtune.cli import app
+
+    _, result, _ = trained_vl
+    runner = CliRunner()
+    image = str(colour_data.parent / "img0.png")
+    out = runner.invoke(app, ["generate", str(result.run_dir), "--prompt", "What colour is the bar?", "--image", image,
+                              "--max-new-tokens", "2"])
+    assert out.exit_code == 0, out.output
+    out = runner.invoke(app, ["generate", str(result.run_dir), "--prompt", "What?", "--image", str(tmp_path / "no.png")])
+    assert out.exit_code == 2 and "image file not found" in out.output
+    labelled = write_jsonl(tmp_path / "test.jsonl", [
+        {**row, "label": row["messages"][1]["content"],
+         "images": [str(colour_data.parent / row["images"][0])]}
+        for row in map(json.loads, colour_data.read_text().splitlines()[:6])])
+    out = runner.invoke(app, ["eval", str(result.run_dir), "--data", str(labelled), "--output", str(tmp_path / "ev")])
+    assert out.exit_code == 0, out.output
+    metrics = json.loads((tmp_path / "ev" / "results.json").read_text())["metrics"]
+    assert metrics["mode"] == "choice" and 0 <= metrics["accuracy"] <= 1
+    predictions = (tmp_path / "ev" / "predictions.jsonl").read_text().splitlines()
+    assert len(predictions) == 6 and all(set(json.loads(p)["logprobs"]) == set(COLOURS) for p in predictions)

@@ -118,6 +118,8 @@ PRECISION_HELP = ("auto | no | bf16: what the model computes in (auto: a run's t
 def generate(
     target: Annotated[str, typer.Argument(help="run directory, model folder, .gguf file or model name")],
     prompt: Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="a prompt (repeatable)")] = None,
+    image: Annotated[Optional[list[str]], typer.Option("--image", help="an image file shown with every --prompt "
+                                                       "(repeatable; vision-language models)")] = None,
     input: Annotated[Optional[Path], typer.Option("--input", "-i", help="JSONL/JSON/CSV of prompts")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="JSONL to write")] = None,
     config: Annotated[Optional[Path], typer.Option(help="take the generate section from this config")] = None,
@@ -135,7 +137,7 @@ def generate(
 ):
     """Batched generation with the run's own template."""
     _setup_logging()
-    from fewtune.data.formats import Message, prompt_conversation, read_records
+    from fewtune.data.formats import prompt_conversation, read_records, user_message
     from fewtune.generate import check_prompts, check_target, generate as run_generate, load_for_inference
 
     gen = _run(_generate_section, config, dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
@@ -152,7 +154,7 @@ def generate(
     names = []  # how each prompt is called in an error: "--prompt 2", "prompts.jsonl line 7"
     for i, text in enumerate(prompt or [], 1):
         records.append({"prompt": text})
-        conversations.append([Message("user", text)])
+        conversations.append([_run(user_message, text, image or [])])
         names.append(f"--prompt {i}")
     if input:
         for line, record in _run(lambda: list(read_records(input))):
@@ -192,17 +194,25 @@ def chat(
     top_p: Optional[float] = None,
     config: Optional[Path] = None,
     precision: Annotated[Optional[str], typer.Option(help=PRECISION_HELP)] = None,
+    image: Annotated[Optional[list[str]], typer.Option("--image", help="an image file shown with your first "
+                                                       "message (repeatable; vision-language models)")] = None,
 ):
-    """Interactive terminal chat with the run's template. /reset clears the history, /exit quits."""
+    """Interactive terminal chat with the run's template. /image PATH shows a picture with your next message,
+    /reset clears the history, /exit quits."""
     _setup_logging()
-    from fewtune.data.formats import Message
+    from fewtune.data.formats import Message, user_message
+    from fewtune.data.images import ImageError
     from fewtune.generate import PromptError, context_limit, fit_history, generate as run_generate, load_for_inference
 
     gen = _run(_generate_section, config, dict(max_new_tokens=max_new_tokens, temperature=temperature,
                                                top_k=top_k, top_p=top_p, precision=precision))
     loaded = _run(load_for_inference, target, system_prompt=system, merge=True, precision=gen.precision)
-    typer.echo(f"chatting with {loaded.source} ({loaded.template.kind} template). /reset clears, /exit quits.")
+    typer.echo(f"chatting with {loaded.source} ({loaded.template.kind} template). /reset clears, /exit quits"
+               + (", /image PATH adds a picture." if loaded.vision is not None else "."))
+    if image and loaded.vision is None:
+        _fail(ValueError(f"--image: {loaded.source} is a text-only model"))
     history: list[Message] = []
+    pending = list(image or [])  # images for the next message
     while True:
         try:
             text = input("you> ")
@@ -215,21 +225,35 @@ def chat(
             history = []
             typer.echo("(history cleared)")
             continue
+        if text.strip().startswith("/image"):
+            path = text.strip()[len("/image"):].strip()
+            if loaded.vision is None or not path:
+                typer.secho("error: /image PATH needs a vision-language model and a file" if path or loaded.vision
+                            is None else "error: give the file: /image PATH", fg=typer.colors.RED, err=True)
+                continue
+            pending.append(path)
+            typer.echo(f"(image {path} goes with your next message)")
+            continue
         if not text.strip():
+            continue
+        try:
+            message = user_message(text, pending)
+        except ImageError as err:
+            pending = []
+            typer.secho(f"error: {err} (not sent, the images dropped; the chat goes on)", fg=typer.colors.RED, err=True)
             continue
         # the history must leave room for the reply: the oldest turns go first; a message too long
         # by itself is refused and the chat goes on without it
         try:
-            fitted, dropped = fit_history(loaded, history + [Message("user", text)], gen.max_new_tokens,
-                                          name="your message")
-        except PromptError as err:
+            fitted, dropped = fit_history(loaded, history + [message], gen.max_new_tokens, name="your message")
+        except (PromptError, ImageError) as err:
             typer.secho(f"error: {err} (not sent; the chat goes on)", fg=typer.colors.RED, err=True)
             continue
         if dropped:
             typer.secho(f"warning: dropped the {dropped} oldest turn{'s' if dropped > 1 else ''} (user message and "
                         f"reply): the conversation no longer fit the model's context of {context_limit(loaded)} "
                         f"tokens with --max-new-tokens {gen.max_new_tokens}", fg=typer.colors.YELLOW, err=True)
-        history = fitted
+        history, pending = fitted, []
         reply = run_generate(loaded, [history], gen, progress=False)[0][0]
         history.append(Message("assistant", reply))
         typer.echo(f"bot> {reply}")

@@ -39,6 +39,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from fewtune.average import AverageError
     from fewtune.config import ConfigError
     from fewtune.data.formats import DataError
+    from fewtune.data.images import ImageError
     from fewtune.data.render import RenderError
     from fewtune.eval.evaluate import EvalError
     from fewtune.eval.shots import ShotsError
@@ -48,9 +49,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from fewtune.runinfo import RunFormatError
     from fewtune.methods import MethodError
     from fewtune.train.loop import TrainingError
+    from fewtune.vision import VisionError
 
     return (AugmentError, AverageError, ConfigError, DataError, RenderError, ModelNotFoundError, TrainingError, EvalError, ShotsError, GGUFExportError, RunFormatError,
-            RunDirError, PromptError, MethodError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
+            RunDirError, PromptError, MethodError, ImageError, VisionError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
             PermissionError, FileExistsError, UnicodeDecodeError, yaml.YAMLError, _json.JSONDecodeError)
 
 

@@ -35,7 +35,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from fewtune.data.images import IMAGE_PLACEHOLDER, ImageError, count_placeholders, resolve_image
+from fewtune.data.images import IMAGE_PLACEHOLDER, ImageError, count_placeholders, load_image, resolve_image
 from fewtune.data.encoding import (ENCODING_NAMES, LINE_BREAK, LINE_BREAK_BYTES, NON_ASCII_BYTES, ascii_compatible,
                                    chosen_encoding, detect_encoding, encoding_name, read_hint, reading_codec, split_lines,
                                    utf8_read_as_other, without_bom)
@@ -748,6 +748,21 @@ def _attach_images(example: Example, record: dict, file: str, line: int, key: st
         messages.append(replace(m, images=tuple(resolved[given:given + n])) if n else m)
         given += n
     return replace(example, messages=messages)
+
+
+def user_message(text: str, images: list[str] | tuple[str, ...] = (), base_dir: str | Path | None = None) -> Message:
+    """A user turn typed at a prompt (``--prompt``, chat) with image files: at its ``<image>`` placeholders when
+    it has as many as there are images, else the images go first. ImageError for a file that is not local, missing
+    or not an image (said before anything is generated)."""
+    refs = tuple(resolve_image(ref, base_dir if base_dir is not None else Path.cwd()) for ref in images)
+    for ref in refs:
+        load_image(ref)
+    places = count_placeholders(text)
+    if refs and places != len(refs):
+        if places:
+            raise ImageError(f"{len(refs)} image(s) given but the text has {places} {IMAGE_PLACEHOLDER} placeholder(s)")
+        text = IMAGE_PLACEHOLDER * len(refs) + text
+    return Message("user", text, images=refs)
 
 
 def _user_field(key: str) -> PromptReader:

@@ -22,7 +22,7 @@ from fewtune.data.formats import DataError, Example, load_examples
 from fewtune.data.render import render_conversation
 from fewtune.eval.metrics import (classification_metrics, json_example_scores, json_task_metrics,
                                   map_to_label, parse_json)
-from fewtune.eval.scoring import choice_scores, label_continuation, sequence_nll, text_windows
+from fewtune.eval.scoring import choice_scores, image_choice_scores, label_continuation, sequence_nll, text_windows
 from fewtune.eval.text_metrics import generation_metrics, rouge_scores
 from fewtune.generate import Loaded, check_target, generate, load_for_inference
 
@@ -102,8 +102,12 @@ def classify(loaded: Loaded, examples: Sequence[Example], labels: Sequence[str],
     conversations = [e.prompt_messages for e in examples]
     if mode == "choice":
         # only the winner counts here, so labels that provably cannot win are not scored in full
-        scores = choice_scores(loaded.model, loaded.tokenizer, loaded.template, conversations, labels,
-                               batch_size=batch_size, progress=progress, prune=True, normalize=normalize)
+        if loaded.vision is not None and any(m.images for c in conversations for m in c):
+            scores = image_choice_scores(loaded.model, loaded.tokenizer, loaded.template, loaded.vision,
+                                         conversations, labels, progress=progress)
+        else:
+            scores = choice_scores(loaded.model, loaded.tokenizer, loaded.template, conversations, labels,
+                                   batch_size=batch_size, progress=progress, prune=True, normalize=normalize)
         for i, (example, score) in enumerate(zip(examples, scores)):
             predicted = labels[score.best(normalize)]
             records.append({"index": i, "line": example.line, "input": example.input_text, "expected": expected[i],
@@ -114,8 +118,8 @@ def classify(loaded: Loaded, examples: Sequence[Example], labels: Sequence[str],
                             "bounded": [lab for lab, ok in zip(labels, score.exact or []) if not ok]})
     else:
         if max_new_tokens is None:
-            longest = max(len(label_continuation(conversations[0], lab, loaded.tokenizer, loaded.template))
-                          for lab in labels)
+            longest = max(len(label_continuation(conversations[0], lab, loaded.tokenizer, loaded.template,
+                                                 vision=loaded.vision)) for lab in labels)
             max_new_tokens = longest + 16
         gen = GenerateSection(max_new_tokens=max_new_tokens, batch_size=batch_size)
         outputs = generate(loaded, conversations, gen, progress=progress, names=_names(examples))

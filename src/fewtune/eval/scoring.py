@@ -64,13 +64,14 @@ class ChoiceScore:
 
 
 def label_continuation(conversation: Sequence[Message], label: str, tokenizer, template: Template,
-                       prompt: list[int] | None = None) -> list[int]:
+                       prompt: list[int] | None = None, vision=None) -> list[int]:
     """The tokens training appends after the prompt for an assistant turn saying ``label``, up to and
     including the end-of-sequence token: what the template adds after it (ChatML's newline) follows
     whatever the answer was, so it is not scored."""
     prompt = prompt if prompt is not None else render_conversation(
-        list(conversation), tokenizer, template, for_generation=True).input_ids
-    full = render_conversation(list(conversation) + [Message("assistant", label)], tokenizer, template).input_ids
+        list(conversation), tokenizer, template, for_generation=True, vision=vision).input_ids
+    full = render_conversation(list(conversation) + [Message("assistant", label)], tokenizer, template,
+                               vision=vision).input_ids
     if full[:len(prompt)] != prompt or len(full) <= len(prompt):
         raise RenderError(f"the rendered conversation with label {label!r} does not extend the generation prompt; "
                           "choice scoring needs a prefix-consistent template")
@@ -217,6 +218,39 @@ def choice_scores(model, tokenizer, template: Template, conversations: Sequence[
         for i in in_window:
             yield done.pop(i)
     bar.close()
+
+
+@torch.no_grad()
+def image_choice_scores(model, tokenizer, template: Template, vision, conversations: Sequence[Sequence[Message]],
+                        labels: Sequence[str], progress: bool = True) -> Iterator[ChoiceScore]:
+    """:func:`choice_scores` for prompts with images (a vision-language model): every label scored exactly, one
+    forward per example over its prompt + each label (the pixels go with each row; no shared-prefix cache)."""
+    if not labels:
+        raise ValueError("choice scoring needs at least one candidate label")
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for conversation in tqdm(conversations, desc="choice scoring", disable=not progress, dynamic_ncols=True):
+        rendered = render_conversation(list(conversation), tokenizer, template, for_generation=True, vision=vision)
+        prompt = rendered.input_ids
+        conts = [label_continuation(conversation, lab, tokenizer, template, prompt, vision) for lab in labels]
+        width = len(prompt) + max(len(c) for c in conts)
+        ids = torch.full((len(labels), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(labels), width), dtype=torch.long)
+        for row, cont in enumerate(conts):
+            ids[row, :len(prompt) + len(cont)] = torch.tensor(prompt + cont)
+            mask[row, :len(prompt) + len(cont)] = 1
+        inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+        if rendered.images:
+            pixels = vision.pixel_inputs(list(rendered.images) * len(labels))
+            inputs.update({k: v.to(device) for k, v in pixels.items()})
+            inputs["mm_token_type_ids"] = vision.token_types(ids).to(device)
+        logits = model(**inputs).logits.float()
+        logprobs = []
+        for row, cont in enumerate(conts):
+            positions = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(cont), device=device)
+            lp = torch.log_softmax(logits[row, positions], dim=-1)
+            logprobs.append(float(lp.gather(1, torch.tensor(cont, device=device)[:, None]).sum()))
+        yield ChoiceScore(logprobs, [len(c) for c in conts])
 
 
 def _left_pad(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
