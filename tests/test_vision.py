@@ -16,14 +16,27 @@ from fewtune.models import DEFAULT_MODEL, load_tokenizer
 from fewtune.train.batching import collate
 from fewtune.vision import load_vision
 from tests.conftest import write_jsonl
-from tests.tiny_vl import build_tiny_qwen2_vl, picture
+from tests.tiny_vl import build_tiny_idefics3, build_tiny_qwen2_vl, picture
 
 COLOURS = {"red": (200, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 200)}
 
 
+FAMILIES = {"qwen2_vl": build_tiny_qwen2_vl, "idefics3": build_tiny_idefics3}
+# per family: the projector's and the top vision block's names (model.vision.train_projector / train_vision_blocks)
+TRAINED_PARTS = {"qwen2_vl": (".merger.", ".blocks.1.", ".blocks.0."),
+                 "idefics3": (".connector.", ".layers.1.", ".layers.0.")}
+
+
 @pytest.fixture(scope="session")
-def tiny_vl(tmp_path_factory) -> str:
-    return str(build_tiny_qwen2_vl(tmp_path_factory.mktemp("tiny-qwen2-vl"), load_tokenizer(DEFAULT_MODEL)))
+def vl_models(tmp_path_factory) -> dict[str, str]:
+    """Tiny random models of both families, each with its own copy of SmolLM2's tokenizer."""
+    return {name: str(build(tmp_path_factory.mktemp(f"tiny-{name}"), load_tokenizer(DEFAULT_MODEL)))
+            for name, build in FAMILIES.items()}
+
+
+@pytest.fixture(scope="session")
+def tiny_vl(vl_models) -> str:
+    return vl_models["qwen2_vl"]
 
 
 @pytest.fixture(scope="session")
@@ -138,6 +151,32 @@ def test_render_expands_each_image_and_trains_only_assistant_text(tiny_vl, tmp_p
     assert len(cut.input_ids) == second and cut.images == (str(a),) and cut.truncated
 
 
+def test_idefics3_render_is_what_its_processor_gives(vl_models, tmp_path):
+    from PIL import Image
+    from transformers import Idefics3Processor
+
+    model = vl_models["idefics3"]
+    tokenizer, vision = load_tokenizer(model), load_vision(model)
+    a, b = picture(tmp_path / "a.png", (200, 120)), picture(tmp_path / "b.png", (40, 40))
+    conversation = [Message("user", "<image>Who?", images=(str(a),)), Message("assistant", "Kane."),
+                    Message("user", "And <image>?", images=(str(b),)), Message("assistant", "Gretzka.")]
+    r = render_conversation(conversation, tokenizer, Template.for_tokenizer(tokenizer), vision=vision)
+    processor = Idefics3Processor(image_processor=vision.image_processor, tokenizer=load_tokenizer(model),
+                                  image_seq_len=vision.image_seq_len)
+    text = tokenizer.apply_chat_template(
+        [{"role": m.role, "content": [{"type": "image"}, {"type": "text", "text": m.content.replace("<image>", "")}]
+          if m.images else m.content} for m in conversation], tokenize=False)
+    text = text.replace("<image>And ", "And <image>")  # the second placeholder stands after "And "
+    out = processor(text=[text], images=[[Image.open(a).convert("RGB"), Image.open(b).convert("RGB")]],
+                    return_tensors="pt")
+    assert r.input_ids == out["input_ids"][0].tolist()  # the tiles, their markers and the global view
+    batch = collate([r], tokenizer.pad_token_id)
+    assert torch.equal(batch["pixel_values"], out["pixel_values"])
+    assert torch.equal(batch["pixel_attention_mask"], out["pixel_attention_mask"])
+    trained = tokenizer.decode([t for t, w in zip(r.input_ids, r.loss_weights) if w > 0])
+    assert trained == "Kane.<|im_end|>\nGretzka.<|im_end|>\n"
+
+
 def test_text_only_model_refuses_images(tiny_models, colour_data, tmp_path):
     from fewtune.train.loop import TrainingError, Trainer
 
@@ -175,19 +214,19 @@ def _image_batch(run_or_model: str, data: Path):
 
 
 def _logits(model, batch):
-    keys = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
     with torch.no_grad():
-        return model(**{k: batch[k] for k in keys}).logits
+        return model(**{k: v for k, v in batch.items() if k != "loss_weights"}).logits
 
 
-@pytest.fixture(scope="module")
-def trained_vl(tiny_vl, colour_data, tmp_path_factory):
-    """A LoRA run on the tiny Qwen2-VL with its trainer (the model as training left it)."""
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def trained_vl(request, vl_models, colour_data, tmp_path_factory):
+    """A LoRA run on a tiny model of each family with its trainer (the model as training left it)."""
+    from fewtune.models import load_model
     from fewtune.train.loop import Trainer
 
-    base = {n: p.detach().clone() for n, p in
-            __import__("fewtune.models", fromlist=["load_model"]).load_model(tiny_vl).named_parameters()}
-    trainer = Trainer(vl_config(tiny_vl, colour_data, tmp_path_factory.mktemp("vl") / "run"))
+    model = vl_models[request.param]
+    base = {n: p.detach().clone() for n, p in load_model(model).named_parameters()}
+    trainer = Trainer(vl_config(model, colour_data, tmp_path_factory.mktemp("vl") / "run"))
     result = trainer.fit()
     return trainer, result, base
 
@@ -196,17 +235,18 @@ def test_lora_trains_the_language_model_only_and_reloads(trained_vl, colour_data
     trainer, result, base = trained_vl
     model = trainer.model
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trained and all("lora_" in n and ".language_model." in n for n in trained)
-    for name, p in model.get_base_model().named_parameters():  # the vision tower did not move
-        if ".visual." in name:
-            assert torch.equal(p.detach(), base[name]), name
+    language = (".language_model.", ".text_model.")
+    assert trained and all("lora_" in n and any(part in n for part in language) for n in trained)
+    frozen = [name for name in base if not any(part in name for part in language) and "lm_head" not in name]
+    state = dict(model.get_base_model().named_parameters())
+    assert frozen and all(torch.equal(state[name].detach(), base[name]) for name in frozen)  # vision tower untouched
     records = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [r["train_loss"] for r in records if "train_loss" in r]
     assert losses[-1] < losses[0]
     assert (result.run_dir / "tokenizer" / "preprocessor_config.json").is_file()
 
     loaded, batch = _image_batch(str(result.run_dir), colour_data)
-    assert "pixel_values" in batch and batch["image_grid_thw"].shape == (4, 3)
+    assert batch["pixel_values"].shape[0] >= 4
     model.eval()
     assert torch.allclose(_logits(loaded.model, batch), _logits(model, batch), atol=1e-5)
 
@@ -219,10 +259,9 @@ def test_lora_trains_the_language_model_only_and_reloads(trained_vl, colour_data
     out = generate_ids(loaded, prompts, GenerateSection(max_new_tokens=4, batch_size=2))
     # greedy generation continues exactly as the model's own forward pass says
     ids = torch.tensor([prompts[0]])
-    pixels = loaded.vision.pixel_inputs(list(prompts[0].images))
+    pixels = loaded.vision.batch_inputs(ids, list(prompts[0].images), [1])
     with torch.no_grad():
-        first = loaded.model(input_ids=ids, pixel_values=pixels["pixel_values"], image_grid_thw=pixels["image_grid_thw"],
-                             mm_token_type_ids=loaded.vision.token_types(ids)).logits[0, -1].argmax().item()
+        first = loaded.model(input_ids=ids, **pixels).logits[0, -1].argmax().item()
     got: list[int] = []
     generate_ids(loaded, prompts[:1], GenerateSection(max_new_tokens=1), on_step=lambda outs, tokens: got.extend(tokens))
     assert out[0][0].tokens >= 1 and got == [first]
@@ -240,27 +279,29 @@ def test_merged_export_equals_the_adapter(trained_vl, colour_data, tmp_path):
     assert torch.allclose(_logits(plain.model, batch), _logits(adapter.model, batch), atol=1e-4)
 
 
-def test_projector_and_top_vision_blocks_train_when_asked(tiny_vl, colour_data, tmp_path):
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_projector_and_top_vision_blocks_train_when_asked(family, vl_models, colour_data, tmp_path):
     from safetensors import safe_open
 
     from fewtune.models import load_model
     from fewtune.train.loop import Trainer
 
-    base = {n: p.detach().clone() for n, p in load_model(tiny_vl).named_parameters()}
-    trainer = Trainer(vl_config(tiny_vl, colour_data, tmp_path / "run", "model.vision.train_projector=true",
+    projector, top, below = TRAINED_PARTS[family]
+    base = {n: p.detach().clone() for n, p in load_model(vl_models[family]).named_parameters()}
+    trainer = Trainer(vl_config(vl_models[family], colour_data, tmp_path / "run", "model.vision.train_projector=true",
                                 "model.vision.train_vision_blocks=1", "train.epochs=1"))
     result = trainer.fit()
     changed = {n for n, p in trainer.model.named_parameters()
                if p.requires_grad and "lora_" not in n}
-    assert any(".merger." in n for n in changed) and any(".blocks.1." in n for n in changed)
-    assert not any(".blocks.0." in n for n in changed)  # only the top block
+    assert any(projector in n for n in changed) and any(top in n for n in changed)
+    assert not any(below in n for n in changed)  # only the top block
     state = dict(trainer.model.named_parameters())
-    moved = [n for n in changed if ".merger." in n and not torch.equal(state[n].detach(), base[
+    moved = [n for n in changed if projector in n and not torch.equal(state[n].detach(), base[
         n.replace("base_model.model.", "").replace(".modules_to_save.default", "")])]
     assert moved, "the projector did not change"
     with safe_open(str(result.run_dir / "adapter" / "adapter_model.safetensors"), "pt") as f:
         keys = list(f.keys())
-    assert any("merger" in k for k in keys) and any("blocks.1." in k for k in keys)
+    assert any(projector in k for k in keys) and any(top in k for k in keys)
     loaded, batch = _image_batch(str(result.run_dir), colour_data)
     trainer.model.eval()
     assert torch.allclose(_logits(loaded.model, batch), _logits(trainer.model, batch), atol=1e-5)
@@ -322,9 +363,9 @@ def test_choice_scoring_with_images_scores_what_training_renders(trained_vl, col
         full = render_conversation(conversation + [Message("assistant", label)], loaded.tokenizer, loaded.template,
                                    vision=loaded.vision)
         ids = torch.tensor([full.input_ids])
-        pixels = loaded.vision.pixel_inputs(list(full.images))
+        pixels = loaded.vision.batch_inputs(ids, list(full.images), [len(full.images)])
         with torch.no_grad():
-            logits = loaded.model(input_ids=ids, mm_token_type_ids=loaded.vision.token_types(ids), **pixels).logits[0]
+            logits = loaded.model(input_ids=ids, **pixels).logits[0]
         start = len(prompt.input_ids)
         expected = sum(torch.log_softmax(logits[p - 1].float(), -1)[full.input_ids[p]].item()
                        for p in range(start, start + n))

@@ -56,3 +56,33 @@ def picture(path: Path, size: tuple[int, int] = (64, 48), colour: tuple[int, int
     ImageDraw.Draw(img).rectangle((w // 8, h // 8, w - 1 - w // 8, max(h // 2, h // 8)), fill=colour)
     img.save(path)
     return path
+
+
+TILE_TOKENS = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>",
+               *(f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7))]
+TILE_TEMPLATE = CHAT_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<image>")
+
+
+def build_tiny_idefics3(folder: Path, tokenizer, seed: int = 0) -> Path:
+    """A tiny Idefics3 (SmolVLM's architecture: a SigLIP-style vision tower, a pixel-shuffle connector and a
+    Llama text model) with SmolLM2's tokenizer; 64-pixel tiles of 4 image tokens each."""
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    tok = tokenizer
+    tok.add_special_tokens({"additional_special_tokens": TILE_TOKENS})
+    tok.chat_template = TILE_TEMPLATE
+    config = Idefics3Config(
+        text_config=dict(model_type="llama", vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=2048, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id, tie_word_embeddings=True),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=64, patch_size=16),
+        scale_factor=2, image_token_id=tok.convert_tokens_to_ids("<image>"), tie_word_embeddings=True,
+        pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    Idefics3ForConditionalGeneration(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    Idefics3ImageProcessorPil(size={"longest_edge": 128}, max_image_size={"longest_edge": 64}).save_pretrained(folder)
+    return folder

@@ -452,8 +452,8 @@ def generate_ids(loaded: Loaded, all_ids: Sequence[list[int]], gen: GenerateSect
             pixels = {}
             refs = [ref for i in chunk for ref in images[i]]
             if refs:  # a vision-language model: the chunk's images, in the order their tokens appear
-                pixels = {k: v.to(device) for k, v in loaded.vision.pixel_inputs(refs).items()}
-                pixels["mm_token_type_ids"] = loaded.vision.token_types(ids).to(device)
+                pixels = loaded.vision.batch_inputs(ids, refs, [len(images[i]) for i in chunk])
+                pixels = {k: v.to(device) for k, v in pixels.items()}
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
                                  stopping_criteria=criteria, **pixels)
             new_ids = []

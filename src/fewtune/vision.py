@@ -1,13 +1,15 @@
 """Vision-language models: what an image costs in tokens, the pixels a model gets, and what trains.
 
 Supported: the Qwen2-VL family (Qwen2-VL, Qwen2.5-VL) and any ``AutoModelForImageTextToText`` model that
-works the same way: the chat template writes one image token per ``{"type": "image"}`` part, that token
+works the same way (the chat template writes one image token per ``{"type": "image"}`` part, that token
 stands for ``patches / merge_size**2`` positions of the image's grid, and the model takes ``pixel_values``,
-``image_grid_thw`` and ``mm_token_type_ids`` next to the token ids.
+``image_grid_thw`` and ``mm_token_type_ids`` next to the token ids); and Idefics3 / SmolVLM, whose images
+are tiles of image tokens between marker tokens.
 
-The render function (``fewtune.data.render``) asks :class:`Vision` how many positions each image takes
-and repeats the image token that often, so training, evaluation and generation see the same ids; batches
-get their pixels from :meth:`Vision.pixel_inputs`, with light augmentation on training batches.
+The render function (``fewtune.data.render``) asks :class:`Vision` for the token ids each image becomes
+and puts them where the template wrote the image token, so training, evaluation and generation see the
+same ids; batches get their pixels from :meth:`Vision.batch_inputs`, with light augmentation on training
+batches.
 """
 
 from __future__ import annotations
@@ -26,9 +28,11 @@ from fewtune.data.images import describe, load_image, seeded_rng
 log = logging.getLogger(__name__)
 
 # the modules between the vision tower and the language model, by model type (train_projector trains them)
-PROJECTORS = {"qwen2_vl": "merger", "qwen2_5_vl": "merger"}
+PROJECTORS = {"qwen2_vl": "merger", "qwen2_5_vl": "merger", "idefics3": "connector", "smolvlm": "connector"}
 # where the vision tower's blocks are (train_vision_blocks trains the top ones)
-VISION_BLOCKS = {"qwen2_vl": "visual.blocks", "qwen2_5_vl": "visual.blocks"}
+VISION_BLOCKS = {"qwen2_vl": "visual.blocks", "qwen2_5_vl": "visual.blocks", "idefics3": "vision_model.encoder.layers",
+                 "smolvlm": "vision_model.encoder.layers"}
+TILE_MODELS = ("idefics3", "smolvlm")  # images as tiles of image tokens between marker tokens
 VISION_TOWERS = ("visual", "vision_tower", "vision_model")  # module names of vision encoders (frozen by default)
 
 
@@ -79,33 +83,54 @@ def _default_backend() -> str | None:
 
 @dataclass
 class Vision:
-    """A model's image handling: tokens per image, pixel inputs for a batch, augmentation of training images."""
+    """A model's image handling: the token ids each image becomes, pixel inputs for a batch, augmentation of
+    training images.
+
+    Two ways models take images: ``grid`` (Qwen2-VL): one image token repeated once per merged patch of the
+    image's grid, pixels flattened over the batch with ``image_grid_thw``; ``tiles`` (Idefics3, SmolVLM): the
+    image cut into tiles plus a global view, each tile ``image_seq_len`` image tokens between marker tokens
+    (``<fake_token_around_image>``, ``<row_1_col_1>``, ``<global-img>``), pixels per batch row."""
 
     model_type: str
     image_processor: object
     image_token_id: int
-    merge_size: int
+    kind: str = "grid"
+    merge_size: int = 1  # grid: patches merged into one position per side
+    image_seq_len: int = 0  # tiles: image tokens per tile
+    tokenizer: object = field(default=None, repr=False)  # tiles: tokenizes the marker string of each image
     augment: object = None  # config's data.augment.images, on the training set's copy only (:meth:`for_training`)
     seed: int = 0
     epoch: int = 0
-    _tokens: dict = field(default_factory=dict, repr=False)
+    _ids: dict = field(default_factory=dict, repr=False)
 
     def for_training(self, augment, seed: int) -> "Vision":
         """A copy that augments the images it loads with ``augment`` (data.augment.images: prob and the changes'
-        bounds); validation and inference keep the plain one."""
+        bounds); validation and inference keep the plain one. (Augmentation keeps each image's size, so its
+        token ids do not change.)"""
         return replace(self, augment=augment if augment is not None and augment.prob > 0 else None, seed=seed)
 
-    def image_tokens(self, ref: str) -> int:
-        """Positions the image takes in the token sequence (its grid's patches merged ``merge_size``^2 to one)."""
-        if ref not in self._tokens:
-            width, height = load_image(ref).size
-            patches = self.image_processor.get_number_of_image_patches(height, width, {})
-            self._tokens[ref] = patches // (self.merge_size ** 2)
-        return self._tokens[ref]
+    def image_ids(self, ref: str) -> list[int]:
+        """The token ids that stand for the image where the chat template wrote its one image token."""
+        if ref not in self._ids:
+            img = load_image(ref)
+            if self.kind == "grid":
+                patches = self.image_processor.get_number_of_image_patches(img.height, img.width, {})
+                self._ids[ref] = [self.image_token_id] * (patches // (self.merge_size ** 2))
+            else:
+                info = self.image_processor(images=[[img]], return_row_col_info=True)
+                text = _tile_markers(info["rows"][0][0], info["cols"][0][0], self.image_seq_len)
+                self._ids[ref] = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self._ids[ref]
 
-    def pixel_inputs(self, refs: list[str], keys: list | None = None) -> dict[str, torch.Tensor]:
-        """The image processor's inputs for these images, in order (one batch's images). Training copies
-        augment each image with a generator seeded by (seed, epoch, ``keys[i]``): a resumed run sees the same."""
+    def image_tokens(self, ref: str) -> int:
+        """Positions the image takes in the token sequence."""
+        return len(self.image_ids(ref))
+
+    def pixel_inputs(self, refs: list[str], keys: list | None = None,
+                     per_row: list[int] | None = None) -> dict[str, torch.Tensor]:
+        """The image processor's inputs for these images, in order (one batch's images; ``per_row``: how many
+        belong to each row of the batch, which tiles models need). Training copies augment each image with a
+        generator seeded by (seed, epoch, ``keys[i]``): a resumed run sees the same."""
         images = []
         for i, ref in enumerate(refs):
             img = load_image(ref)
@@ -114,15 +139,46 @@ class Vision:
                 if rng.random() < self.augment.prob:
                     img = augment_image(img, rng, self.augment.options())[0]
             images.append(img)
-        out = self.image_processor(images=images, return_tensors="pt")
-        return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
+        if self.kind == "grid":
+            out = self.image_processor(images=images, return_tensors="pt")
+            return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
+        per_row = per_row or [len(images)]
+        rows, given = [], 0
+        for n in per_row:
+            rows.append(images[given:given + n])
+            given += n
+        out = self.image_processor(images=rows, return_tensors="pt")
+        return {"pixel_values": out["pixel_values"], "pixel_attention_mask": out["pixel_attention_mask"]}
 
-    def token_types(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Qwen2-VL's ``mm_token_type_ids``: 1 at image positions, 0 elsewhere (its M-RoPE positions need it)."""
+    def token_types(self, input_ids: torch.Tensor) -> torch.Tensor | None:
+        """Qwen2-VL's ``mm_token_type_ids``: 1 at image positions, 0 elsewhere (its M-RoPE positions need it);
+        None for models that take none."""
+        if self.kind != "grid":
+            return None
         return (input_ids == self.image_token_id).to(torch.int32)
+
+    def batch_inputs(self, input_ids: torch.Tensor, refs: list[str], per_row: list[int],
+                     keys: list | None = None) -> dict[str, torch.Tensor]:
+        """Everything the model takes besides ``input_ids``/``attention_mask`` for a batch with these images."""
+        out = self.pixel_inputs(refs, keys, per_row)
+        types = self.token_types(input_ids)
+        if types is not None:
+            out["mm_token_type_ids"] = types
+        return out
 
     def save(self, folder: str | Path) -> None:
         self.image_processor.save_pretrained(str(folder))
+
+
+def _tile_markers(rows: int, cols: int, seq_len: int) -> str:
+    """Idefics3's text for one image: a marked run of image tokens per tile, then the global view."""
+    image = "<image>" * seq_len
+    tiles = ""
+    if rows or cols:
+        for r in range(rows):
+            tiles += "".join(f"<fake_token_around_image><row_{r + 1}_col_{c + 1}>{image}" for c in range(cols)) + "\n"
+        tiles += "\n"
+    return tiles + f"<fake_token_around_image><global-img>{image}<fake_token_around_image>"
 
 
 def load_image_processor(folder: str, min_pixels: int | None = None, max_pixels: int | None = None):
@@ -149,14 +205,26 @@ def load_vision(model_path: str, processor_path: str | None = None, min_pixels: 
     if not is_vision_config(config):
         return None
     model_type = config.get("model_type", "?")
+    vision_config = config.get("vision_config") or {}
     image_token_id = config.get("image_token_id")
-    merge = (config.get("vision_config") or {}).get("spatial_merge_size")
-    if image_token_id is None or merge is None:
-        raise VisionError(f"{model_path} is a vision-language model ({model_type}) that does not work like "
-                          "Qwen2-VL (an image token id and a spatial merge of the patch grid); fewtune trains the "
-                          "Qwen2-VL family (Qwen2-VL, Qwen2.5-VL) and models that work the same way")
     folder = processor_path if processor_path and (Path(processor_path) / "preprocessor_config.json").is_file() \
         else model_path
+    if model_type in TILE_MODELS:
+        try:
+            processor = load_image_processor(folder)
+        except OSError as err:
+            raise VisionError(f"{folder} has no image processor (preprocessor_config.json): {err}") from None
+        from transformers import AutoTokenizer
+
+        seq_len = int((vision_config.get("image_size", 224) // vision_config.get("patch_size", 32)) ** 2
+                      / config.get("scale_factor", 2) ** 2)
+        return Vision(model_type, processor, int(image_token_id), "tiles", image_seq_len=seq_len,
+                      tokenizer=AutoTokenizer.from_pretrained(processor_path or model_path))
+    merge = vision_config.get("spatial_merge_size")
+    if image_token_id is None or merge is None:
+        raise VisionError(f"{model_path} is a vision-language model ({model_type}) that fewtune does not render: it "
+                          "trains the Qwen2-VL family (Qwen2-VL, Qwen2.5-VL, and models that work the same way: one "
+                          "image token per merged patch) and Idefics3/SmolVLM")
     try:
         processor = load_image_processor(folder, min_pixels, max_pixels)
     except OSError as err:
@@ -164,7 +232,7 @@ def load_vision(model_path: str, processor_path: str | None = None, min_pixels: 
     if not hasattr(processor, "get_number_of_image_patches"):
         raise VisionError(f"the image processor of {model_path} ({type(processor).__name__}) cannot say how many "
                           "patches an image makes; fewtune needs that to render image tokens")
-    return Vision(model_type, processor, int(image_token_id), int(merge))
+    return Vision(model_type, processor, int(image_token_id), "grid", merge_size=int(merge))
 
 
 @lru_cache(maxsize=8)

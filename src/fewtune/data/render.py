@@ -193,8 +193,9 @@ def render_text_chunks(text: str, tokenizer, max_length: int | None) -> list[Ren
 
 def _expand_images(ids: list[int], weights: list[float], completion: list[bool], images: list[str],
                    vision) -> tuple[list[int], list[float], list[bool], list[tuple[int, int]]]:
-    """Each image token the template wrote repeated as often as the image has positions (weight 0): the ids
-    the model takes. Returns them with each image's (start, end) span."""
+    """Each image token the template wrote replaced by the ids the model takes for that image (weight 0):
+    Qwen2-VL's image token once per merged patch, Idefics3's marked tiles. Returns them with each image's
+    (start, end) span."""
     marks = [i for i, t in enumerate(ids) if t == vision.image_token_id]
     if len(marks) != len(images):
         raise RenderError(f"the chat template wrote {len(marks)} image token(s) for {len(images)} image(s): it does "
@@ -208,9 +209,10 @@ def _expand_images(ids: list[int], weights: list[float], completion: list[bool],
         out_ids += ids[last:mark]
         out_w += weights[last:mark]
         out_c += completion[last:mark]
-        n = vision.image_tokens(ref)
+        image = vision.image_ids(ref)
+        n = len(image)
         spans.append((len(out_ids), len(out_ids) + n))
-        out_ids += [vision.image_token_id] * n
+        out_ids += image
         out_w += [0.0] * n
         out_c += [False] * n
         last = mark + 1
@@ -236,7 +238,7 @@ def render_conversation(
     ones into pieces instead: :func:`render_text_chunks`).
 
     Messages with images need ``vision`` (``fewtune.vision.Vision``, the model's image handling) and the
-    chat template: each image's token is repeated as often as the image has positions, with weight 0, and
+    chat template: each image's token becomes the ids the model takes for that image, with weight 0, and
     ``images`` lists the images that made it into ``input_ids`` (a cut never splits an image: it moves to
     the image's start).
     """

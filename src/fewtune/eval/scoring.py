@@ -241,9 +241,8 @@ def image_choice_scores(model, tokenizer, template: Template, vision, conversati
             mask[row, :len(prompt) + len(cont)] = 1
         inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
         if rendered.images:
-            pixels = vision.pixel_inputs(list(rendered.images) * len(labels))
+            pixels = vision.batch_inputs(ids, list(rendered.images) * len(labels), [len(rendered.images)] * len(labels))
             inputs.update({k: v.to(device) for k, v in pixels.items()})
-            inputs["mm_token_type_ids"] = vision.token_types(ids).to(device)
         logits = model(**inputs).logits.float()
         logprobs = []
         for row, cont in enumerate(conts):

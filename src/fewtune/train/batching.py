@@ -50,8 +50,7 @@ def collate(items: list[Rendered], pad_id: int) -> dict[str, torch.Tensor]:
     if images:
         vision = next(r.vision for r in items if r.images)
         keys = [(len(r), j) for r in items for j in range(len(r.images))]  # the augmentation draw of each image
-        batch.update(vision.pixel_inputs(images, keys))
-        batch["mm_token_type_ids"] = vision.token_types(ids)
+        batch.update(vision.batch_inputs(ids, images, [len(r.images) for r in items], keys))
     return batch
 
 

@@ -25,6 +25,8 @@ from fewtune.train.packed_attention import PackedLayout
 
 # configs with extra logit post-processing the selective path would have to copy
 _LOGIT_TRANSFORMS = ("logit_scale", "logits_scaling", "output_multiplier_scale")
+# what a batch of a vision-language model carries besides token ids (fewtune.vision.Vision.batch_inputs)
+IMAGE_INPUTS = ("pixel_values", "image_grid_thw", "mm_token_type_ids", "pixel_attention_mask")
 # logits per chunk when no chunk size is given: 32M float32 values, about 128 MB
 _CHUNK_ELEMENTS = 1 << 25
 
@@ -89,16 +91,14 @@ class WeightedLMLoss(torch.nn.Module):
         return base.get_decoder()(use_cache=False, **inputs).last_hidden_state
 
     def forward(self, input_ids, attention_mask=None, loss_weights=None, position_ids=None, loss_index=None,
-                targets=None, weights=None, pixel_values=None, image_grid_thw=None, mm_token_type_ids=None,
-                **layout):
+                targets=None, weights=None, **layout):
         if loss_index is not None:
             return self._packed(input_ids, position_ids, loss_index, targets, weights, layout)
         targets = input_ids[:, 1:]
         weights = loss_weights[:, 1:].float()
         select = weights > 0
         w = weights[select]
-        images = {k: v for k, v in (("pixel_values", pixel_values), ("image_grid_thw", image_grid_thw),
-                                    ("mm_token_type_ids", mm_token_type_ids)) if v is not None}
+        images = {k: layout.pop(k) for k in IMAGE_INPUTS if k in layout}  # a vision-language model's batch
         if self.selective:
             hidden = self._decoder(input_ids=input_ids, attention_mask=attention_mask, **images)[:, :-1][select]
             return self.weighted_ce(hidden, targets[select], w), w.sum()
