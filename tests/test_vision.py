@@ -396,3 +396,37 @@ def test_generate_and_eval_commands_take_images(trained_vl, colour_data, tmp_pat
     assert metrics["mode"] == "choice" and 0 <= metrics["accuracy"] <= 1
     predictions = (tmp_path / "ev" / "predictions.jsonl").read_text().splitlines()
     assert len(predictions) == 6 and all(set(json.loads(p)["logprobs"]) == set(COLOURS) for p in predictions)
+
+
+def test_converting_keeps_images_or_refuses(tmp_path):
+    from fewtune.data.formats import to_record
+
+    picture(tmp_path / "a.png")
+    example = convert_record({"messages": [{"role": "user", "content": "<image>Which?"},
+                                           {"role": "assistant", "content": "red"}], "images": ["a.png"]},
+                             "messages", str(tmp_path / "d.jsonl"), 1)
+    sharegpt = to_record(example, "sharegpt")
+    assert sharegpt["images"] == [str(tmp_path / "a.png")]
+    assert convert_record(sharegpt, "sharegpt", str(tmp_path / "other" / "d.jsonl"), 1).messages == example.messages
+    with pytest.raises(DataError, match="cannot hold"):  # alpaca would drop the picture without a word
+        to_record(example, "alpaca")
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_bf16_training_with_frozen_vision_weights_in_bf16(family, vl_models, colour_data, tmp_path):
+    """What `auto` may pick on a CPU with AVX-512 BF16 / AMX: frozen weights (the vision tower too) stored in
+    bf16, images still entering the model as float32 pixels."""
+    import math
+
+    from fewtune.train.loop import Trainer
+
+    trainer = Trainer(vl_config(vl_models[family], colour_data, tmp_path / "run", "train.mixed_precision=bf16",
+                                "train.max_steps=2", "model.vision.train_projector=true"))
+    result = trainer.fit()
+    params = [p for n, p in trainer.model.named_parameters() if "visual" in n or "vision_model" in n or "connector" in n]
+    assert any(p.requires_grad for p in params)  # the projector trains, in float32 as trained weights do
+    assert all(p.dtype == (torch.float32 if p.requires_grad else torch.bfloat16) for p in params)
+    losses = [json.loads(line).get("train_loss") for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [x for x in losses if x is not None] and all(math.isfinite(x) for x in losses if x is not None)
+    loaded, batch = _image_batch(str(result.run_dir), colour_data)
+    assert torch.isfinite(_logits(loaded.model, batch)).all()

@@ -605,6 +605,9 @@ def get_writer(fmt: str) -> Callable[[Example], dict]:
 
 def to_record(example: Example, fmt: str) -> dict:
     """One Example in a format; DataError when the format cannot hold the conversation."""
+    if example.images and fmt not in IMAGE_FORMATS:
+        raise DataError(example.source, example.line, f"this example has {len(example.images)} image(s), which format "
+                        f"{fmt} cannot hold: write {' or '.join(IMAGE_FORMATS)}")
     return get_writer(fmt)(example)
 
 
@@ -922,7 +925,8 @@ for _entry in (  # FORMATS keeps this order; detection goes by priority
 ):
     register_format(_entry)
 
-FORMATS = tuple(FORMAT_REGISTRY)  # the names (config's data.format); code here reads the registry itself
+FORMATS = tuple(FORMAT_REGISTRY)
+IMAGE_FORMATS = ("messages", "sharegpt")  # the formats whose records carry images (LLaMA-Factory's `images` list)  # the names (config's data.format); code here reads the registry itself
 
 
 def _resolve_source(path: Path, dataset: str | None,
