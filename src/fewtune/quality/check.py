@@ -364,12 +364,15 @@ def data_stats(path: str | Path, cfg: Config | None = None, *, model: str | None
     if len(data.rejected):
         report.problems.append(Problem("warning", "read", data.path, None, None, f"{len(data.rejected)} records or "
                                        "lines could not be used and are left out of the statistics (see `data check`)"))
-    tok = tmpl = None
+    tok = tmpl = vision = None
     if tokens:
         tok, tmpl, why_not = load_template(cfg, model, tokenizer, template)
         if why_not:
             report.problems.append(Problem("warning", "length", data.path, None, None, why_not))
-    measures = measure(data.examples, tok, tmpl, settings.max_length, progress)
+        vision, why_not = load_vision_quietly(cfg, model)
+        if why_not:
+            report.problems.append(Problem("warning", "images", data.path, None, None, why_not))
+    measures = measure(data.examples, tok, tmpl, settings.max_length, progress, vision=vision)
     report.measures["train"] = measures
     labels = label_stats(data.examples, settings.min_per_class)
     report.stats["train"] = {"format": data.fmt, "records": len(data.records), "examples": len(data.examples),
