@@ -80,7 +80,7 @@ def percentile(values: list[int], q: float) -> int:
     return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
 
 
-def profile_data(path: str | Path, tokenizer, template, task: str = "auto") -> DataProfile:
+def profile_data(path: str | Path, tokenizer, template, task: str = "auto", vision=None) -> DataProfile:
     from fewtune.data.formats import load_examples
     from fewtune.data.render import render_conversation
 
@@ -89,7 +89,7 @@ def profile_data(path: str | Path, tokenizer, template, task: str = "auto") -> D
         from fewtune.data.formats import DataError
 
         raise DataError(str(path), None, "no examples to suggest a config for")
-    lengths = [len(render_conversation(e.messages, tokenizer, template).input_ids) for e in examples]
+    lengths = [len(render_conversation(e.messages, tokenizer, template, vision=vision).input_ids) for e in examples]
     labels = Counter(e.label for e in examples if e.label is not None)
     if not labels:  # completions that repeat from a small set are labels too
         answers = Counter(e.reference.strip() for e in examples if e.reference)
@@ -153,7 +153,9 @@ def suggest(data: str | Path, model: str = DEFAULT_MODEL, task: str = "auto", lr
         raise ValueError(f"lr_rule must be sqrt or linear, got {lr_rule!r}")
     tokenizer = load_tokenizer(model)
     template = Template.for_tokenizer(tokenizer)
-    p = profile_data(data, tokenizer, template, task)
+    from fewtune.vision import vision_for
+
+    p = profile_data(data, tokenizer, template, task, vision_for(model))  # image tokens count in the lengths
     n, rules = p.n, []
     add = lambda key, value, reason: rules.append(Rule(key, value, reason))  # noqa: E731
 
@@ -296,8 +298,10 @@ def _weigh_throughput(data, model: str, rules: list[Rule], batch: int, why: str,
 
     cfg = _config(data, model, rules)
     tokenizer = load_tokenizer(model)
+    from fewtune.vision import vision_for
+
     items = render_set(load_examples(data), tokenizer, Template.from_config(tokenizer, cfg), cfg.data,
-                       "training").items
+                       "training", vision_for(model)).items
     sizes = [b for b in throughput.CANDIDATES if b <= limit] or [1]
     log.info("suggest: timing training passes at batch sizes %s on this machine (--no-measure skips this)",
              ", ".join(map(str, sizes)))
