@@ -430,3 +430,12 @@ def test_bf16_training_with_frozen_vision_weights_in_bf16(family, vl_models, col
     assert [x for x in losses if x is not None] and all(math.isfinite(x) for x in losses if x is not None)
     loaded, batch = _image_batch(str(result.run_dir), colour_data)
     assert torch.isfinite(_logits(loaded.model, batch)).all()
+
+
+def test_split_files_still_find_their_pictures(colour_data, tmp_path):
+    from fewtune.data.tools import split_file
+
+    split_file(colour_data, tmp_path / "splits", val_ratio=0.25, seed=0)
+    written = load_examples(tmp_path / "splits" / "train.jsonl")
+    assert written and all(Path(ref).is_file() for e in written for ref in e.images)
+    assert {ref for e in written for ref in e.images} <= {ref for e in load_examples(colour_data) for ref in e.images}

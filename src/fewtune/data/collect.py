@@ -27,6 +27,7 @@ from fewtune.data.formats import (
     convert_record,
     detect_format,
     read_records,
+    with_absolute_images,
 )
 
 
@@ -109,6 +110,8 @@ def collect(path: str | Path, fmt: str = "auto", dataset: str | None = None,
     _layout_problems(out, Path(source), errors, len(rows))
     for err in errors:
         out.add("error", "read", err.line, err.field, err.reason + _read_hint(err.reason))
+    base = Path(source).parent
+    rows = [(line, with_absolute_images(record, base)) for line, record in rows]  # written elsewhere, still found
     for line, record in rows:
         out.records[line] = record
     if fix is not None:

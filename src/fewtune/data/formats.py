@@ -723,6 +723,45 @@ def _messages(turns: Any, key: str, role_key: str, content_key: str, roles: dict
     return msgs
 
 
+def with_absolute_images(record: Any, base_dir: str | Path) -> Any:
+    """The record with relative image paths made absolute (its ``images`` list and image content parts), so that
+    written to another folder (a split, a cleaned copy) it still finds its pictures; other records unchanged."""
+    if not isinstance(record, dict):
+        return record
+
+    def fix(ref):
+        try:
+            return resolve_image(ref, base_dir) if isinstance(ref, str) and not ref.startswith("data:") else ref
+        except ImageError:
+            return ref  # a remote URL stays as it is (the reader reports it)
+
+    out = record
+    if isinstance(record.get("images"), list):
+        out = {**out, "images": [fix(ref) for ref in record["images"]]}
+    for key, content_key in (("messages", "content"), ("conversations", "value")):
+        turns = record.get(key)
+        if not isinstance(turns, list) or not any(isinstance(t, dict) and isinstance(t.get(content_key), list)
+                                                  for t in turns):
+            continue
+        new_turns = []
+        for turn in turns:
+            parts = turn.get(content_key) if isinstance(turn, dict) else None
+            if isinstance(parts, list):
+                fixed = []
+                for part in parts:
+                    if isinstance(part, dict) and part.get("type") == "image_url":
+                        url = part.get("image_url")
+                        url = {**url, "url": fix(url.get("url"))} if isinstance(url, dict) else fix(url)
+                        part = {**part, "image_url": url}
+                    elif isinstance(part, dict) and part.get("type") == "image":
+                        part = {**part, "image": fix(part.get("image"))}
+                    fixed.append(part)
+                turn = {**turn, content_key: fixed}
+            new_turns.append(turn)
+        out = {**out, key: new_turns}
+    return out
+
+
 def _attach_images(example: Example, record: dict, file: str, line: int, key: str = "images") -> Example:
     """LLaMA-Factory's record-level ``images`` given to the messages whose ``<image>`` placeholders they fill,
     in order. The counts must agree: an image without a place (or a place without an image) is an error."""
