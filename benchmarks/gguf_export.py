@@ -45,7 +45,7 @@ def main() -> None:
              f"`{Path(args.data).relative_to(ROOT) if Path(args.data).is_relative_to(ROOT) else args.data}`; greedy, "
              "32 new tokens.", "",
              "| quant | file MB | fp32 MB | same prompt tokens | same greedy output | top-token agreement | "
-             "llama.cpp tokens/s | export s |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "llama.cpp tokens/s | fp32 model tokens/s | export s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for quant in args.quants.split(","):
         out = ROOT / "runs" / "gguf" / f"{run.name}-{quant}.gguf"
         start = time.time()
@@ -56,7 +56,8 @@ def main() -> None:
         lines.append(f"| {quant} | {report.bytes / 2**20:.1f} | {check['fp32_bytes'] / 2**20:.1f} | "
                      f"{check['same_prompt_tokens']} of {check['examples']} | {check['same_greedy_output']} of "
                      f"{check['examples']} | {check['top_token_agreement']:.4f} ({check['positions']} positions) | "
-                     f"{f'{speed:.1f}' if speed else 'not installed'} | {seconds:.1f} |")
+                     f"{f'{speed:.1f}' if speed else 'not installed'} | {check['fp32_tokens_per_s']:.1f} | "
+                     f"{seconds:.1f} |")
         print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"
     write_keeping_notes(TABLE, text, NOTES)

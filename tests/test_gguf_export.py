@@ -72,6 +72,7 @@ def test_export_gguf_command_checks_the_file_against_the_merged_run(make_config,
     check = json.loads((tmp_path / "run.gguf.check.json").read_text())
     assert check["examples"] == 20 and check["same_prompt_tokens"] == 20  # template + tokenizer travel in the file
     assert check["top_token_agreement"] >= 0.9 and check["gguf_bytes"] < check["fp32_bytes"]
+    assert check["fp32_tokens_per_s"] > 0
     # fewtune itself runs the file, prompting it as the run was trained
     gen = runner.invoke(app, ["generate", str(out), "--prompt", "打开车窗", "--max-new-tokens", "4"])
     assert gen.exit_code == 0, gen.output

@@ -314,7 +314,8 @@ def export(
                        f"{result['top_token_agreement']:.4f} over {result['positions']} positions; file "
                        f"{result['gguf_bytes'] / 2**20:.1f} MB vs {result['fp32_bytes'] / 2**20:.1f} MB in fp32; "
                        + (f"llama.cpp {speed:.1f} tokens/s" if speed else
-                          "llama.cpp speed not measured (pip install llama-cpp-python)"))
+                          "llama.cpp speed not measured (pip install llama-cpp-python)")
+                       + f" (the fp32 model: {result['fp32_tokens_per_s']:.1f} tokens/s)")
             report_file = Path(str(gguf) + ".check.json")
             report_file.write_text(json.dumps({**result, "quant": quant, "source": str(source), "data": str(check)},
                                               indent=2))
