@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -101,7 +102,13 @@ def swapped(conversations: list[list[Message]]) -> list[list[Message]]:
 
 def answers(target: str, conversations) -> list[str]:
     loaded = load_for_inference(target, precision="no")
-    return [o[0] for o in generate(loaded, conversations, GenerateSection(max_new_tokens=24), progress=False)]
+    return [o[0] for o in generate(loaded, conversations, GenerateSection(max_new_tokens=48), progress=False)]
+
+
+def cell(text: str, width: int = 60) -> str:
+    """A Markdown table cell: one line, no pipes, at most ``width`` characters."""
+    flat = " ".join(text.replace("|", "/").split())
+    return flat if len(flat) <= width else flat[:width - 1] + "…"
 
 
 def main() -> None:
@@ -126,6 +133,8 @@ def main() -> None:
         "train": {"output_dir": str(WORK / "run"), "epochs": args.epochs, "batch_size": 2, "lr": 1e-3,
                   "warmup_ratio": 0.1, "seed": 0, "mixed_precision": "no"},
     })
+    if (WORK / "run").exists():
+        shutil.rmtree(WORK / "run")  # a fresh run each time (the model folder is kept)
     start = time.time()
     result = train(cfg)
     wall = time.time() - start
@@ -162,7 +171,7 @@ def main() -> None:
         "",
         "| prompt | reference | before | after | picture swapped |",
         "|---|---|---|---|---|",
-        *(f"| {p[0].content.replace('<image>', '[img] ')} | {r} | {b[:60]} | {a[:60]} | {s[:60]} |"
+        *(f"| {p[0].content.replace('<image>', '[img] ')} | {r} | {cell(b)} | {cell(a)} | {cell(s)} |"
           for p, r, b, a, s in zip(prompts, references, before, after, blind)),
         "",
     ]
