@@ -301,31 +301,38 @@ def check_gguf(source: str | Path, gguf_file: str | Path, data: str | Path, limi
             "same_greedy_output": same, "top_token_agreement": agree / total if total else None,
             "positions": total, "gguf_bytes": Path(gguf_file).stat().st_size,
             "fp32_bytes": sum(p.numel() * 4 for p in merged.model.parameters()),
-            "fp32_tokens_per_s": _fp32_speed(merged, ids_a[0], max_new_tokens),
-            "llama_cpp_tokens_per_s": _llama_cpp_speed(gguf_file, ids_a[0], max_new_tokens)}
+            "fp32_tokens_per_s": _fp32_speed(merged, ids_a[:SPEED_PROMPTS], max_new_tokens),
+            "llama_cpp_tokens_per_s": _llama_cpp_speed(gguf_file, ids_a[:SPEED_PROMPTS], max_new_tokens)}
+
+
+SPEED_PROMPTS = 5  # prompts the speeds are measured on (one 32-token generation alone varies by +-20%)
 
 
 @torch.no_grad()
-def _fp32_speed(merged, prompt: list[int], n: int) -> float:
-    """Tokens/s of greedy generation by the merged fp32 model (transformers) from ``prompt``: what the GGUF's
-    llama.cpp speed is compared with (the same prompt and token count, prefill included in both)."""
-    model = merged.model
-    start = time.time()
-    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                         pad_token_id=merged.tokenizer.pad_token_id or merged.tokenizer.eos_token_id)
-    return (out.shape[1] - len(prompt)) / (time.time() - start)
+def _fp32_speed(merged, prompts: list[list[int]], n: int) -> float:
+    """Tokens/s of greedy generation by the merged fp32 model (transformers), one prompt at a time: what the
+    GGUF's llama.cpp speed is compared with (the same prompts and token counts, prefill included in both)."""
+    produced, start = 0, time.time()
+    for prompt in prompts:
+        out = merged.model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                    pad_token_id=merged.tokenizer.pad_token_id or merged.tokenizer.eos_token_id)
+        produced += out.shape[1] - len(prompt)
+    return produced / (time.time() - start)
 
 
-def _llama_cpp_speed(gguf_file, prompt: list[int], n: int) -> float | None:
+def _llama_cpp_speed(gguf_file, prompts: list[list[int]], n: int) -> float | None:
     try:
         from llama_cpp import Llama  # type: ignore[import-not-found]
     except ImportError:
         return None
-    llm = Llama(model_path=str(gguf_file), n_ctx=max(512, len(prompt) + n + 8), verbose=False)
-    start = time.time()
-    produced = 0
-    for token in llm.generate(prompt, temp=0.0):  # every token counted, the end-of-sequence one too: n in all,
-        produced += 1  # as the fp32 side generates
-        if produced >= n:
-            break
+    threads = torch.get_num_threads()  # as many as the fp32 side uses (llama-cpp-python's default is half the cores)
+    llm = Llama(model_path=str(gguf_file), n_ctx=max(512, max(map(len, prompts)) + n + 8), n_threads=threads,
+                n_threads_batch=threads, verbose=False)
+    produced, start = 0, time.time()
+    for prompt in prompts:
+        llm.reset()  # no cache carried from the previous prompt: each prefill is paid, as on the fp32 side
+        for i, _ in enumerate(llm.generate(prompt, temp=0.0, reset=True), 1):  # n tokens, end-of-sequence or not
+            if i >= n:
+                break
+        produced += n
     return produced / (time.time() - start)
