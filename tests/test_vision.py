@@ -439,3 +439,19 @@ def test_split_files_still_find_their_pictures(colour_data, tmp_path):
     written = load_examples(tmp_path / "splits" / "train.jsonl")
     assert written and all(Path(ref).is_file() for e in written for ref in e.images)
     assert {ref for e in written for ref in e.images} <= {ref for e in load_examples(colour_data) for ref in e.images}
+
+
+def test_training_batches_get_fresh_image_augmentations_each_epoch(tiny_vl, colour_data, tmp_path):
+    from fewtune.train.loop import Trainer
+
+    trainer = Trainer(vl_config(tiny_vl, colour_data, tmp_path / "run", "data.augment.images.prob=1.0"))
+    trainer._use_epoch_items(0)
+    first = trainer.make_batch(trainer.items[:2])
+    again = trainer.make_batch(trainer.items[:2])
+    trainer._use_epoch_items(1)
+    second = trainer.make_batch(trainer.items[:2])
+    assert torch.equal(first["pixel_values"], again["pixel_values"])  # one epoch: the same draw (resumable)
+    assert not torch.equal(first["pixel_values"], second["pixel_values"])  # the next epoch: a fresh one
+    assert torch.equal(first["image_grid_thw"], second["image_grid_thw"])  # same sizes, same image tokens
+    plain = load_vision(tiny_vl).pixel_inputs([ref for r in trainer.val_set.items[:2] for ref in r.images])
+    assert torch.equal(trainer.make_batch(trainer.val_set.items[:2])["pixel_values"], plain["pixel_values"])
