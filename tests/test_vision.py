@@ -455,3 +455,17 @@ def test_training_batches_get_fresh_image_augmentations_each_epoch(tiny_vl, colo
     assert torch.equal(first["image_grid_thw"], second["image_grid_thw"])  # same sizes, same image tokens
     plain = load_vision(tiny_vl).pixel_inputs([ref for r in trainer.val_set.items[:2] for ref in r.images])
     assert torch.equal(trainer.make_batch(trainer.val_set.items[:2])["pixel_values"], plain["pixel_values"])
+
+
+def test_max_pixels_bounds_the_image_tokens(tiny_vl, tmp_path):
+    from fewtune.config import VisionSection
+    from fewtune.data.images import ImageError
+    from fewtune.vision import vision_for
+
+    default, bounded = load_vision(tiny_vl), vision_for(tiny_vl, settings=VisionSection(max_pixels=28 * 28 * 4))
+    big = str(picture(tmp_path / "big.png", (400, 300)))
+    # Qwen2-VL's rule: the largest 28-pixel grid within the area, aspect kept (84x112 -> 12, then 28x56 -> 2)
+    assert default.image_tokens(big) == 12 and bounded.image_tokens(big) == 2
+    (tmp_path / "text.png").write_text("not an image")
+    with pytest.raises(ImageError, match="not a readable image"):
+        bounded.image_tokens(str(tmp_path / "text.png"))

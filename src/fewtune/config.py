@@ -47,10 +47,11 @@ class VisionSection(Section):
                                   "(Qwen2-VL's merger) in full next to the LoRA adapter; saved with the adapter.")
     train_vision_blocks: int = Field(0, ge=0, description="Train the top N blocks of the vision tower in full "
                                      "(0: the vision tower stays frozen).")
-    min_pixels: int | None = Field(None, gt=0, description="Smallest image area the processor resizes to; None: the "
-                                   "model's own setting.")
-    max_pixels: int | None = Field(None, gt=0, description="Largest image area the processor resizes to (fewer "
-                                   "pixels, fewer image tokens: faster, less detail); None: the model's own setting.")
+    min_pixels: int | None = Field(None, gt=0, description="Qwen2-VL family: smallest image area the processor "
+                                   "resizes to; None: the model's own setting.")
+    max_pixels: int | None = Field(None, gt=0, description="Qwen2-VL family: largest image area the processor resizes "
+                                   "to (fewer pixels, fewer image tokens: faster, less detail); None: the model's own "
+                                   "setting. (Idefics3/SmolVLM: their processor's own size settings apply.)")
 
 
 class ModelSection(Section):
