@@ -35,14 +35,13 @@ from fewtune.datasets.common import find_shared_data
 from fewtune.generate import generate, load_for_inference
 from fewtune.models import DEFAULT_MODEL, load_model, load_tokenizer
 from fewtune.train.loop import train
+from fewtune.vision import TILE_TOKENS
 from _machine import cpu_kind, write_keeping_notes  # noqa: E402  (benchmarks/_machine.py)
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "runs" / "vl_smoke"
 TABLE = ROOT / "benchmarks" / "results" / "vl_smoke.md"
 NOTES = "<!-- written by hand below this line; vl_smoke.py keeps it when it rewrites the table -->"
-TILE_TOKENS = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>",
-               *(f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7))]
 TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}"
@@ -59,7 +58,7 @@ def build_model(out: Path) -> Path:
     if (out / "config.json").is_file():
         return out
     tok = load_tokenizer(DEFAULT_MODEL)
-    tok.add_special_tokens({"additional_special_tokens": TILE_TOKENS})
+    tok.add_special_tokens({"additional_special_tokens": list(TILE_TOKENS)})
     tok.chat_template = TEMPLATE
     llm = load_model(DEFAULT_MODEL)
     llm.resize_token_embeddings(len(tok), mean_resizing=True)

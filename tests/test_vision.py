@@ -386,6 +386,8 @@ def test_generate_and_eval_commands_take_images(trained_vl, colour_data, tmp_pat
     assert out.exit_code == 0, out.output
     out = runner.invoke(app, ["generate", str(result.run_dir), "--prompt", "What?", "--image", str(tmp_path / "no.png")])
     assert out.exit_code == 2 and "image file not found" in out.output
+    out = runner.invoke(app, ["generate", str(result.run_dir), "--input", str(colour_data), "--image", image])
+    assert out.exit_code == 2 and "--image goes with --prompt" in out.output  # not ignored without a word
     labelled = write_jsonl(tmp_path / "test.jsonl", [
         {**row, "label": row["messages"][1]["content"],
          "images": [str(colour_data.parent / row["images"][0])]}

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from fewtune.vision import TILE_TOKENS
+
 VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
@@ -58,8 +60,6 @@ def picture(path: Path, size: tuple[int, int] = (64, 48), colour: tuple[int, int
     return path
 
 
-TILE_TOKENS = ["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>",
-               *(f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7))]
 TILE_TEMPLATE = CHAT_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<image>")
 
 
@@ -70,7 +70,7 @@ def build_tiny_idefics3(folder: Path, tokenizer, seed: int = 0) -> Path:
     from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 
     tok = tokenizer
-    tok.add_special_tokens({"additional_special_tokens": TILE_TOKENS})
+    tok.add_special_tokens({"additional_special_tokens": list(TILE_TOKENS)})
     tok.chat_template = TILE_TEMPLATE
     config = Idefics3Config(
         text_config=dict(model_type="llama", vocab_size=len(tok), hidden_size=64, intermediate_size=128,

@@ -146,6 +146,8 @@ def generate(
                                                precision=precision))
     if not prompt and not input:
         _fail(ValueError("give --prompt TEXT or --input FILE"))
+    if image and not prompt:  # never dropped without a word: an --input file names its images in its records
+        _fail(ValueError("--image goes with --prompt; the records of an --input file name their own images"))
     if output is not None and output.is_dir():
         _fail(IsADirectoryError(f"{output} is a directory: --output names the JSONL file to write"))
     _run(check_target, target)  # a missing or damaged run is refused before the prompts are read
@@ -227,9 +229,10 @@ def chat(
             continue
         if text.strip().startswith("/image"):
             path = text.strip()[len("/image"):].strip()
-            if loaded.vision is None or not path:
-                typer.secho("error: /image PATH needs a vision-language model and a file" if path or loaded.vision
-                            is None else "error: give the file: /image PATH", fg=typer.colors.RED, err=True)
+            problem = (f"{loaded.source} is a text-only model" if loaded.vision is None
+                       else "give the file: /image PATH" if not path else None)
+            if problem:
+                typer.secho(f"error: {problem}", fg=typer.colors.RED, err=True)
                 continue
             pending.append(path)
             typer.echo(f"(image {path} goes with your next message)")

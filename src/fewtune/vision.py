@@ -33,6 +33,10 @@ PROJECTORS = {"qwen2_vl": "merger", "qwen2_5_vl": "merger", "idefics3": "connect
 VISION_BLOCKS = {"qwen2_vl": "visual.blocks", "qwen2_5_vl": "visual.blocks", "idefics3": "vision_model.encoder.layers",
                  "smolvlm": "vision_model.encoder.layers"}
 TILE_MODELS = ("idefics3", "smolvlm")  # images as tiles of image tokens between marker tokens
+# the special tokens of an Idefics3/SmolVLM tokenizer (what _tile_markers writes): a text tokenizer made into one
+# for such a model (a SmolLM2 backbone behind a vision tower) needs them added
+TILE_TOKENS = ("<fake_token_around_image>", "<image>", "<end_of_utterance>", "<global-img>",
+               *(f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)))
 VISION_TOWERS = ("visual", "vision_tower", "vision_model")  # module names of vision encoders (frozen by default)
 
 

@@ -964,8 +964,8 @@ for _entry in (  # FORMATS keeps this order; detection goes by priority
 ):
     register_format(_entry)
 
-FORMATS = tuple(FORMAT_REGISTRY)
-IMAGE_FORMATS = ("messages", "sharegpt")  # the formats whose records carry images (LLaMA-Factory's `images` list)  # the names (config's data.format); code here reads the registry itself
+FORMATS = tuple(FORMAT_REGISTRY)  # the names (config's data.format); code here reads the registry itself
+IMAGE_FORMATS = ("messages", "sharegpt")  # the formats whose records carry images (LLaMA-Factory's `images` list)
 
 
 def _resolve_source(path: Path, dataset: str | None,

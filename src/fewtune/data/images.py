@@ -1,4 +1,4 @@
-"""Images in examples: where they are, reading them, and light label-preserving augmentation.
+"""Images in examples: where they are and reading them.
 
 An image belongs to the message that shows it. The message's text keeps an ``<image>`` placeholder
 where the image stands (LLaMA-Factory's convention), and ``Message.images`` lists the references in
@@ -67,20 +67,19 @@ def image_bytes(ref: str) -> bytes:
 
 def load_image(ref: str):
     """The image as an RGB PIL image (ImageError when it is missing or not an image)."""
+    return decode_image(image_bytes(ref), ref)
+
+
+def decode_image(data: bytes, ref: str):
+    """``data`` (the bytes of ``ref``, from :func:`image_bytes`) as an RGB PIL image."""
     from PIL import Image, UnidentifiedImageError
 
-    data = image_bytes(ref)
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
             return img.convert("RGB")
     except (UnidentifiedImageError, OSError, ValueError) as err:
         raise ImageError(f"{describe(ref)} is not a readable image ({type(err).__name__}: {err})") from None
-
-
-def image_hash(ref: str) -> str:
-    """sha256 of the decoded pixels' file bytes: the same picture under two names is a duplicate."""
-    return hashlib.sha256(image_bytes(ref)).hexdigest()
 
 
 def count_placeholders(text: str) -> int:

@@ -7,10 +7,11 @@ for the record, like any other field problem.)
 
 from __future__ import annotations
 
+import hashlib
 import statistics
 
 from fewtune.data.collect import Collected
-from fewtune.data.images import ImageError, describe, image_hash, load_image
+from fewtune.data.images import ImageError, decode_image, describe, image_bytes
 
 MIN_SIDE = 28  # Qwen2-VL's smallest patch-merge unit: a side shorter than this is upscaled from almost nothing
 MAX_ASPECT = 200  # Qwen2-VL's image processor refuses images more elongated than this
@@ -31,8 +32,8 @@ def image_problems(data: Collected, vision=None) -> dict | None:
         for i, ref in enumerate(example.images):
             where = f"images[{i}]"
             try:
-                img = load_image(ref)
-                digest = image_hash(ref)
+                raw = image_bytes(ref)
+                img = decode_image(raw, ref)
             except ImageError as err:
                 unreadable += 1
                 data.add("error", "images", example.line, where, str(err))
@@ -49,7 +50,7 @@ def image_problems(data: Collected, vision=None) -> dict | None:
                 data.add("warning", "images", example.line, where, f"{describe(ref)} is {w}x{h} pixels: it is decoded "
                          "and resized at every use; store a smaller copy (model.vision.max_pixels bounds what the "
                          "model sees anyway)")
-            first = by_hash.setdefault(digest, (ref, example.line))
+            first = by_hash.setdefault(hashlib.sha256(raw).hexdigest(), (ref, example.line))  # same bytes, same picture
             if first[0] != ref:
                 data.add("warning", "images", example.line, where, f"{describe(ref)} is the same picture as "
                          f"{describe(first[0])} (line {first[1]}): a copy under another name counts twice")
