@@ -16,11 +16,13 @@ Setups (recipes in benchmarks/configs/):
 - usual: configs/small_data_usual.yaml, LoRA r=8 (alpha 16, no dropout) on all linear layers,
   lr 1e-4, 3 epochs, batch 8, cosine, warmup 0.1, loss on completions, no held-out split,
   evaluated by greedy generation;
-- suggest: the config `fewtune suggest TRAIN --model M` writes, evaluated by choice scoring
-  as it advises;
-- best: suggest's config plus the changes in configs/small_data_best_<dataset>.yaml (BEST),
+- suggest: the config `fewtune suggest TRAIN --model M` writes (timing training passes on this machine
+  to weigh the batch size, as it does for a user; the row records the batch, epochs and lr it chose),
+  evaluated by choice scoring as it advises; rows named "suggest --no-measure" ran the config written
+  without timing (the 0.2% batch rule), as every suggest row did before 2026-12-07;
+- best: the unmeasured suggest config (--no-measure) plus the changes in configs/small_data_best_<dataset>.yaml (BEST),
   evaluated by choice scoring;
-- suggest+KEY=VALUE[+KEY=VALUE...]: a candidate for BEST, suggest's config with dotted changes,
+- suggest+KEY=VALUE[+KEY=VALUE...]: a candidate for BEST, the unmeasured suggest config with dotted changes,
   e.g. suggest+regularise.label_smoothing=0.1;
 - tune: `fewtune tune TRAIN --model M --budget B --kfold 3 --seed S` (3-fold cross-validation over the
   training file, never the test file), then its final model (best settings, all the training data) scored
@@ -177,7 +179,11 @@ def config_for(dataset: str, setup: str, train_file: Path, seed: int, run_dir: P
         recipe = yaml.safe_load(USUAL.read_text(encoding="utf-8"))
         values = _merge(recipe, {"model": {"name": model}, "data": {"train": str(train_file)}})
     else:
-        values = suggest(train_file, model=model, measure=False).config.model_dump()
+        # plain `suggest` is what a user gets: training passes timed on this machine weigh the batch size (and the
+        # epochs follow it); `best` and the candidates build on the unmeasured config (the 0.2% batch rule), as
+        # they did when they ran
+        values = suggest(train_file, model=model, measure=setup == "suggest" and not extra,
+                         progress=False).config.model_dump()
     # paths go in as values, not as dotted overrides (which parse as YAML)
     values = _merge(values, {"data": {"seed": seed},
                              "train": {"seed": seed, "output_dir": str(run_dir), "num_threads": torch.get_num_threads()}})
@@ -211,6 +217,7 @@ def run_one(dataset: str, setup: str, seed: int, train_file: Path, test_file: Pa
         if run_dir.exists():
             shutil.rmtree(run_dir)  # a run that did not reach RESULTS starts over
         cfg = config_for(dataset, setup, train_file, seed, run_dir)
+        extra = {"batch_size": cfg.train.batch_size, "epochs": cfg.train.epochs, "lr": cfg.train.lr}
         train(cfg, run_dir)
         train_s = time.time() - start
         target, system = str(run_dir), None
@@ -290,7 +297,8 @@ def table(rows: list[dict], dev_rows: list[dict] = ()) -> str:
              "| data set | model | setup | evaluated by | seeds | accuracy | macro-F1 | test examples | dev accuracy "
              "| wall time / run |",
              "|---|---|---|---|---:|---|---|---:|---|---:|"]
-    order = {"zero": 0, "usual": 1, "suggest (loss-selected)": 2, "suggest-acc (ties: first)": 3, "suggest": 4,
+    order = {"zero": 0, "usual": 1, "suggest (loss-selected)": 2, "suggest-acc (ties: first)": 3,
+             "suggest --no-measure": 4, "suggest": 4,
              "best": 6, "tune": 7}  # candidates (suggest+KEY=VALUE) sort between suggest and best
     notes: list[str] = []
     groups: dict[tuple, list[dict]] = {}
