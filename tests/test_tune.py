@@ -35,8 +35,9 @@ class FakeRuns:
     """Stands in for training + scoring: the held-out accuracy peaks at lr 4e-4 and 4 epochs; each run
     advances the mocked clock; per-example predictions are written as `fewtune eval` writes them."""
 
-    def __init__(self, clock: Clock, seconds: float = 60.0, fail_at: int | None = None):
-        self.clock, self.seconds, self.fail_at = clock, seconds, fail_at
+    def __init__(self, clock: Clock, seconds: float = 60.0, fail_at: int | None = None, per_epoch: bool = False):
+        # per_epoch: a run takes ``seconds`` per epoch per 48 training examples, as real training does
+        self.clock, self.seconds, self.fail_at, self.per_epoch = clock, seconds, fail_at, per_epoch
         self.calls: list[tuple[str | None, dict]] = []
 
     def __call__(self, cfg, run_dir, scored_file, task, labels):
@@ -44,7 +45,11 @@ class FakeRuns:
             raise KeyboardInterrupt
         self.calls.append((scored_file, {"lr": cfg.train.lr, "epochs": cfg.train.epochs,
                                          "batch_size": cfg.train.batch_size, "r": cfg.method.lora.r}))
-        self.clock.now += self.seconds
+        if self.per_epoch:
+            rows = len(Path(cfg.data.train).read_text(encoding="utf-8").splitlines())
+            self.clock.now += self.seconds * cfg.train.epochs * rows / 48
+        else:
+            self.clock.now += self.seconds
         if scored_file is None:
             return {"metrics": {}, "train_s": self.seconds, "eval_s": 0.0}
         quality = 1.0 - 0.15 * abs(math.log(cfg.train.lr / 4e-4)) - 0.05 * abs(cfg.train.epochs - 4)
@@ -156,6 +161,37 @@ def test_budget_is_respected_on_a_mocked_clock(tmp_path, tiny_model, data):
     assert "budget" in result.stopped
     assert len(runs.fold_calls) >= 6  # it did use the budget
     assert result.final_dir is not None and runs.calls[-1][0] is None  # final training, no test file
+
+
+def test_proposals_too_long_for_the_budget_left_are_set_aside_not_cut(tmp_path, tiny_model, data):
+    """Runs cost time per epoch: a proposal whose folds and final training cannot finish in what is left is never
+    started (another is asked for), so no trial is stopped half-way by the budget and the search goes on after."""
+    import optuna
+
+    clock = Clock()
+    runs = FakeRuns(clock, seconds=10.0, per_epoch=True)
+    result = tune(data, tiny_model, budget="12m", kfold=3, out=tmp_path / "tune", measure=False, progress=False,
+                  clock=clock, execute=runs)
+    assert clock.now - 1000.0 <= 12 * 60
+    assert all(t.note != tune_module.BUDGET_NOTE for t in result.trials)  # nothing started was cut
+    assert all(len(t.fold_values) == 3 for t in result.trials if t.state == "complete")
+    study = optuna.load_study(study_name=tune_module.STUDY, storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(tmp_path / "tune" / "study.journal"))))
+    aside = [t.number for t in study.trials if t.user_attrs.get("set_aside")]
+    ran = [t.number for t in result.trials]
+    assert aside and any(n > min(aside) for n in ran)  # something was set aside, and a later proposal ran
+    assert not set(aside) & set(ran)
+    epochs_run = [c[1]["epochs"] for c in runs.fold_calls]
+    assert all(study.trials[n].params["epochs"] > min(epochs_run) for n in aside)  # the long ones were set aside
+
+
+def test_time_model_weighs_each_batch_size_by_its_measured_speed():
+    times = tune_module.TimeModel(per_token=0.01, throughput={1: 100.0, 4: 250.0, 8: 400.0})
+    assert times.weight(8) == 1.0
+    assert times.weight(4) == pytest.approx(1.6)
+    assert times.weight(1) == pytest.approx(4.0)
+    assert times.weight(16) == 1.0  # beyond the measured sizes: the nearest one's speed
+    assert tune_module.TimeModel(per_token=0.01).weight(4) == 1.0  # nothing measured: tokens are tokens
 
 
 def test_an_interrupted_tune_continues_and_reuses_finished_folds(tmp_path, tiny_model, data):

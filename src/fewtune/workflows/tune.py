@@ -14,9 +14,12 @@ held-out fold. With ``--dev FILE`` each trial trains on the whole training file 
 on the dev file instead. The best settings are then trained on all the training data, and only
 that model is scored on ``--test`` (once, at the end, reported apart from the search).
 
-The wall-time budget covers the search and the final training: a fold is started only if its
-estimated time (from the folds already run, or from the training throughput `suggest`
-measured) and the final training's still fit. Everything is written as it happens into the
+The wall-time budget covers the search and the final training: a trial is started only if all its
+folds and the final training fit in what is left, by the time the folds already run took (per
+training token, scaled by the tokens/s `suggest` measured at each batch size, so a batch-4 trial is
+not costed at batch 8's speed); a proposal too long for the budget left is set aside and another is
+asked for, so a slow machine spends its budget on trials that can finish. A fold is started only if
+it and the final training still fit (the estimates can be wrong). Everything is written as it happens into the
 tune folder (Optuna's journal file, one JSON line per fold run); the same command continues an
 interrupted tune, reusing every finished fold, and Ctrl-C keeps what finished.
 """
@@ -165,6 +168,9 @@ class TimeModel:
 
     per_token: float
     fixed: float = 20.0
+    # measured training tokens/s by batch size (suggest's timing passes): a batch's token-epochs are weighted by
+    # how much slower per token it ran than the fastest measured batch
+    throughput: dict[int, float] = field(default_factory=dict)
     seen: list[tuple[float, float]] = field(default_factory=list)  # (token-epochs, seconds)
 
     def add(self, token_epochs: float, seconds: float) -> None:
@@ -176,6 +182,16 @@ class TimeModel:
 
     def estimate(self, token_epochs: float) -> float:
         return self.per_token * token_epochs + self.fixed
+
+    def weight(self, batch_size: int) -> float:
+        """Per-token cost of ``batch_size`` relative to the fastest measured batch (1.0 when not measured)."""
+        rates = self.throughput
+        if not rates:
+            return 1.0
+        rate = rates.get(batch_size)
+        if rate is None:  # between measured sizes: the nearest one
+            rate = rates[min(rates, key=lambda b: abs(math.log(b / batch_size)))]
+        return max(rates.values()) / rate if rate > 0 else 1.0
 
 
 # ---------------------------------------------------------------- results
@@ -336,6 +352,7 @@ def _run_key(params: dict, fold: int) -> str:
 
 
 BUDGET_NOTE = "stopped by the budget"
+MAX_SET_ASIDE = 25  # proposals in a row that may be set aside as too long before the search ends
 
 
 class _Search:
@@ -364,19 +381,26 @@ class _Search:
         return self.study.best_value if done else None
 
     def _token_epochs(self, params: dict, share: float) -> float:
-        return self.tokens * share * params.get("epochs", self.cfg.train.epochs)
+        """Training tokens x epochs of a run of ``params`` on ``share`` of the data, weighted by its batch's speed."""
+        batch = params.get("batch_size", self.cfg.train.batch_size)
+        return self.tokens * share * params.get("epochs", self.cfg.train.epochs) * self.times.weight(batch)
 
-    def need(self, params: dict) -> float:
-        """Estimated seconds of one more fold of ``params`` and of the final training (of the best so far)."""
-        best = params if self.best_value() is None else self.study.best_trial.params
-        return (self.times.estimate(self._token_epochs(params, _fold_share(self.selection)))
-                + self.times.estimate(self._token_epochs(best, 1.0)))
+    def need(self, params: dict, folds: int = 1) -> float:
+        """Estimated seconds of ``folds`` more folds of ``params`` and of the final training (of the best so far,
+        or of ``params`` where that takes longer: it may become the best)."""
+        finals = [params] if self.best_value() is None else [params, self.study.best_trial.params]
+        return (folds * self.times.estimate(self._token_epochs(params, _fold_share(self.selection)))
+                + max(self.times.estimate(self._token_epochs(p, 1.0)) for p in finals))
 
     def left(self) -> float:
         return math.inf if self.budget_s is None else self.budget_s - (self.clock() - self.started)
 
-    def fits(self, params: dict) -> bool:
-        return self.budget_s is None or self.need(params) <= self.left()
+    def fits(self, params: dict, folds: int = 1) -> bool:
+        return self.budget_s is None or self.need(params, folds) <= self.left()
+
+    def folds_to_run(self, params: dict) -> int:
+        """Folds of ``params`` not on record yet."""
+        return sum(_run_key(params, fold) not in self.runs for fold in range(len(self.selection.folds)))
 
     def run_trial(self, trial, params: dict, check_budget: bool) -> str:
         """Run (or take from the record) each fold of ``params``, stopping early where the pruning rules or the
@@ -491,7 +515,7 @@ def tune(data: str | Path, model: str | None = None, *, trials: int | None = Non
     first = base_params(cfg, dims)
     tokens = float(sum(suggestion.profile.lengths))
     rate = suggestion.throughput.get(first.get("batch_size", cfg.train.batch_size)) if suggestion.throughput else None
-    times = TimeModel(per_token=1.0 / rate if rate else 1.0 / 150.0)
+    times = TimeModel(per_token=1.0 / rate if rate else 1.0 / 150.0, throughput=dict(suggestion.throughput or {}))
 
     fingerprint = _fingerprint(cfg, dims, selection, metric, seed)
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(out / "study.journal")))
@@ -509,6 +533,7 @@ def tune(data: str | Path, model: str | None = None, *, trials: int | None = Non
                      tokens, times)
     stopped = ""
     interrupted: TuneInterrupted | None = None
+    set_aside = 0  # proposals in a row too long for the budget left
     try:
         while True:
             n_done = len(search.finished())
@@ -517,11 +542,19 @@ def tune(data: str | Path, model: str | None = None, *, trials: int | None = Non
                 break
             trial = study.ask()
             params = {d.name: d.sample(trial) for d in dims}
-            if n_done > 0 and not search.fits(params):
+            if n_done > 0 and not search.fits(params, search.folds_to_run(params)):
+                trial.set_user_attr("set_aside", True)  # never run: not reported, not asked again on resume
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                stopped = (f"budget: {search.left() / 60:.1f} min left, a fold of the next trial and the final "
-                           f"training need about {search.need(params) / 60:.1f} min")
+                whole = search.need(params, search.folds_to_run(params))
+                log.info("trial %d set aside: its %d fold(s) and the final training need about %.1f min, %.1f min "
+                         "left", trial.number, search.folds_to_run(params), whole / 60, search.left() / 60)
+                set_aside += 1
+                if set_aside < MAX_SET_ASIDE and search.left() > 0:
+                    continue
+                stopped = (f"budget: {search.left() / 60:.1f} min left; the last {set_aside} proposal(s) were too "
+                           f"long to finish in it (the last needed about {whole / 60:.1f} min)")
                 break
+            set_aside = 0
             if search.run_trial(trial, params, check_budget=n_done > 0) == BUDGET_NOTE:
                 stopped = "budget: the next fold would not have fit"
                 break
@@ -588,8 +621,8 @@ def _restart_unfinished(study, first: dict) -> None:
     for t in study.trials:
         if t.state == states.RUNNING:
             study.tell(t.number, state=states.FAIL)
-        if t.state in (states.RUNNING, states.FAIL) and t.params and t.user_attrs.get("note") in (None, "stopped by the budget") \
-                and t.params not in finished and t.params not in waiting:
+        if t.state in (states.RUNNING, states.FAIL) and t.params and t.user_attrs.get("note") in (None, BUDGET_NOTE) \
+                and not t.user_attrs.get("set_aside") and t.params not in finished and t.params not in waiting:
             study.enqueue_trial(t.params)
             waiting.append(t.params)
 
