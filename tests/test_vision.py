@@ -471,3 +471,25 @@ def test_max_pixels_bounds_the_image_tokens(tiny_vl, tmp_path):
     (tmp_path / "text.png").write_text("not an image")
     with pytest.raises(ImageError, match="not a readable image"):
         bounded.image_tokens(str(tmp_path / "text.png"))
+
+
+def test_resume_notices_a_picture_edited_since_the_checkpoint(tiny_vl, tmp_path):
+    """A picture's token ids depend only on its size: the resume check hashes the pictures' bytes as well, so a
+    picture repainted between sessions (same size, same file name) is a changed input, not a silent mix."""
+    from fewtune.train.loop import Interrupted, Trainer, TrainingError
+
+    rows = []
+    for i in range(8):
+        name = list(COLOURS)[i % 3]
+        picture(tmp_path / f"img{i}.png", (64, 48), COLOURS[name])
+        rows.append({"messages": [{"role": "user", "content": "<image>What colour is the bar?"},
+                                  {"role": "assistant", "content": name}], "images": [f"img{i}.png"]})
+    data = write_jsonl(tmp_path / "train.jsonl", rows)
+    cfg = vl_config(tiny_vl, data, tmp_path / "run", "train.save_every=1", "data.val_ratio=0.0")
+    with pytest.raises(Interrupted):
+        Trainer(cfg).fit(stop_after=1)
+    picture(tmp_path / "img0.png", (64, 48), COLOURS["blue"])  # red repainted blue, same size
+    with pytest.raises(TrainingError, match="a picture changed"):
+        Trainer(cfg).fit(resume=True)
+    picture(tmp_path / "img0.png", (64, 48), COLOURS["red"])  # the same bytes again: the resume goes on
+    assert Trainer(cfg).fit(resume=True).steps > 1

@@ -55,12 +55,21 @@ def model_fingerprint(name: str) -> str:
 
 
 def rendered_hash(*sets) -> str:
+    """Token ids and loss weights of every rendered example, and the bytes of the pictures a vision-language
+    example shows (their token ids depend only on the picture's size: an edited picture would pass unseen)."""
+    from fewtune.data.images import image_bytes
+
     digest = hashlib.sha256()
+    pictures: dict[str, bytes] = {}  # one read per picture, however many examples show it
     for rendered_set in sets:
         digest.update(struct.pack("<q", len(rendered_set.items)))
         for item in rendered_set.items:
             digest.update(struct.pack(f"<q{len(item.input_ids)}q", len(item.input_ids), *item.input_ids))
             digest.update(struct.pack(f"<{len(item.loss_weights)}d", *item.loss_weights))
+            for ref in getattr(item, "images", ()):
+                if ref not in pictures:
+                    pictures[ref] = hashlib.sha256(image_bytes(ref)).digest()
+                digest.update(pictures[ref])
     return digest.hexdigest()
 
 
@@ -101,5 +110,5 @@ def changes(saved: dict, now: dict) -> list[str]:
         if before != now["config"].get(key):
             found.append(f"{key}: {before!r} -> {now['config'].get(key)!r}")
     if saved.get("rendered") != now["rendered"] and not found:
-        found.append("the rendered training examples differ (tokenizer, template or data changed)")
+        found.append("the rendered training examples differ (tokenizer, template, data or a picture changed)")
     return found
