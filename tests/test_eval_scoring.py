@@ -167,6 +167,7 @@ def test_pruning_drops_its_second_pass_when_it_saves_too_little(tiny_models, mon
     """Batches of 3: the first always scores its labels in two passes; later ones in one pass (every label still
     open under the first-token bounds) when the passes saved less than MIN_SAVING of the label positions. The winners
     are the same either way."""
+    from fewtune.decode import cache_arg
     from fewtune.eval import scoring
 
     monkeypatch.setattr(scoring, "CPU_SCORING_MAX", 1)  # batches of the requested 3
@@ -177,7 +178,7 @@ def test_pruning_drops_its_second_pass_when_it_saves_too_little(tiny_models, mon
     full = list(choice_scores(model, tok, template, conversations, LABELS, batch_size=3, progress=False))
     calls = []  # per forward on a cache: True for a batch's prompt pass (it keeps the last column's logits only)
     hook = model.register_forward_pre_hook(
-        lambda m, args, kw: calls.append(kw.get("logits_to_keep") == 1) if kw.get("past_key_values") else None,
+        lambda m, args, kw: calls.append(kw.get("logits_to_keep") == 1) if kw.get(cache_arg(model)) else None,
         with_kwargs=True)
     pruned = list(choice_scores(model, tok, template, conversations, LABELS, batch_size=3, progress=False, prune=True))
     hook.remove()

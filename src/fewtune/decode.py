@@ -59,13 +59,35 @@ def common_prefix(prompts: Sequence[Sequence[int]]) -> int:
     return max(n, 0)
 
 
+_CACHE_ARG: dict[type, str] = {}
+
+
+def cache_arg(model) -> str:
+    """The forward keyword that takes a key/value cache: ``cache`` in recent transformers (5.x renamed it; the
+    old ``past_key_values`` still works with a deprecation warning until 5.40), ``past_key_values`` before."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model takes **kwargs
+    kind = type(base)
+    if kind not in _CACHE_ARG:
+        params = inspect.signature(base.forward).parameters
+        _CACHE_ARG[kind] = "cache" if "cache" in params else "past_key_values"
+    return _CACHE_ARG[kind]
+
+
+def output_cache(out):
+    """The cache a forward with ``use_cache=True`` returned, under either name."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
 def prefix_cache(model, prefix: Sequence[int]):
     """The key/value tensors of ``prefix`` (one row), per layer; None for an empty prefix."""
     if not prefix:
         return None
     device = next(model.parameters()).device
     out = model(input_ids=torch.tensor([list(prefix)], device=device), use_cache=True, logits_to_keep=1)
-    return [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+    return [(layer.keys, layer.values) for layer in output_cache(out).layers]
 
 
 def _processors(temperature: float, top_k: int | None, top_p: float | None, repetition_penalty: float):
@@ -123,10 +145,11 @@ def decode(model, prompts: Sequence[Sequence[int]], prefix_layers, n_prefix: int
     alive = torch.arange(b)  # original row of each row still in the batch
     new: list[list[int]] = [[] for _ in range(b)]
     step_ids, step_pos = ids, position
+    name = cache_arg(model)
     for step in range(max_new_tokens):
         out = model(input_ids=step_ids.to(device), attention_mask=mask.to(device), position_ids=step_pos.to(device),
-                    past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
+                    use_cache=True, logits_to_keep=1, **{name: cache})
+        cache = output_cache(out)
         scores = out.logits[:, -1, :].float().cpu()
         scores = procs(seqs, scores) if len(procs) else scores
         if temperature > 0:

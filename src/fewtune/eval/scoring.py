@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from fewtune.data.formats import Message
-from fewtune.decode import common_prefix, prefix_cache
+from fewtune.decode import cache_arg, common_prefix, output_cache, prefix_cache
 from fewtune.data.render import RenderError, Template, render_conversation
 
 
@@ -321,10 +321,11 @@ def _score_batch(model, suffixes: list[list[int]], conts: list[list[list[int]]],
         cache = DynamicCache(ddp_cache_data=[(k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1)) for k, v in prefix_layers])
         mask = torch.cat([torch.ones((b, n_prefix), dtype=torch.long), own], dim=1)
     position = (n_prefix + own.cumsum(1) - 1).clamp(min=0)
+    name = cache_arg(model)
     out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=position.to(device),
-                past_key_values=cache, use_cache=True, logits_to_keep=1)
+                use_cache=True, logits_to_keep=1, **{name: cache})
     first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
-    cache, cached = out.past_key_values, mask.shape[1]
+    cache, cached = output_cache(out), mask.shape[1]
     n_labels = len(conts[0])
     sums = torch.zeros((b, n_labels), dtype=torch.float64)
     counts = torch.ones((b, n_labels), dtype=torch.long)
@@ -351,7 +352,7 @@ def _score_batch(model, suffixes: list[list[int]], conts: list[list[list[int]]],
             past = DynamicCache(ddp_cache_data=[(layer.keys[on], layer.values[on]) for layer in cache.layers])
         position = n_prefix + lengths[idx].unsqueeze(1) + offset
         logits = model(input_ids=lab_ids.to(device), attention_mask=lab_mask.to(device), position_ids=position.to(device),
-                       past_key_values=past, use_cache=True).logits
+                       use_cache=True, **{name: past}).logits
         extra = cache.get_seq_length() - cached
         if extra > 0:
             cache.crop(-extra)  # the next pass sees the prompt only
