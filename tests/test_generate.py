@@ -73,8 +73,8 @@ def test_lora_merge_equals_adapter_outputs(make_config, tmp_path):
 
 
 def test_an_explicit_system_prompt_replaces_a_runs_own(make_config):
-    """A run whose examples carried their system message in the data has none in its template: chatting with it
-    needs that message, so --system (and the UI's field) applies to runs too; without it the run's own is used."""
+    """A run whose examples carried different system messages in the data has none in its template: chatting with
+    it needs one, so --system (and the UI's field) applies to runs too; without it the run's own is used."""
     from fewtune.data.formats import Message
     from fewtune.generate import prompt_ids
 
@@ -85,6 +85,35 @@ def test_an_explicit_system_prompt_replaces_a_runs_own(make_config):
     other = load_for_inference(str(result.run_dir), system_prompt="Classify the request.", precision="no")
     text = other.tokenizer.decode(prompt_ids(other, user))
     assert "Classify the request." in text and "训练时的系统提示" not in text
+
+
+def test_a_system_message_every_training_example_carried_is_the_runs_default(make_config, tmp_path):
+    """Data that carries one system message in every example (no data.system_prompt): the run keeps it in
+    template.json, so a bare prompt at inference renders as the training prompts did; examples with different
+    system messages leave the run without one."""
+    from fewtune.data.formats import load_examples
+    from fewtune.data.render import Template, render_conversation
+    from fewtune.generate import prompt_ids
+    from tests.conftest import write_jsonl
+
+    system = "把车载指令解析为JSON。"
+    rows = [{"messages": [{"role": "system", "content": system}, {"role": "user", "content": f"打开车窗{i}"},
+                          {"role": "assistant", "content": '{"action": "open"}'}]} for i in range(10)]
+    data = write_jsonl(tmp_path / "sys.jsonl", rows)
+    result = train(make_config(train__max_steps=1, data__train=json.dumps(str(data)),
+                               train__output_dir=json.dumps(str(tmp_path / "sys-run"))))
+    assert Template.load(result.run_dir / "template.json").system_prompt == system
+    loaded = load_for_inference(str(result.run_dir), precision="no")
+    example = load_examples(data)[0]
+    trained = render_conversation(example.messages, loaded.tokenizer, loaded.template, 64).input_ids
+    asked = prompt_ids(loaded, example.prompt_messages[1:])  # the user's text alone, no system message
+    assert trained[:len(asked)] == asked
+
+    rows[0]["messages"][0]["content"] = "Another system message."
+    mixed = write_jsonl(tmp_path / "mixed.jsonl", rows)
+    result = train(make_config(train__max_steps=1, data__train=json.dumps(str(mixed)),
+                               train__output_dir=json.dumps(str(tmp_path / "mixed-run"))))
+    assert Template.load(result.run_dir / "template.json").system_prompt is None
 
 
 def test_cli_train_generate_resume(make_config, tmp_path):

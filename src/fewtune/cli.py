@@ -123,7 +123,7 @@ def generate(
     input: Annotated[Optional[Path], typer.Option("--input", "-i", help="JSONL/JSON/CSV of prompts")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="JSONL to write")] = None,
     config: Annotated[Optional[Path], typer.Option(help="take the generate section from this config")] = None,
-    system: Annotated[Optional[str], typer.Option(help="system prompt (for a run: replaces its own, e.g. when its examples carried one in the data)")] = None,
+    system: Annotated[Optional[str], typer.Option(help="system prompt (for a run: replaces its own, e.g. when its examples carried different ones in the data)")] = None,
     max_new_tokens: Optional[int] = None,
     temperature: Optional[float] = None,
     top_k: Optional[int] = None,
@@ -189,7 +189,7 @@ def generate(
 @app.command()
 def chat(
     target: Annotated[str, typer.Argument(help="run directory, model folder, .gguf file or model name")],
-    system: Annotated[Optional[str], typer.Option(help="system prompt (for a run: replaces its own, e.g. when its examples carried one in the data)")] = None,
+    system: Annotated[Optional[str], typer.Option(help="system prompt (for a run: replaces its own, e.g. when its examples carried different ones in the data)")] = None,
     max_new_tokens: Optional[int] = None,
     temperature: Optional[float] = None,
     top_k: Optional[int] = None,
@@ -363,7 +363,7 @@ def eval_(
     batch_size: Annotated[Optional[int], typer.Option(help="examples per batch (default: 8)")] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option(help="generation length (default: the run's, or label + 16)")] = None,
     window: Annotated[Optional[int], typer.Option(help="perplexity: tokens per window of a .txt file (default: 256)")] = None,
-    system: Annotated[Optional[str], typer.Option(help="system prompt (for a run: replaces its own, e.g. when its examples carried one in the data)")] = None,
+    system: Annotated[Optional[str], typer.Option(help="system prompt (for a run: replaces its own, e.g. when its examples carried different ones in the data)")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="folder for results.json and predictions.jsonl")] = None,
     report: Annotated[bool, typer.Option("--report", help="also write a Markdown/HTML report")] = False,
     precision: Annotated[Optional[str], typer.Option(help=PRECISION_HELP)] = None,

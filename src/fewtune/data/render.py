@@ -68,6 +68,12 @@ class Template:
         return cls(**json.loads(Path(path).read_text(encoding="utf-8")))
 
 
+def shared_system_message(examples) -> str | None:
+    """The system message every example opens with, when they all carry the same one (None otherwise)."""
+    texts = {e.messages[0].content if e.messages and e.messages[0].role == "system" else None for e in examples}
+    return texts.pop() if len(texts) == 1 else None
+
+
 @dataclass
 class Rendered:
     input_ids: list[int]

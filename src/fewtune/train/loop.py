@@ -13,6 +13,7 @@ Callbacks (``trainer.callbacks``: objects with ``on_step_begin(trainer)`` and/or
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -31,7 +32,7 @@ from fewtune.config import Config, save_config
 from fewtune.data.cache import cached_render_set
 from fewtune.data.dataset import RenderedSet, load_train_val
 from fewtune.data.replay import add_replay
-from fewtune.data.render import Template
+from fewtune.data.render import Template, shared_system_message
 from fewtune.models import load_tokenizer
 from fewtune.methods import (MethodError, apply_method, get_method, load_base, load_trainable_state, parameter_counts,
                              trainable_state)
@@ -273,6 +274,23 @@ class Trainer:
         except ckpt.CheckpointError as err:
             raise TrainingError(str(err)) from err
 
+    def _inference_template(self) -> Template:
+        """The template saved with the run, which every inference command renders with: the training template,
+        and where the config sets no system prompt but every training example carries the same system message,
+        that message as the default for prompts without one (a bare `generate --prompt` then sees what
+        training saw)."""
+        if self.template.system_prompt is not None:
+            return self.template
+        shared = shared_system_message(self.train_set.examples)
+        if shared is not None:
+            log.info("every training example has the same system message: template.json keeps it for prompts "
+                     "given without one")
+            return dataclasses.replace(self.template, system_prompt=shared)
+        if any(e.messages and e.messages[0].role == "system" for e in self.train_set.examples):
+            log.info("the training examples carry different system messages: inference prompts need their own "
+                     "(--system, or in the data)")
+        return self.template
+
     def _prepare_run_dir(self, resume: bool) -> None:
         if self.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -281,7 +299,7 @@ class Trainer:
                     (self.run_dir / stale).unlink(missing_ok=True)
             save_config(self.cfg, self.run_dir / "config.yaml")
             write_marker(self.run_dir)
-            self.template.save(self.run_dir / "template.json")
+            self._inference_template().save(self.run_dir / "template.json")
             self.tokenizer.save_pretrained(self.run_dir / "tokenizer")
             if self.vision is not None:  # the image processor renders inference prompts as training did
                 self.vision.save(self.run_dir / "tokenizer")
