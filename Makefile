@@ -56,11 +56,11 @@ demo: setup
 # train in the precision `auto` picks (marker `precision`) run once more in bf16 (what a machine with
 # AVX-512 BF16 or AMX may pick): both kinds of machine run the same arithmetic, whichever this one is.
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 	$(MAKE) --no-print-directory test-precision
 
 test-precision: setup
-	FEWTUNE_MIXED_PRECISION=bf16 $(BIN)/python -m pytest -q -m "precision and not slow"
+	FEWTUNE_MIXED_PRECISION=bf16 $(BIN)/python -m pytest -q --durations=10 -m "precision and not slow"
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
