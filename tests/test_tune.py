@@ -192,6 +192,9 @@ def test_time_model_weighs_each_batch_size_by_its_measured_speed():
     assert times.weight(1) == pytest.approx(4.0)
     assert times.weight(16) == 1.0  # beyond the measured sizes: the nearest one's speed
     assert tune_module.TimeModel(per_token=0.01).weight(4) == 1.0  # nothing measured: tokens are tokens
+    # per_token at the fastest batch: 1,000 tokens at batch 4 take 1000 / 250 s (plus the fixed cost)
+    at_fastest = tune_module.TimeModel(per_token=1 / 400.0, fixed=0.0, throughput={1: 100.0, 4: 250.0, 8: 400.0})
+    assert at_fastest.estimate(1000 * at_fastest.weight(4)) == pytest.approx(1000 / 250.0)
 
 
 def test_an_interrupted_tune_continues_and_reuses_finished_folds(tmp_path, tiny_model, data):

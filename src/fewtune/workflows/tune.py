@@ -514,7 +514,8 @@ def tune(data: str | Path, model: str | None = None, *, trials: int | None = Non
     dims = search_space(cfg, train_n, search, batch_limit=limit)
     first = base_params(cfg, dims)
     tokens = float(sum(suggestion.profile.lengths))
-    rate = suggestion.throughput.get(first.get("batch_size", cfg.train.batch_size)) if suggestion.throughput else None
+    # per token at the fastest measured batch: TimeModel.weight scales it to each trial's batch size
+    rate = max(suggestion.throughput.values()) if suggestion.throughput else None
     times = TimeModel(per_token=1.0 / rate if rate else 1.0 / 150.0, throughput=dict(suggestion.throughput or {}))
 
     fingerprint = _fingerprint(cfg, dims, selection, metric, seed)
