@@ -19,7 +19,7 @@ Setups (recipes in benchmarks/configs/):
 - suggest: the config `fewtune suggest TRAIN --model M` writes (timing training passes on this machine
   to weigh the batch size, as it does for a user; the row records the batch, epochs and lr it chose),
   evaluated by choice scoring as it advises; rows named "suggest --no-measure" ran the config written
-  without timing (the 0.2% batch rule), as every suggest row did before 2026-12-07;
+  without timing (the 0.2% batch rule), as every suggest row did until 2026-12-06;
 - best: the unmeasured suggest config (--no-measure) plus the changes in configs/small_data_best_<dataset>.yaml (BEST),
   evaluated by choice scoring;
 - suggest+KEY=VALUE[+KEY=VALUE...]: a candidate for BEST, the unmeasured suggest config with dotted changes,
