@@ -66,6 +66,32 @@ def test_method_trains_saves_reloads_and_merges(name, make_config, tmp_path):
             export_merged(run, tmp_path / f"{name}-merged")
 
 
+def test_prefix_tuning_generates_with_its_prefix(make_config, tmp_path):
+    """peft passes the trained prefix as past_key_values and transformers' generation loop its own cache as
+    `cache`; given both, the model kept `cache` and generated as the base model. Each generated step's scores must
+    be the training forward's logits (prefix included), which differ from the base model's."""
+    from fewtune.generate import prefix_tuning_cache, prompt_ids
+
+    run = tmp_path / "prefix"
+    train(make_config(train__max_steps=3, train__output_dir=str(run), **METHODS["prefix_tuning"]))
+    loaded = load_for_inference(str(run), precision="no")
+    model = loaded.model
+    ids = torch.tensor([prompt_ids(loaded, PROMPTS[0])])
+    with torch.no_grad():
+        with prefix_tuning_cache(model):
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=3,
+                                 do_sample=False, output_scores=True, return_dict_in_generate=True)
+        steps = [model(input_ids=out.sequences[:, :ids.shape[1] + k]).logits[0, -1] for k in range(3)]
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits[0, -1]
+    assert (steps[0] - base).abs().max() > 1e-2  # the prefix does change the logits
+    for k in range(3):
+        assert torch.allclose(out.scores[k][0], steps[k], atol=1e-4)
+    # fewtune's generate (model.generate for prompt-learning models) decodes the same first token
+    first = generate(loaded, [PROMPTS[0]], GenerateSection(max_new_tokens=1), progress=False)[0][0]
+    assert first == loaded.tokenizer.decode([int(steps[0].argmax())], skip_special_tokens=True).strip()
+
+
 def test_rslora_scales_by_square_root_of_rank(make_config):
     plain = Trainer(make_config(method__lora__r=4, method__lora__alpha=8))
     rs = Trainer(make_config(method__lora__r=4, method__lora__alpha=8, method__lora__use_rslora=True))

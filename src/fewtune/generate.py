@@ -7,6 +7,7 @@ left padding; stop strings end generation and are cut from the output.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass
@@ -229,6 +230,38 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> str:
             if at != -1:
                 cut = min(cut, at)
     return text[:cut]
+
+
+@contextlib.contextmanager
+def prefix_tuning_cache(model):
+    """Make ``model.generate`` of a peft prefix-tuning model use its prefix.
+
+    peft hands the trained prefix to the model as ``past_key_values``; transformers 5.x's generation loop passes
+    its own (empty) cache as ``cache`` and, given both, keeps ``cache``: the prefix was dropped and the run
+    generated as its base model (the training forward, which gets no ``cache``, used it). While this is open, a
+    forward given both takes the prefix as its cache when the loop's is still empty, and drops the copy peft
+    hands in again at later steps (the loop's cache already holds it)."""
+    config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", "default"))
+    kind = str(getattr(config, "peft_type", ""))
+    if not kind.endswith("PREFIX_TUNING"):
+        yield
+        return
+
+    def hook(module, args, kwargs):
+        if kwargs.get("past_key_values") is None or "cache" not in kwargs:
+            return None
+        kwargs = dict(kwargs)
+        prefix = kwargs.pop("past_key_values")
+        cache = kwargs["cache"]
+        if cache is None or cache.get_seq_length() == 0:
+            kwargs["cache"] = prefix
+        return args, kwargs
+
+    handle = model.get_base_model().register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def prompt_ids(loaded: Loaded, conversation: Sequence[Message]) -> list[int]:
@@ -454,8 +487,9 @@ def generate_ids(loaded: Loaded, all_ids: Sequence[list[int]], gen: GenerateSect
             if refs:  # a vision-language model: the chunk's images, in the order their tokens appear
                 pixels = loaded.vision.batch_inputs(ids, refs, [len(images[i]) for i in chunk])
                 pixels = {k: v.to(device) for k, v in pixels.items()}
-            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
-                                 stopping_criteria=criteria, **pixels)
+            with prefix_tuning_cache(model):
+                out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                     generation_config=config, stopping_criteria=criteria, **pixels)
             new_ids = []
             for row in out[:, width:].tolist():  # what follows the first end-of-turn token is padding
                 end = next((j + 1 for j, t in enumerate(row) if t in eos_ids), len(row))
