@@ -66,14 +66,16 @@ def test_method_trains_saves_reloads_and_merges(name, make_config, tmp_path):
             export_merged(run, tmp_path / f"{name}-merged")
 
 
-def test_prefix_tuning_generates_with_its_prefix(make_config, tmp_path):
-    """peft passes the trained prefix as past_key_values and transformers' generation loop its own cache as
-    `cache`; given both, the model kept `cache` and generated as the base model. Each generated step's scores must
-    be the training forward's logits (prefix included), which differ from the base model's."""
+@pytest.mark.parametrize("name", ["prefix_tuning", "prompt_tuning_text", "p_tuning"])
+def test_prompt_learning_generates_what_the_forward_computes(name, make_config, tmp_path):
+    """peft tells generation's first step by past_key_values, which transformers 5.x's loop leaves empty (it passes
+    `cache`): prefix tuning's prefix was dropped (the run generated as its base model) and prompt/P-tuning's virtual
+    tokens were put in front of every new token again. Each generated step's scores must be the training forward's
+    logits on the sequence so far, which differ from the base model's."""
     from fewtune.generate import prefix_tuning_cache, prompt_ids
 
-    run = tmp_path / "prefix"
-    train(make_config(train__max_steps=3, train__output_dir=str(run), **METHODS["prefix_tuning"]))
+    run = tmp_path / name
+    train(make_config(train__max_steps=3, train__output_dir=str(run), **METHODS[name]))
     loaded = load_for_inference(str(run), precision="no")
     model = loaded.model
     ids = torch.tensor([prompt_ids(loaded, PROMPTS[0])])
@@ -84,7 +86,7 @@ def test_prefix_tuning_generates_with_its_prefix(make_config, tmp_path):
         steps = [model(input_ids=out.sequences[:, :ids.shape[1] + k]).logits[0, -1] for k in range(3)]
         with model.disable_adapter():
             base = model(input_ids=ids).logits[0, -1]
-    assert (steps[0] - base).abs().max() > 1e-2  # the prefix does change the logits
+    assert (steps[0] - base).abs().max() > 1e-2  # the trained prompt does change the logits
     for k in range(3):
         assert torch.allclose(out.scores[k][0], steps[k], atol=1e-4)
     # fewtune's generate (model.generate for prompt-learning models) decodes the same first token

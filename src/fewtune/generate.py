@@ -234,27 +234,37 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> str:
 
 @contextlib.contextmanager
 def prefix_tuning_cache(model):
-    """Make ``model.generate`` of a peft prefix-tuning model use its prefix.
+    """Make ``model.generate`` of a peft prompt-learning model (prefix tuning, prompt tuning, P-tuning) continue
+    what the training forward computes.
 
-    peft hands the trained prefix to the model as ``past_key_values``; transformers 5.x's generation loop passes
-    its own (empty) cache as ``cache`` and, given both, keeps ``cache``: the prefix was dropped and the run
-    generated as its base model (the training forward, which gets no ``cache``, used it). While this is open, a
-    forward given both takes the prefix as its cache when the loop's is still empty, and drops the copy peft
-    hands in again at later steps (the loop's cache already holds it)."""
+    peft tells the first generation step from later ones by ``past_key_values``, which transformers 5.x's
+    generation loop no longer fills (it passes its cache as ``cache``). So peft treated every step as the first:
+    prefix tuning handed its prefix over as ``past_key_values`` each step, and the model, given both, kept the
+    loop's empty ``cache`` (the prefix was dropped: the run generated as its base model); prompt and P-tuning
+    put their virtual tokens in front of every new token again (from the second token on, the scores drifted from
+    the forward's). While this is open, a forward hook takes the prefix as the first cache and drops peft's later
+    copies, and drops the re-added virtual tokens once the cache holds them."""
     config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", "default"))
-    kind = str(getattr(config, "peft_type", ""))
-    if not kind.endswith("PREFIX_TUNING"):
+    kind = str(getattr(config, "peft_type", "")).rsplit(".", 1)[-1]
+    if kind not in ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING"):
         yield
         return
+    virtual = int(config.num_virtual_tokens)
 
     def hook(module, args, kwargs):
-        if kwargs.get("past_key_values") is None or "cache" not in kwargs:
+        if "cache" not in kwargs:
             return None
         kwargs = dict(kwargs)
-        prefix = kwargs.pop("past_key_values")
         cache = kwargs["cache"]
-        if cache is None or cache.get_seq_length() == 0:
+        started = cache is not None and cache.get_seq_length() > 0
+        prefix = kwargs.pop("past_key_values", None)
+        if prefix is not None and not started:
             kwargs["cache"] = prefix
+        embeds = kwargs.get("inputs_embeds")
+        if started and embeds is not None and embeds.shape[1] > virtual and kind != "PREFIX_TUNING":
+            kwargs["inputs_embeds"] = embeds[:, virtual:]
+            if kwargs.get("position_ids") is not None and kwargs["position_ids"].shape[-1] == embeds.shape[1]:
+                kwargs["position_ids"] = kwargs["position_ids"][..., virtual:]
         return args, kwargs
 
     handle = model.get_base_model().register_forward_pre_hook(hook, with_kwargs=True)
