@@ -94,6 +94,32 @@ def test_prompt_learning_generates_what_the_forward_computes(name, make_config, 
     assert first == loaded.tokenizer.decode([int(steps[0].argmax())], skip_special_tokens=True).strip()
 
 
+@pytest.mark.parametrize("name", ["prefix_tuning", "prompt_tuning_text", "p_tuning"])
+def test_prompt_learning_runs_are_choice_scored_exactly(name, make_config, tmp_path):
+    """Choice scoring (how eval scores classification) of a prompt-learning run crashed in peft's forward (the label
+    pass's 4-D mask against peft's 2-D one for the virtual tokens). Each label's score must be the log-probability a
+    plain forward of prompt + label gives it."""
+    from fewtune.data.render import render_conversation
+    from fewtune.eval.scoring import choice_scores, label_continuation
+
+    run = tmp_path / name
+    train(make_config(train__max_steps=2, train__output_dir=str(run), **METHODS[name]))
+    loaded = load_for_inference(str(run), precision="no")
+    model, tok, template = loaded.model, loaded.tokenizer, loaded.template
+    labels = ["yes", "no", "打开车窗"]
+    scores = list(choice_scores(model, tok, template, PROMPTS, labels, batch_size=2, progress=False))
+    for conversation, score in zip(PROMPTS, scores):
+        prompt = render_conversation(conversation, tok, template, for_generation=True).input_ids
+        for j, label in enumerate(labels):
+            cont = label_continuation(conversation, label, tok, template, prompt=prompt)
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([prompt + cont])).logits[0].float()
+            first = logits.shape[0] - len(prompt) - len(cont) + len(prompt) - 1  # after any virtual tokens
+            expected = sum(F.log_softmax(logits[first + k], dim=-1)[t].item() for k, t in enumerate(cont))
+            assert score.logprobs[j] == pytest.approx(expected, abs=1e-4)
+            assert score.n_tokens[j] == len(cont)
+
+
 def test_rslora_scales_by_square_root_of_rank(make_config):
     plain = Trainer(make_config(method__lora__r=4, method__lora__alpha=8))
     rs = Trainer(make_config(method__lora__r=4, method__lora__alpha=8, method__lora__use_rslora=True))

@@ -196,6 +196,13 @@ def choice_scores(model, tokenizer, template: Template, conversations: Sequence[
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     prompts = [render_conversation(list(c), tokenizer, template, for_generation=True).input_ids for c in conversations]
     continuations = _Continuations(tokenizer, template, labels, len(conversations))
+    if getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
+        # prefix, prompt and P-tuning: peft puts the virtual tokens (or the prefix) into every forward, so neither
+        # the shared-prefix cache nor the label pass on a cache applies; each example's labels run whole
+        for i, conversation in enumerate(tqdm(conversations, desc="choice scoring", disable=not progress,
+                                              dynamic_ncols=True)):
+            yield _score_whole(model, prompts[i], continuations(i, conversation, prompts[i]), pad_id, device)
+        return
     n_prefix = common_prefix(prompts)
     prefix_layers = prefix_cache(model, prompts[0][:n_prefix])
     batch_size = cpu_batch(model, batch_size, prompts, n_prefix, [len(c) for c in continuations(0, conversations[0],
@@ -221,6 +228,25 @@ def choice_scores(model, tokenizer, template: Template, conversations: Sequence[
 
 
 @torch.no_grad()
+@torch.no_grad()
+def _score_whole(model, prompt: list[int], conts: list[list[int]], pad_id: int, device) -> ChoiceScore:
+    """Exact scores of one example's labels: one forward of prompt + label per label (a right-padded batch),
+    through the model's own forward. Logits for virtual tokens put in front (prompt tuning) are skipped."""
+    width = len(prompt) + max(len(c) for c in conts)
+    ids = torch.full((len(conts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(conts), width), dtype=torch.long)
+    for j, cont in enumerate(conts):
+        ids[j, :len(prompt) + len(cont)] = torch.tensor(prompt + cont)
+        mask[j, :len(prompt) + len(cont)] = 1
+    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+    offset = logits.shape[1] - width
+    logprobs = []
+    for j, cont in enumerate(conts):
+        rows = logits[j, offset + len(prompt) - 1:offset + len(prompt) - 1 + len(cont)].float()
+        logprobs.append(float(torch.log_softmax(rows, dim=-1)[torch.arange(len(cont)), torch.tensor(cont)].sum()))
+    return ChoiceScore(logprobs, [len(c) for c in conts])
+
+
 def image_choice_scores(model, tokenizer, template: Template, vision, conversations: Sequence[Sequence[Message]],
                         labels: Sequence[str], progress: bool = True) -> Iterator[ChoiceScore]:
     """:func:`choice_scores` for prompts with images (a vision-language model): every label scored exactly, one
