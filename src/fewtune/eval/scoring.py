@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -228,21 +228,20 @@ def choice_scores(model, tokenizer, template: Template, conversations: Sequence[
 
 
 @torch.no_grad()
-@torch.no_grad()
-def _score_whole(model, prompt: list[int], conts: list[list[int]], pad_id: int, device) -> ChoiceScore:
-    """Exact scores of one example's labels: one forward of prompt + label per label (a right-padded batch),
-    through the model's own forward. Logits for virtual tokens put in front (prompt tuning) are skipped."""
-    width = len(prompt) + max(len(c) for c in conts)
-    ids = torch.full((len(conts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(conts), width), dtype=torch.long)
-    for j, cont in enumerate(conts):
-        ids[j, :len(prompt) + len(cont)] = torch.tensor(prompt + cont)
-        mask[j, :len(prompt) + len(cont)] = 1
-    logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-    offset = logits.shape[1] - width
+def _score_whole(model, prompt: list[int], conts: list[list[int]], pad_id: int, device,
+                 extra: Callable[[torch.Tensor], dict] | None = None) -> ChoiceScore:
+    """Exact scores of one example's labels: prompt + each label as one right-padded row, through the model's own
+    forward (``extra(ids)``: more inputs, e.g. the pixels). Logits of virtual tokens put in front (prompt
+    tuning) are skipped."""
+    ids, mask = _pad([prompt + cont for cont in conts], pad_id)
+    inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+    if extra is not None:
+        inputs.update({k: v.to(device) for k, v in extra(ids).items()})
+    logits = model(**inputs).logits
+    start = logits.shape[1] - ids.shape[1] + len(prompt) - 1
     logprobs = []
     for j, cont in enumerate(conts):
-        rows = logits[j, offset + len(prompt) - 1:offset + len(prompt) - 1 + len(cont)].float()
+        rows = logits[j, start:start + len(cont)].float()
         logprobs.append(float(torch.log_softmax(rows, dim=-1)[torch.arange(len(cont)), torch.tensor(cont)].sum()))
     return ChoiceScore(logprobs, [len(c) for c in conts])
 
@@ -259,23 +258,10 @@ def image_choice_scores(model, tokenizer, template: Template, vision, conversati
         rendered = render_conversation(list(conversation), tokenizer, template, for_generation=True, vision=vision)
         prompt = rendered.input_ids
         conts = [label_continuation(conversation, lab, tokenizer, template, prompt, vision) for lab in labels]
-        width = len(prompt) + max(len(c) for c in conts)
-        ids = torch.full((len(labels), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(labels), width), dtype=torch.long)
-        for row, cont in enumerate(conts):
-            ids[row, :len(prompt) + len(cont)] = torch.tensor(prompt + cont)
-            mask[row, :len(prompt) + len(cont)] = 1
-        inputs = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
-        if rendered.images:
-            pixels = vision.batch_inputs(ids, list(rendered.images) * len(labels), [len(rendered.images)] * len(labels))
-            inputs.update({k: v.to(device) for k, v in pixels.items()})
-        logits = model(**inputs).logits.float()
-        logprobs = []
-        for row, cont in enumerate(conts):
-            positions = torch.arange(len(prompt) - 1, len(prompt) - 1 + len(cont), device=device)
-            lp = torch.log_softmax(logits[row, positions], dim=-1)
-            logprobs.append(float(lp.gather(1, torch.tensor(cont, device=device)[:, None]).sum()))
-        yield ChoiceScore(logprobs, [len(c) for c in conts])
+        images = list(rendered.images)
+        pixels = (lambda ids: vision.batch_inputs(ids, images * len(labels), [len(images)] * len(labels))) \
+            if images else None
+        yield _score_whole(model, prompt, conts, pad_id, device, pixels)
 
 
 def _left_pad(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
