@@ -40,7 +40,7 @@ def test_rules_by_data_size(tmp_path, tiny_model, n, epochs, rank, batch):
     assert cfg.method.name == "lora" and cfg.method.lora.alpha == 2 * rank
     assert f"n={n}" in rule(result, "train.epochs").reason
     assert f"{0.002 * n:.2f}" in rule(result, "train.batch_size").reason
-    expected_lr = min(2e-4, max(1e-4, 2e-4 * math.sqrt(batch / 8)))
+    expected_lr = min(5e-4, max(1e-4, 5e-4 * math.sqrt(batch / 8)))  # a tiny model: the small-model reference
     assert cfg.train.lr == pytest.approx(expected_lr, rel=1e-2)
     assert cfg.train.weight_decay == 0.01 and cfg.train.max_grad_norm == 1.0 and cfg.train.warmup_ratio == 0.1
     assert cfg.eval.early_stopping.enabled
@@ -60,10 +60,35 @@ def test_epochs_rule_follows_the_legacy_formula():
 def test_linear_rule_and_full_method(tmp_path, tiny_model):
     data = classification(tmp_path, 5200)
     lin = suggest(data, model=tiny_model, lr_rule="linear", measure=False)
-    assert lin.config.train.lr == pytest.approx(min(2e-4, 2e-4 * 10 / 8))
-    assert "kept within [0.0001, 0.0002]" in rule(lin, "train.lr").reason
+    assert lin.config.train.lr == pytest.approx(min(5e-4, 5e-4 * 10 / 8))
+    assert "kept within [0.0001, 0.0005]" in rule(lin, "train.lr").reason
     full = suggest(data, model=tiny_model, method="full", measure=False)
     assert full.config.method.name == "full" and full.config.train.lr == pytest.approx(1e-5 * math.sqrt(10 / 8), rel=1e-2)
+
+
+def test_lora_lr_reference_follows_the_model_size(tmp_path, tiny_model, monkeypatch):
+    import json
+
+    from fewtune.advice import suggest as module
+
+    # a Llama-3.2-1B-like shape: 16 x (4 x 2048^2 + 3 x 2048 x 8192) + 128256 x 2048 = about 1.34B
+    big = tmp_path / "big"
+    big.mkdir()
+    (big / "config.json").write_text(json.dumps({
+        "model_type": "llama", "hidden_size": 2048, "num_hidden_layers": 16, "intermediate_size": 8192,
+        "vocab_size": 128256, "num_attention_heads": 32, "num_key_value_heads": 8}))
+    assert module.model_parameters(str(big)) == 16 * (4 * 2048**2 + 3 * 2048 * 8192) + 128256 * 2048
+    lr, bounds, why = module.lora_lr_reference(str(big))
+    assert (lr, bounds) == (2e-4, (1e-4, 2e-4)) and "1.3B parameters" in why
+    small_lr, small_bounds, small_why = module.lora_lr_reference(tiny_model)
+    assert (small_lr, small_bounds) == (5e-4, (1e-4, 5e-4)) and "< 1B" in small_why
+    assert module.lora_lr_reference(str(tmp_path / "missing"))[:2] == (2e-4, (1e-4, 2e-4))  # unreadable: the usual
+    # the whole suggestion follows: the tiny model's data with a 2B-parameter count gets the usual 2e-4 at batch 8
+    data = classification(tmp_path, 1000)
+    monkeypatch.setattr(module, "model_parameters", lambda name: 2_000_000_000)
+    large = suggest(data, model=tiny_model, measure=False, lr_rule="linear")
+    assert large.config.train.batch_size == 2 and large.config.train.lr == pytest.approx(1e-4)  # 2e-4 x 2/8 = 5e-5
+    assert "kept within [0.0001, 0.0002]" in rule(large, "train.lr").reason and "2.0B" in rule(large, "train.lr").reason
 
 
 def test_max_length_covers_99_percent_and_generation_task(tmp_path, tiny_model):
@@ -136,7 +161,7 @@ def test_measured_throughput_moves_the_batch_and_the_lr_follows(tmp_path, tiny_m
     assert result.config.train.batch_size == 8 and measured == [("lora", 1000, [1, 2, 4, 8, 16, 32])]
     why = rule(result, "train.batch_size").reason
     assert "8: 400" in why and "the 0.2% rule alone gives 2" in why and "113 steps per epoch x 2" in why
-    assert result.config.train.lr == pytest.approx(2e-4)  # the reference lr at the reference batch 8
+    assert result.config.train.lr == pytest.approx(5e-4)  # the small-model reference lr at the reference batch 8
     assert "to batch 8" in rule(result, "train.lr").reason
 
 
@@ -144,7 +169,7 @@ def test_measured_batch_keeps_enough_optimizer_steps(tmp_path, tiny_model, measu
     # 70 examples: 56 train x 3 epochs; batch 4 would leave 42 steps (< 50), so 2 is the fastest allowed
     result = suggest(classification(tmp_path, 70), model=tiny_model, progress=False)
     assert result.config.train.batch_size == 2
-    assert result.config.train.lr == pytest.approx(1e-4)  # 2e-4 x sqrt(2/8), the floor of the range
+    assert result.config.train.lr == pytest.approx(2.5e-4)  # 5e-4 x sqrt(2/8)
     tiny = suggest(classification(tmp_path, 20), model=tiny_model, progress=False)  # 16 x 5 epochs = 80 steps at 1
     assert tiny.config.train.batch_size == 1
 
