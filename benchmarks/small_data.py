@@ -19,7 +19,8 @@ Setups (recipes in benchmarks/configs/):
 - suggest: the config `fewtune suggest TRAIN --model M` writes (timing training passes on this machine
   to weigh the batch size, as it does for a user; the row records the batch, epochs and lr it chose),
   evaluated by choice scoring as it advises; rows named "suggest --no-measure" ran the config written
-  without timing (the 0.2% batch rule), as every suggest row did until 2026-12-06;
+  without timing (the 0.2% batch rule), as every suggest row did until 2026-12-06; rows named "suggest (LoRA lr
+  2e-4 at batch 8)" ran before 2026-12-07, when suggest's LoRA reference for models under 1B rose to 5e-4;
 - best: the unmeasured suggest config (--no-measure) plus the changes in configs/small_data_best_<dataset>.yaml (BEST),
   evaluated by choice scoring;
 - suggest+KEY=VALUE[+KEY=VALUE...]: a candidate for BEST, the unmeasured suggest config with dotted changes,
@@ -298,7 +299,7 @@ def table(rows: list[dict], dev_rows: list[dict] = ()) -> str:
              "| wall time / run |",
              "|---|---|---|---|---:|---|---|---:|---|---:|"]
     order = {"zero": 0, "usual": 1, "suggest (loss-selected)": 2, "suggest-acc (ties: first)": 3,
-             "suggest --no-measure": 4, "suggest": 4,
+             "suggest --no-measure": 4, "suggest (LoRA lr 2e-4 at batch 8)": 4, "suggest": 4,
              "best": 6, "tune": 7}  # candidates (suggest+KEY=VALUE) sort between suggest and best
     notes: list[str] = []
     groups: dict[tuple, list[dict]] = {}
