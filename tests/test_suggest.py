@@ -83,11 +83,12 @@ def test_lora_lr_reference_follows_the_model_size(tmp_path, tiny_model, monkeypa
     small_lr, small_bounds, small_why = module.lora_lr_reference(tiny_model)
     assert (small_lr, small_bounds) == (5e-4, (1e-4, 5e-4)) and "< 1B" in small_why
     assert module.lora_lr_reference(str(tmp_path / "missing"))[:2] == (2e-4, (1e-4, 2e-4))  # unreadable: the usual
-    # the whole suggestion follows: the tiny model's data with a 2B-parameter count gets the usual 2e-4 at batch 8
+    # the whole suggestion follows: with a 2B-parameter count the reference is the usual 2e-4, and at batch 2 the
+    # linear rule's 2e-4 x 2/8 = 5e-5 is kept at the 1e-4 floor
     data = classification(tmp_path, 1000)
     monkeypatch.setattr(module, "model_parameters", lambda name: 2_000_000_000)
     large = suggest(data, model=tiny_model, measure=False, lr_rule="linear")
-    assert large.config.train.batch_size == 2 and large.config.train.lr == pytest.approx(1e-4)  # 2e-4 x 2/8 = 5e-5
+    assert large.config.train.batch_size == 2 and large.config.train.lr == pytest.approx(1e-4)
     assert "kept within [0.0001, 0.0002]" in rule(large, "train.lr").reason and "2.0B" in rule(large, "train.lr").reason
 
 
