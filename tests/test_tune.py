@@ -241,6 +241,19 @@ def test_dev_selection_trains_on_all_the_data_and_scores_on_the_dev_file(tmp_pat
     assert all(len(t.fold_values) == 1 for t in result.trials)
 
 
+def test_seed_reaches_every_run_the_final_one_and_best_yaml(tmp_path, tiny_model, data):
+    """--seed seeds the folds, the sampler and the runs: two seeds that pick the same settings must not train
+    the same final model (suggest's default train.seed is 42; 7 must reach the final run and best.yaml)."""
+    clock = Clock()
+    runs = FakeRuns(clock)
+    seen = []
+    result = tune(data, tiny_model, trials=2, kfold=2, seed=7, out=tmp_path / "tune", measure=False, progress=False,
+                  clock=clock, execute=lambda cfg, *a: seen.append(cfg) or runs(cfg, *a))
+    assert result.final_dir is not None and seen[-1].train.output_dir == str(result.final_dir)
+    assert len(seen) >= 3 and {c.train.seed for c in seen} == {7}  # trial 0's two folds, the final run
+    assert load_config(tmp_path / "tune" / "best.yaml").train.seed == 7
+
+
 def test_a_tune_of_other_data_in_the_same_folder_is_refused(tmp_path, tiny_model, data):
     clock = Clock()
     tune(data, tiny_model, trials=1, kfold=2, out=tmp_path / "tune", measure=False, progress=False, clock=clock,

@@ -577,7 +577,8 @@ def tune(data: str | Path, model: str | None = None, *, trials: int | None = Non
     result = TuneResult(out, metric, task, selection.description, results, best, baseline, comparison, importances,
                         None, None, 0.0, budget_s, stopped or ("interrupted" if interrupted else ""))
     best_cfg = build_config(copy.deepcopy(base), [f"{k}={json.dumps(v)}" for k, v in overrides(cfg, dims, best.params).items()]
-                            + ['data.val_ratio=0.0', 'data.validation=null', f'train.output_dir="{out / "final"}"'],
+                            + ['data.val_ratio=0.0', 'data.validation=null', f'train.output_dir="{out / "final"}"',
+                               f'train.seed={seed}'],  # the folds' seed: --seed seeds the final run too
                             source="tune")
     rules = suggestion.rules + [Rule(d.key, best.params[d.name], f"tune: best {metric} {best.mean:.4f} +- {best.std:.4f} "
                                      f"on {selection.description} (suggest's value: {_fmt(first[d.name])})")
