@@ -99,21 +99,24 @@ def _synthetic() -> list[Scored]:
 def test_selection_threshold_balance_and_cap():
     scored, labels, counts = _synthetic(), ["A", "B", "C"], {"A": 20, "B": 10, "C": 10}
     kept, classes = select(scored, labels, 0.9, counts)  # above: A 6, B 2, C 5 (0.9 counts: >=)
-    # proportions 2:1:1; B limits: r = min(6/20, 2/10, 5/10) = 0.2 -> A 4, B 2, C 2
-    assert classes == {"A": {"scored": 7, "above_threshold": 6, "kept": 4}, "B": {"scored": 3, "above_threshold": 2, "kept": 2},
-                       "C": {"scored": 5, "above_threshold": 5, "kept": 2}}
-    assert sorted(s.confidence for s in kept if s.label == "A") == [0.95, 0.97, 0.98, 0.99]  # most confident first
-    assert sorted(s.confidence for s in kept if s.label == "C") == [0.95, 0.96]
+    # proportions 2:1:1; ratios above/share: A 6/20, B 2/10, C 5/10; the low median 0.3 sets the scale:
+    # A floor(20 * 0.3) = 6, B all of its 2 (its share would be 3), C floor(10 * 0.3) = 3 of its 5
+    assert classes == {"A": {"scored": 7, "above_threshold": 6, "kept": 6}, "B": {"scored": 3, "above_threshold": 2, "kept": 2},
+                       "C": {"scored": 5, "above_threshold": 5, "kept": 3}}
+    assert sorted(s.confidence for s in kept if s.label == "A") == [0.91, 0.93, 0.95, 0.97, 0.98, 0.99]
+    assert sorted(s.confidence for s in kept if s.label == "C") == [0.94, 0.95, 0.96]  # most confident first
     assert [s.index for s in kept] == sorted(s.index for s in kept)  # written in pool order
     kept, classes = select(scored, labels, 0.9, counts, balance=False)
     assert [classes[lab]["kept"] for lab in labels] == [6, 2, 5]
     kept, classes = select(scored, labels, 0.9, counts, balance=False, max_per_class=3)
     assert [classes[lab]["kept"] for lab in labels] == [3, 2, 3] and len(kept) == 8
-    kept, classes = select(scored, labels, 0.9, counts, max_per_class=2)  # cap scales all: r = min(2/20, 2/10, 2/10)
-    assert [classes[lab]["kept"] for lab in labels] == [2, 1, 1]
+    kept, classes = select(scored, labels, 0.9, counts, max_per_class=1)  # capped: 1/20, 1/10, 1/10 -> r = 1/10
+    assert [classes[lab]["kept"] for lab in labels] == [1, 1, 1]  # A's share (2) is more than the cap lets it have
     kept, classes = select(scored, labels, 0.99, counts, balance=False)
     assert [classes[lab]["above_threshold"] for lab in labels] == [1, 1, 0] and len(kept) == 2
-    kept, classes = select(scored, labels, 0.99, counts)  # balance: C has none above, so nothing is kept
+    kept, classes = select(scored, labels, 0.99, counts)  # ratios 1/20, 1/10, 0: r = 1/20 -> A 1, B floor(0.5) = 0
+    assert [s.confidence for s in kept] == [0.99] and [classes[lab]["kept"] for lab in labels] == [1, 0, 0]
+    kept, classes = select(scored, labels, 0.995, counts)  # none above anywhere: nothing kept
     assert kept == [] and [classes[lab]["kept"] for lab in labels] == [0, 0, 0]
 
 
@@ -122,6 +125,24 @@ def test_class_targets_equal_shares_without_labeled_counts():
     assert class_targets({"A": 9, "D": 4}, ["A", "D"], {"A": 5}) == {"A": 4, "D": 4}
     assert class_targets({"A": 7, "B": 3}, ["A", "B"], {"A": 84, "B": 76}) == {"A": 3, "B": 3}  # floor(84*3/76)=3
     assert class_targets({"A": 100, "B": 76}, ["A", "B"], {"A": 84, "B": 76}) == {"A": 84, "B": 76}
+
+
+def test_one_scarce_class_does_not_cut_the_others_to_its_size():
+    # FewCLUE tnews, seed 0's final model on 2,000 unlabeled titles: 15 classes of ~80 labeled each, confident
+    # examples from 1 (stock) to 431; the scarcest class setting the scale kept 1 per class, 15 in all
+    labeled = {"体育": 80, "军事": 79, "农业": 78, "国际": 79, "娱乐": 80, "房产": 80, "故事": 79, "教育": 80, "文化": 80,
+               "旅游": 80, "汽车": 80, "电竞": 80, "科技": 79, "股票": 72, "财经": 79}
+    above = {"体育": 52, "军事": 11, "农业": 22, "国际": 21, "娱乐": 431, "房产": 14, "故事": 322, "教育": 40, "文化": 68,
+             "旅游": 15, "汽车": 10, "电竞": 67, "科技": 7, "股票": 1, "财经": 12}
+    labels = list(labeled)
+    targets = class_targets(above, labels, labeled, max_per_class=80)
+    # the median class: 国际 21/79 (8th of 15 ratios); each class keeps min(what it has, floor(its share * 21/79))
+    assert targets["股票"] == 1 and targets["科技"] == 7 and targets["汽车"] == 10 and targets["国际"] == 21
+    assert targets["娱乐"] == targets["体育"] == targets["教育"] == 21 and targets["农业"] == 20  # floor(78 * 21/79)
+    # 7 scarce classes keep all they have (1 + 7 + 10 + 11 + 12 + 14 + 15), 农业 20, the 7 others 21 each
+    assert sum(targets.values()) == 70 + 20 + 7 * 21 == 237
+    assert all(targets[lab] <= above[lab] for lab in labels)
+    assert max(targets.values()) == 21  # no class above its share at the median scale: 娱乐 keeps 21 of 431
 
 
 # ---------------------------------------------------------------- prompts

@@ -654,7 +654,7 @@ def pseudo_label(
     config: Annotated[Optional[Path], typer.Option(help="config for the labeled data and retraining (default: the run's)")] = None,
     labels: Annotated[Optional[list[str]], typer.Option(help="candidate labels, comma-separated (default: the labeled data's)")] = None,
     threshold: Annotated[float, typer.Option(help="keep examples whose label probability is at least this, in (0, 1]")] = 0.9,
-    balance: Annotated[bool, typer.Option(help="keep the labeled set's class proportions")] = True,
+    balance: Annotated[bool, typer.Option(help="keep the labeled set's class proportions (scale: what the median class can fill)")] = True,
     max_per_class: Annotated[Optional[int], typer.Option(help="keep at most this many per class")] = None,
     limit: Annotated[Optional[int], typer.Option(help="only the first N unlabeled prompts")] = None,
     rounds: Annotated[int, typer.Option(help="label-select-retrain rounds, each labeled by the newest run")] = 1,
