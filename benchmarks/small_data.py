@@ -2,7 +2,7 @@
 
     python benchmarks/small_data.py [--datasets snips,eprstmt,tnews]
         [--setups zero,usual,suggest,best] [--seeds 0,1,2] [--test-limit N | --test-per-class N]
-        [--dev | --dev-only] [--threads N] [--table-only] [--tune-budget 30m]
+        [--dev | --dev-only] [--threads N] [--table-only] [--tune-budget 30m] [--paired SETUP_A,SETUP_B]
 
 Data (read in place from the shared data folder, never copied; see fewtune.datasets): SNIPS with
 40 training utterances per intent (evaluated on the 700 validation utterances), FewCLUE eprstmt
@@ -28,7 +28,13 @@ Setups (recipes in benchmarks/configs/):
 - tune: `fewtune tune TRAIN --model M --budget B --kfold 3 --seed S` (3-fold cross-validation over the
   training file, never the test file), then its final model (best settings, all the training data) scored
   by choice scoring; the row's wall time is the whole tune (search + final training + test scoring) and
-  the budget it had (--tune-budget, default 30m).
+  the budget it had (--tune-budget, default 30m);
+- tune+pseudo (FewCLUE sets, which come with unlabeled data): `fewtune pseudo-label` on the tune row's final
+  model, with the settings given once here (PSEUDO) and chosen on no test score: the first 2,000 reviews of
+  FewCLUE's unlabeled.json (the test and dev sentences left out), kept at label probability >= 0.9, in the
+  labeled set's class proportions, at most as many per class as the labeled set has examples; one round,
+  retrained from the base model with the tuned config unchanged. Needs the tune row of the same seed; the wall
+  time is the tune's plus the labeling and retraining.
 Rows under other names (e.g. "suggest (loss-selected)") were run by earlier versions of a setup;
 benchmarks/results/small_data.md says which.
 
@@ -36,6 +42,10 @@ BEST is chosen on a dev set, never on the test set: SNIPS's dev.jsonl (140 furth
 utterances, none in the 280) or FewCLUE's dev_few_all.json (disjoint from train and test).
 `--dev` scores each new run on it as well, `--dev-only` scores finished runs; those scores go to
 benchmarks/results/small_data_dev.jsonl and into the table's dev column.
+
+`--paired A,B` trains nothing: for each data set and seed it compares two finished setups on the same test
+examples from their stored predictions (accuracy B - A with a paired bootstrap 95% interval, McNemar's exact
+test) and writes the table to benchmarks/results/small_data_paired.md.
 
 Every (dataset, setup, seed) appends one JSON line to benchmarks/results/small_data.jsonl (a
 rerun skips what is there; the file is committed, so the table survives a fresh clone), and the
@@ -160,11 +170,53 @@ def _merge(base: dict, changes: dict) -> dict:
 
 def split_setup(setup: str) -> tuple[str, list[str]]:
     """'suggest+regularise.label_smoothing=0.1' -> ('suggest', ['regularise.label_smoothing=0.1']): a named setup
-    with dotted changes on top (the candidates tried for BEST)."""
+    with dotted changes on top (the candidates tried for BEST); 'tune+pseudo' -> ('tune', ['pseudo'])."""
     base, *extra = setup.split("+")
-    if base not in ("zero", "usual", "suggest", "best", "tune") or (extra and base in ("zero", "tune")):
-        raise SystemExit(f"unknown setup {setup!r}: zero, usual, suggest, best, tune, or suggest+KEY=VALUE+...")
+    if (base not in ("zero", "usual", "suggest", "best", "tune") or (extra and base == "zero")
+            or (base == "tune" and extra not in ([], ["pseudo"]))):
+        raise SystemExit(f"unknown setup {setup!r}: zero, usual, suggest, best, tune, tune+pseudo, "
+                         "or suggest+KEY=VALUE+...")
     return base, extra
+
+
+# tune+pseudo's self-training settings, fixed before any of its runs (none chosen on a test score): a pool of the
+# first 2,000 unlabeled sentences, confidence >= 0.9 (pseudo-label's default), the labeled class proportions, and
+# at most as many pseudo-labeled examples per class as there are labeled examples (so at most 2x the labeled set)
+PSEUDO = {"limit": 2000, "threshold": 0.9, "rounds": 1}
+
+
+def run_pseudo(dataset: str, seed: int, train_file: Path, run_dir: Path) -> tuple[str, float, dict]:
+    """Self-train the tune row's final model on FewCLUE's unlabeled data: (the new run, the tune's own seconds, extra
+    fields for the row)."""
+    from fewtune.workflows.pseudo import PseudoSettings, pseudo_label
+
+    if dataset not in fewclue.TASKS:
+        raise SystemExit(f"tune+pseudo needs unlabeled data: only {', '.join(fewclue.TASKS)} have it here")
+    tune_row = next((r for r in read_lines(RESULTS) if (r["dataset"], r["setup"], r.get("seed")) == (dataset, "tune", seed)),
+                    None)
+    final = run_dir_for(dataset, "tune", seed) / "final"
+    if tune_row is None or not (final / "summary.json").is_file():
+        raise SystemExit(f"tune+pseudo on {dataset} seed {seed} starts from the tune row's final model: run "
+                         f"--setups tune --seeds {seed} first")
+    task_dir = fewclue.find_fewclue(dataset)
+    labeled = [json.loads(line)["label"] for line in train_file.read_text(encoding="utf-8").splitlines()]
+    per_class = max(labeled.count(label) for label in set(labeled))
+    settings = PseudoSettings(**PSEUDO, max_per_class=per_class, rename={"text": "sentence"},
+                              exclude=[task_dir / fewclue.SPLITS["test"], task_dir / fewclue.SPLITS["dev"]])
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # a run that did not reach RESULTS starts over
+    result = pseudo_label(final, task_dir / fewclue.SPLITS["unlabeled"], settings,
+                          scoring=EvalSection(task="classification", labels=labels_of(train_file), batch_size=16),
+                          out_dir=run_dir, progress=False)
+    last = result.rounds[-1]
+    if not last.get("training"):
+        raise SystemExit(f"tune+pseudo on {dataset} seed {seed}: nothing was confident enough to keep ({last['pool']} "
+                         "in the pool); no retraining")
+    extra = {"tune_accuracy": round(tune_row["accuracy"], 4), "tune_s": tune_row["train_s"], "budget": tune_row["budget"],
+             "trials": tune_row["trials"], "pseudo_pool": last["pool"], "pseudo_kept": last["kept"],
+             "pseudo_per_class": {label: c["kept"] for label, c in last["classes"].items()},
+             "pseudo_settings": {**PSEUDO, "max_per_class": per_class}}
+    return last["training"]["run"], tune_row["train_s"], extra
 
 
 def run_dir_for(dataset: str, setup: str, seed: int, run_as: str | None = None) -> Path:
@@ -199,7 +251,12 @@ def run_one(dataset: str, setup: str, seed: int, train_file: Path, test_file: Pa
     start = time.time()
     train_s = 0.0
     extra: dict = {}
-    if setup == "tune":
+    if setup == "tune+pseudo":
+        target, tune_s, extra = run_pseudo(dataset, seed, train_file, run_dir)
+        system = None
+        extra["pseudo_s"] = round(time.time() - start, 1)
+        train_s = tune_s + extra["pseudo_s"]  # the whole cost: the tune it starts from, then labeling + retraining
+    elif setup == "tune":
         from fewtune.workflows.tune import tune
 
         # resumable: an interrupted tune continues from its journal in run_dir
@@ -231,12 +288,14 @@ def run_one(dataset: str, setup: str, seed: int, train_file: Path, test_file: Pa
                                batch_size=16, system_prompt=system)
     result = evaluate(target, test_file, settings, output_dir=run_dir / "eval_test")
     m = result.metrics
+    # tune+pseudo's wall time counts the tune it started from (its own run is labeling, retraining and scoring)
+    wall_s = round(time.time() - start + (extra["tune_s"] if setup == "tune+pseudo" else 0.0), 1)
     scores = ({"accuracy": m["exact_match"], "macro_f1": m["field_f1"], "metric": "exact_match / field_f1"}
               if dataset in JSON_TASKS else {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"]})
     return {"dataset": dataset, "setup": setup, "seed": seed, "model": MODELS[dataset], "mode": mode,
             **scores, "n_test": len(result.predictions),
             "train_s": round(train_s, 1), "eval_s": round(result.settings["seconds"], 1),
-            "wall_s": round(time.time() - start, 1), "load": os.getloadavg()[0], "code": code, **extra}
+            "wall_s": wall_s, "load": os.getloadavg()[0], "code": code, **extra}
 
 
 def labels_of(train_file: Path) -> list[str]:
@@ -300,7 +359,8 @@ def table(rows: list[dict], dev_rows: list[dict] = ()) -> str:
              "|---|---|---|---|---:|---|---|---:|---|---:|"]
     order = {"zero": 0, "usual": 1, "suggest (loss-selected)": 2, "suggest-acc (ties: first)": 3,
              "suggest --no-measure": 4, "suggest (LoRA lr 2e-4 at batch 8)": 4, "suggest": 4,
-             "best": 6, "tune": 7}  # candidates (suggest+KEY=VALUE) sort between suggest and best
+             "best": 6, "tune": 7, "tune+pseudo (scarcest class sets the scale)": 8,
+             "tune+pseudo": 8}  # candidates (suggest+KEY=VALUE) sort between suggest and best
     notes: list[str] = []
     groups: dict[tuple, list[dict]] = {}
     summaries = {(r["dataset"], r["setup"]): r for r in rows if r.get("summary")}
@@ -327,6 +387,10 @@ def table(rows: list[dict], dev_rows: list[dict] = ()) -> str:
         if setup == "tune":
             counts = sorted({r["trials"] for r in rs})
             shown = f"tune ({rs[0].get('budget', '?')} budget, {'-'.join(map(str, counts[::max(1, len(counts) - 1)]))} trials)"
+        elif setup == "tune+pseudo":
+            kept = sorted({r["pseudo_kept"] for r in rs})
+            shown = (f"tune + pseudo-label ({'-'.join(map(str, kept[::max(1, len(kept) - 1)]))} of "
+                     f"{rs[0]['pseudo_pool']} unlabeled kept)")
         evaluated = "choice scoring" if rs[0]["mode"] != "generate" else (
             "generation: exact match, field F1" if rs[0].get("metric") else "generation")
         lines.append(f"| {ds} | {rs[0]['model']} | {shown} | {evaluated} "
@@ -373,7 +437,17 @@ def main() -> None:
                         help="score finished runs (--datasets/--setups/--seeds) on the dev file; train nothing")
     parser.add_argument("--table-only", action="store_true", help="rewrite the table from the results file")
     parser.add_argument("--tune-budget", default="30m", help="wall time of the tune setup's search + final training")
+    parser.add_argument("--paired", default=None, metavar="A,B",
+                        help="compare two finished setups seed by seed on their stored test predictions; train nothing")
     args = parser.parse_args()
+    if args.paired:
+        pair = tuple(args.paired.split(","))
+        if len(pair) != 2:
+            raise SystemExit(f"--paired takes two setups, e.g. tune,tune+pseudo; got {args.paired!r}")
+        text = paired_table(args.datasets.split(","), pair, [int(s) for s in args.seeds.split(",")])
+        (TABLE.parent / "small_data_paired.md").write_text(text, encoding="utf-8")
+        print(text)
+        return
     code = code_version()  # once, at start: HEAD may move while a long benchmark runs
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -420,6 +494,46 @@ def main() -> None:
                     dev(dataset, setup, seed, train_file)
     # other processes' lines too
     print(write_table(read_lines(RESULTS), read_lines(DEV_RESULTS)))
+
+
+def paired_table(datasets: list[str], pair: tuple[str, str], seeds: list[int]) -> str:
+    """Setup B against setup A per data set and seed, on the test examples both were scored on (their stored
+    predictions): accuracy difference with a paired bootstrap interval, and McNemar's exact test."""
+    import numpy as np
+
+    from fewtune.eval.stats import mcnemar, paired_difference
+
+    def correct(setup: str, dataset: str, seed: int) -> dict[int, bool] | None:
+        path = run_dir_for(dataset, setup, seed) / "eval_test" / "predictions.jsonl"
+        if not path.is_file():
+            return None
+        return {r["index"]: bool(r["correct"]) for r in map(json.loads, path.read_text(encoding="utf-8").splitlines())}
+
+    a_name, b_name = pair
+    lines = [f"# Paired comparison: {b_name} against {a_name}", "",
+             f"Command: `PYTHONPATH=src python benchmarks/small_data.py --paired {a_name},{b_name} --datasets "
+             f"{','.join(datasets)} --seeds {','.join(map(str, seeds))}`. Same test examples, each run's stored "
+             "predictions (`eval_test/predictions.jsonl`); B - A accuracy with a paired bootstrap 95% interval "
+             "(1,000 resamples of the examples), the examples only one of them gets right, McNemar's exact test.", "",
+             "| data set | seed | n | A accuracy | B accuracy | B - A [95% interval] | only A right | only B right "
+             "| McNemar p |", "|---|---:|---:|---:|---:|---|---:|---:|---:|"]
+    for dataset in datasets:
+        for seed in seeds:
+            a, b = correct(a_name, dataset, seed), correct(b_name, dataset, seed)
+            if a is None or b is None:
+                missing = a_name if a is None else b_name
+                lines.append(f"| {dataset} | {seed} | - | - | - | no stored predictions of {missing} | - | - | - |")
+                continue
+            if a.keys() != b.keys():
+                raise SystemExit(f"{dataset} seed {seed}: {a_name} and {b_name} were scored on different test examples")
+            keys = sorted(a)
+            ca, cb = np.array([a[k] for k in keys], dtype=float), np.array([b[k] for k in keys], dtype=float)
+            d = paired_difference(lambda idx: float(ca[idx].mean()), lambda idx: float(cb[idx].mean()), len(keys))
+            m = mcnemar(ca.astype(bool), cb.astype(bool))
+            lines.append(f"| {dataset} | {seed} | {len(keys)} | {d['a']:.3f} | {d['b']:.3f} | {d['difference']:+.3f} "
+                         f"[{d['interval']['low']:+.3f}, {d['interval']['high']:+.3f}] | {m['only_a_correct']} "
+                         f"| {m['only_b_correct']} | {m['p_value']:.3g} |")
+    return "\n".join(lines) + "\n"
 
 
 def read_lines(path: Path) -> list[dict]:
