@@ -30,9 +30,9 @@ Setups (recipes in benchmarks/configs/):
   by choice scoring; the row's wall time is the whole tune (search + final training + test scoring) and
   the budget it had (--tune-budget, default 30m);
 - tune+pseudo (FewCLUE sets, which come with unlabeled data): `fewtune pseudo-label` on the tune row's final
-  model, with the settings given once here (PSEUDO) and chosen on no test score: the first 2,000 reviews of
+  model, with the settings given once here (PSEUDO) and chosen on no test score: the first 2,000 sentences of
   FewCLUE's unlabeled.json (the test and dev sentences left out), kept at label probability >= 0.9, in the
-  labeled set's class proportions, at most as many per class as the labeled set has examples; one round,
+  labeled set's class proportions, at most as many per class as the largest labeled class has; one round,
   retrained from the base model with the tuned config unchanged. Needs the tune row of the same seed; the wall
   time is the tune's plus the labeling and retraining.
 Rows under other names (e.g. "suggest (loss-selected)") were run by earlier versions of a setup;
@@ -64,6 +64,7 @@ import re
 import shutil
 import statistics
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -181,13 +182,13 @@ def split_setup(setup: str) -> tuple[str, list[str]]:
 
 # tune+pseudo's self-training settings, fixed before any of its runs (none chosen on a test score): a pool of the
 # first 2,000 unlabeled sentences, confidence >= 0.9 (pseudo-label's default), the labeled class proportions, and
-# at most as many pseudo-labeled examples per class as there are labeled examples (so at most 2x the labeled set)
+# per class at most as many as the largest labeled class has (run_pseudo adds it: about 2x the labeled set at most)
 PSEUDO = {"limit": 2000, "threshold": 0.9, "rounds": 1}
 
 
-def run_pseudo(dataset: str, seed: int, train_file: Path, run_dir: Path) -> tuple[str, float, dict]:
-    """Self-train the tune row's final model on FewCLUE's unlabeled data: (the new run, the tune's own seconds, extra
-    fields for the row)."""
+def run_pseudo(dataset: str, seed: int, train_file: Path, run_dir: Path) -> tuple[str, dict]:
+    """Self-train the tune row's final model on FewCLUE's unlabeled data: (the new run, extra fields for the row,
+    the tune's own seconds among them)."""
     from fewtune.workflows.pseudo import PseudoSettings, pseudo_label
 
     if dataset not in fewclue.TASKS:
@@ -199,8 +200,8 @@ def run_pseudo(dataset: str, seed: int, train_file: Path, run_dir: Path) -> tupl
         raise SystemExit(f"tune+pseudo on {dataset} seed {seed} starts from the tune row's final model: run "
                          f"--setups tune --seeds {seed} first")
     task_dir = fewclue.find_fewclue(dataset)
-    labeled = [json.loads(line)["label"] for line in train_file.read_text(encoding="utf-8").splitlines()]
-    per_class = max(labeled.count(label) for label in set(labeled))
+    per_class = max(Counter(json.loads(line)["label"]
+                            for line in train_file.read_text(encoding="utf-8").splitlines()).values())
     settings = PseudoSettings(**PSEUDO, max_per_class=per_class, rename={"text": "sentence"},
                               exclude=[task_dir / fewclue.SPLITS["test"], task_dir / fewclue.SPLITS["dev"]])
     if run_dir.exists():
@@ -216,7 +217,7 @@ def run_pseudo(dataset: str, seed: int, train_file: Path, run_dir: Path) -> tupl
              "trials": tune_row["trials"], "pseudo_pool": last["pool"], "pseudo_kept": last["kept"],
              "pseudo_per_class": {label: c["kept"] for label, c in last["classes"].items()},
              "pseudo_settings": {**PSEUDO, "max_per_class": per_class}}
-    return last["training"]["run"], tune_row["train_s"], extra
+    return last["training"]["run"], extra
 
 
 def run_dir_for(dataset: str, setup: str, seed: int, run_as: str | None = None) -> Path:
@@ -252,10 +253,10 @@ def run_one(dataset: str, setup: str, seed: int, train_file: Path, test_file: Pa
     train_s = 0.0
     extra: dict = {}
     if setup == "tune+pseudo":
-        target, tune_s, extra = run_pseudo(dataset, seed, train_file, run_dir)
+        target, extra = run_pseudo(dataset, seed, train_file, run_dir)
         system = None
         extra["pseudo_s"] = round(time.time() - start, 1)
-        train_s = tune_s + extra["pseudo_s"]  # the whole cost: the tune it starts from, then labeling + retraining
+        train_s = extra["tune_s"] + extra["pseudo_s"]  # the whole cost: the tune it starts from, then labeling + retraining
     elif setup == "tune":
         from fewtune.workflows.tune import tune
 
