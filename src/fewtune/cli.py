@@ -352,7 +352,8 @@ def _default_output(target: str, what: str) -> Path:
 
 @app.command("eval")
 def eval_(
-    target: Annotated[str, typer.Argument(help="run directory, model folder, .gguf file or model name")],
+    targets: Annotated[list[str], typer.Argument(help="run directory, model folder, .gguf file or model name; "
+                                                 "several: scored as one ensemble")],
     data: Annotated[Path, typer.Option("--data", "-d", help="evaluation set (any data format; .txt for perplexity)")],
     config: Annotated[Optional[Path], typer.Option(help="take the eval section from this config (options override it)")] = None,
     task: Annotated[Optional[str], typer.Option(help="auto | classification | generation | json | perplexity (default: auto)")] = None,
@@ -371,9 +372,15 @@ def eval_(
     shots_from: Annotated[Optional[Path], typer.Option(help=SHOTS_FROM_HELP)] = None,
     shots_seed: Annotated[Optional[int], typer.Option(help="seed of the shots' draw (default: 0)")] = None,
     prompt_file: Annotated[Optional[Path], typer.Option(help=PROMPT_FILE_HELP)] = None,
+    ensemble: Annotated[bool, typer.Option("--ensemble", help="TARGET is a `fewtune tune` folder: score its "
+                                           "cross-validation ensemble (the final model and the winning trial's "
+                                           "fold models)")] = False,
 ):
-    """Task metrics with the training template: accuracy/F1, ROUGE/BLEU, JSON fields, perplexity."""
+    """Task metrics with the training template: accuracy/F1, ROUGE/BLEU, JSON fields, perplexity.
+
+    Several targets are one ensemble: choice-scoring probabilities averaged, generated outputs voted."""
     _setup_logging()
+    from fewtune.eval.ensemble import evaluate_ensemble, tune_members
     from fewtune.eval.evaluate import evaluate
     from fewtune.eval.summary import print_eval
 
@@ -382,8 +389,20 @@ def eval_(
                                                    window=window, system_prompt=system, precision=precision,
                                                    shots=shots, shots_from=_str(shots_from), shots_seed=shots_seed,
                                                    prompt_file=_str(prompt_file)))
-    out = output or _default_output(target, "eval")
-    result = _run(evaluate, target, data, settings, out)
+    if ensemble:
+        if len(targets) != 1:
+            _fail(ValueError("--ensemble takes one tune folder; to ensemble runs of your own, give them all "
+                             "without --ensemble"))
+        out = output or Path(targets[0]) / "eval_ensemble"
+        targets = _run(tune_members, targets[0])
+    elif len(targets) > 1:
+        out = output or _default_output(targets[0], "eval_ensemble")
+    else:
+        out = output or _default_output(targets[0], "eval")
+    if len(targets) > 1:
+        result = _run(evaluate_ensemble, targets, data, settings, out)
+    else:
+        result = _run(evaluate, targets[0], data, settings, out)
     print_eval(result)
     typer.echo(f"results: {out / 'results.json'}, predictions: {out / 'predictions.jsonl'}")
     if report:
@@ -572,6 +591,9 @@ def tune(
     measure: Annotated[bool, typer.Option("--measure/--no-measure", help="let suggest time training here first")] = True,
     report_to: Annotated[Optional[list[str]], typer.Option("--report-to", help="tensorboard and/or mlflow: every "
                                                            "fold run filed under one experiment (repeatable)")] = None,
+    ensemble: Annotated[bool, typer.Option("--ensemble", help="also keep the final model and the winning trial's "
+                                           "fold models as one ensemble (ensemble.json), scored on --test beside "
+                                           "the final model")] = False,
 ):
     """Search learning rate, epochs, batch size and LoRA rank from suggest's config, select by K-fold
     cross-validation (or --dev), retrain the winner on all the data, score it once on --test."""
@@ -581,7 +603,8 @@ def tune(
     names = [s.strip() for s in search.split(",") if s.strip()]
     try:
         result = _run(run_tune, data, model, trials=trials, budget=budget, metric=metric, kfold=kfold, dev=dev,
-                      test=test, search=names, out=out, seed=seed, measure=measure, report_to=report_to or ())
+                      test=test, search=names, out=out, seed=seed, measure=measure, report_to=report_to or (),
+                      ensemble=ensemble)
     except TuneInterrupted as err:
         typer.secho(str(err), fg=typer.colors.YELLOW, err=True)
         raise typer.Exit(130)

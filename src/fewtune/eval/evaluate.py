@@ -87,8 +87,11 @@ def _references(examples: Sequence[Example]) -> list[str]:
 
 def classify(loaded: Loaded, examples: Sequence[Example], labels: Sequence[str], mode: str = "choice",
              batch_size: int = 8, normalize: bool = False, max_new_tokens: int | None = None,
-             progress: bool = True) -> tuple[dict, list[dict]]:
-    """Classification metrics and per-example records, by choice scoring or by generation."""
+             progress: bool = True, exact: bool = False) -> tuple[dict, list[dict]]:
+    """Classification metrics and per-example records, by choice scoring or by generation.
+
+    ``exact``: choice scoring gives every label its full log-probability (by default labels that cannot win
+    keep an upper bound, listed in the record's ``bounded``): what an ensemble's averaged probabilities need."""
     if mode not in MODES:
         raise EvalError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
     expected = [expected_label(e) for e in examples]
@@ -107,7 +110,7 @@ def classify(loaded: Loaded, examples: Sequence[Example], labels: Sequence[str],
                                          conversations, labels, progress=progress)
         else:
             scores = choice_scores(loaded.model, loaded.tokenizer, loaded.template, conversations, labels,
-                                   batch_size=batch_size, progress=progress, prune=True, normalize=normalize)
+                                   batch_size=batch_size, progress=progress, prune=not exact, normalize=normalize)
         for i, (example, score) in enumerate(zip(examples, scores)):
             predicted = labels[score.best(normalize)]
             records.append({"index": i, "line": example.line, "input": example.input_text, "expected": expected[i],
@@ -146,8 +149,12 @@ def _generate_outputs(loaded: Loaded, examples: Sequence[Example], gen: Generate
 
 def generation_task(loaded: Loaded, examples: Sequence[Example], gen: GenerateSection,
                     progress: bool = True) -> tuple[dict, list[dict]]:
+    return score_generation(examples, _generate_outputs(loaded, examples, gen, progress))
+
+
+def score_generation(examples: Sequence[Example], preds: Sequence[str]) -> tuple[dict, list[dict]]:
+    """Generation metrics and per-example records of outputs ``preds`` against the examples' references."""
     refs = _references(examples)
-    preds = _generate_outputs(loaded, examples, gen, progress)
     metrics = generation_metrics(preds, refs)
     rouge = rouge_scores(preds, refs)
     records = [{"index": i, "line": e.line, "input": e.input_text, "expected": r, "predicted": p,
@@ -158,11 +165,15 @@ def generation_task(loaded: Loaded, examples: Sequence[Example], gen: GenerateSe
 
 def json_task(loaded: Loaded, examples: Sequence[Example], gen: GenerateSection,
               progress: bool = True) -> tuple[dict, list[dict]]:
-    refs = _references(examples)
-    for e, r in zip(examples, refs):
+    for e, r in zip(examples, _references(examples)):  # a bad reference is refused before anything generates
         if not parse_json(r)[0]:
             raise DataError(e.source, e.line, "the expected output is not valid JSON", "reference")
-    preds = _generate_outputs(loaded, examples, gen, progress)
+    return score_json(examples, _generate_outputs(loaded, examples, gen, progress))
+
+
+def score_json(examples: Sequence[Example], preds: Sequence[str]) -> tuple[dict, list[dict]]:
+    """JSON-task metrics and per-example records of outputs ``preds`` against the examples' references."""
+    refs = _references(examples)
     metrics = json_task_metrics(preds, refs)
     records = []
     for i, (e, r, p) in enumerate(zip(examples, refs, preds)):
@@ -203,7 +214,7 @@ def perplexity_task(loaded: Loaded, path: str | Path, limit: int | None, batch_s
 
 
 def task_metrics(loaded: Loaded, examples: Sequence[Example], settings: EvalSection, gen: GenerateSection | None = None,
-                 progress: bool = True) -> tuple[dict, list[dict]]:
+                 progress: bool = True, exact: bool = False) -> tuple[dict, list[dict]]:
     """The metrics of ``settings.task`` on already loaded examples (what `evaluate` and the trainer call).
 
     ``settings.labels`` None: the examples' own; ``settings.max_new_tokens`` None: the longest label + 16 for
@@ -212,7 +223,7 @@ def task_metrics(loaded: Loaded, examples: Sequence[Example], settings: EvalSect
     if task == "classification":
         labels = settings.labels or sorted({expected_label(e) for e in examples})
         return classify(loaded, examples, labels, settings.mode, batch_size, settings.normalize, max_new_tokens,
-                        progress)
+                        progress, exact)
     gen = (gen or GenerateSection()).model_copy(update={"temperature": 0.0, "num_return_sequences": 1,
                                                          "batch_size": batch_size})
     if max_new_tokens is not None:
@@ -234,9 +245,10 @@ def _as_loaded(target: str | Loaded, system_prompt: str | None, precision: str =
 
 
 def evaluate(target: str | Loaded, data: str | Path, settings: EvalSection | None = None,
-             output_dir: str | Path | None = None, progress: bool = True) -> EvalResult:
+             output_dir: str | Path | None = None, progress: bool = True, exact: bool = False) -> EvalResult:
     """Evaluate a run directory or model on a data file as ``settings`` say (None: the defaults, the task
-    detected); write results.json and predictions.jsonl into ``output_dir`` if given."""
+    detected); write results.json and predictions.jsonl into ``output_dir`` if given. ``exact``: every
+    label's full choice-scoring log-probability (see :func:`classify`)."""
     s = settings or EvalSection()
     check_output_dir(output_dir)
     if not isinstance(target, Loaded):
@@ -271,7 +283,7 @@ def evaluate(target: str | Loaded, data: str | Path, settings: EvalSection | Non
         subset = examples[:s.limit] if s.limit else examples
         gen = loaded.config.generate if loaded.config else None  # a run's max_new_tokens and stop strings
         metrics, records = task_metrics(loaded, subset, s.model_copy(update={"task": task, "labels": labels}), gen,
-                                        progress)
+                                        progress, exact)
     wall = time.time() - start
     settings_used = {"target": loaded.source, "data": str(data), "task": task,
                      "mode": s.mode if task == "classification" else None, "limit": s.limit,

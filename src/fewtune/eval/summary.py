@@ -35,6 +35,15 @@ def print_eval(result: EvalResult, console: Console | None = None) -> None:
             table.add_row(key, _value(m[key]))
     table.add_row("seconds", _value(s.get("seconds")))
     console.print(table)
+    if m.get("members"):
+        metric = next(k for k in m["members"][0] if k not in ("target", "seconds"))
+        members = Table(title=f"ensemble of {len(m['members'])} ({m.get('combined_by')}): each member alone")
+        members.add_column("member")
+        members.add_column(metric, justify="right")
+        for row in m["members"]:
+            members.add_row(row["target"], _value(row[metric]) if row[metric] is not None else "-")
+        members.add_row("ensemble", _value(m.get(metric)) if m.get(metric) is not None else "-")
+        console.print(members)
     if result.task == "classification":
         per = Table(title="per class")
         for col in ("label", "precision", "recall", "f1", "support"):
