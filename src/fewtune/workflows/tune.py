@@ -232,6 +232,7 @@ class TuneResult:
     budget_s: float | None
     stopped: str  # why the search stopped
     lines: list[str] = field(default_factory=list)  # the printed summary
+    ensemble: dict | None = None  # with --ensemble: its members and, with --test, its metrics there
 
 
 def _direction(metric: str) -> str:
@@ -467,11 +468,14 @@ def tune(data: str | Path, model: str | None = None, *, trials: int | None = Non
          search: Sequence[str] = DEFAULT_SEARCH, out: str | Path | None = None, seed: int = 0,
          measure: bool = True, progress: bool = True, clock: Callable[[], float] = time.monotonic,
          execute: Callable[..., dict] = run_fold, final: bool = True,
-         report_to: Sequence[str] = ()) -> TuneResult:
+         report_to: Sequence[str] = (), ensemble: bool = False,
+         score_ensemble: Callable[..., dict] | None = None) -> TuneResult:
     """Search, select on folds (or ``dev``), retrain the winner on all the training data, score it on ``test``.
 
-    ``execute(cfg, run_dir, scored_file, task, labels)`` trains and scores one run (tests swap it for a
-    stand-in); ``clock`` measures the budget."""
+    ``ensemble``: the final model and the winning trial's K fold models make a cross-validation ensemble
+    (:mod:`fewtune.eval.ensemble`), listed in ``ensemble.json`` and scored on ``test`` beside the final model.
+    ``execute(cfg, run_dir, scored_file, task, labels)`` trains and scores one run, ``score_ensemble(out, test,
+    task, labels, cfg)`` scores the ensemble (tests swap both for stand-ins); ``clock`` measures the budget."""
     import optuna
 
     from fewtune.advice.suggest import Rule, memory_batch_limit, suggest, write_config
@@ -486,6 +490,9 @@ def tune(data: str | Path, model: str | None = None, *, trials: int | None = Non
         raise ConfigError(f"--trials must be at least 1, got {trials}")
     if dev is not None and kfold != 3:
         log.info("--dev given: trials are scored on it, --kfold is not used")
+    if dev is not None and ensemble:
+        raise ConfigError("--ensemble is made of the winning settings' fold models: it needs k-fold selection, "
+                          "not --dev")
     budget_s = parse_budget(budget) if isinstance(budget, str) else budget
     data = str(Path(data).resolve())
     if not Path(data).is_file():
@@ -592,12 +599,47 @@ def tune(data: str | Path, model: str | None = None, *, trials: int | None = Non
                                "run_dir": str(result.final_dir),
                                "test": _final(best_cfg, result.final_dir, test, task, labels, execute)})
         result.test = runs[key]["test"]
+        if ensemble:
+            result.ensemble = _ensemble(search, out, best, test, task, labels, best_cfg,
+                                        score_ensemble or score_tune_ensemble)
     result.wall_s = clock() - started
     write_report(result, dims, first)
     if interrupted is not None:
         raise TuneInterrupted(f"{interrupted}. Finished trials are kept in {out}; run the same command to continue "
                               f"(best so far: trial {best.number}, {metric} {best.mean:.4f})")
     return result
+
+
+def score_tune_ensemble(out: Path, test: str | Path, task: str, labels: list[str] | None, cfg: Config) -> dict:
+    """The cross-validation ensemble's metrics on ``test`` (written to ``eval_test_ensemble/``)."""
+    from fewtune.eval.ensemble import evaluate_ensemble, tune_members
+    from fewtune.workflows.sweep import _free_memory
+
+    settings = cfg.eval.model_copy(update={"task": task, "labels": labels, "batch_size": max(8, cfg.train.batch_size),
+                                           "limit": None, "format": "auto"})
+    result = evaluate_ensemble(tune_members(out), test, settings, out / "eval_test_ensemble", progress=False)
+    _free_memory()
+    return {"metrics": {k: v for k, v in result.metrics.items() if isinstance(v, (int, float, list))
+                        and not isinstance(v, bool)}, "eval_s": result.settings["seconds"]}
+
+
+def _ensemble(search: "_Search", out: Path, best: TrialResult, test: str | Path | None, task: str,
+              labels: list[str] | None, cfg: Config, score: Callable[..., dict]) -> dict:
+    """List the cross-validation ensemble in ensemble.json; score it on ``test`` once (kept in runs.jsonl, so a
+    finished tune run again reuses the score)."""
+    members = [str(out / "final")] + [str(_run_dir(out, best.params, k)) for k in range(len(search.selection.folds))]
+    info: dict[str, Any] = {"members": members, "trial": best.number, "params": best.params,
+                            "combined_by": "mean label probability (choice scoring) or majority vote (generation)"}
+    if test is not None:
+        key = _run_key({**best.params, "ensemble_test": str(test)}, -1)
+        if key not in search.runs:
+            log.info("scoring the cross-validation ensemble (%d models) on %s", len(members), test)
+            search.add_record({"key": key, "trial": best.number, "params": best.params, "fold": None,
+                               "run_dir": str(out / "eval_test_ensemble"), "ensemble": members,
+                               "test": {"file": str(test), **score(out, test, task, labels, cfg)}})
+        info["test"] = search.runs[key]["test"]
+    (out / "ensemble.json").write_text(json.dumps(info, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    return info
 
 
 def _fmt(value: Any) -> str:

@@ -69,6 +69,21 @@ def verdict(result: "TuneResult", dims: Sequence["Dimension"], first: dict) -> l
         tm = result.test.get("metrics", {})
         shown = ", ".join(f"{k} {v:.4f}" for k, v in tm.items() if k in (m, "accuracy", "weighted_f1", "exact_match"))
         lines.append(f"test ({result.test['file']}), scored once: {shown}")
+    if result.ensemble:
+        n = len(result.ensemble["members"])
+        et = result.ensemble.get("test")
+        if et:
+            em = et.get("metrics", {})
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in em.items() if k in (m, "accuracy", "weighted_f1", "exact_match")
+                              and isinstance(v, float))
+            alone = (result.test or {}).get("metrics", {}).get(m)
+            lines.append(f"test, the cross-validation ensemble ({n} models: the final one and the {n - 1} fold models "
+                         f"of trial {result.ensemble['trial']}): {shown}"
+                         + (f" ({m} {em[m] - alone:+.4f} against the final model alone)"
+                            if alone is not None and isinstance(em.get(m), float) else ""))
+        else:
+            lines.append(f"cross-validation ensemble ({n} models) listed in ensemble.json; score it with "
+                         f"`fewtune eval {result.out_dir} --ensemble --data FILE`")
     return lines
 
 
