@@ -35,6 +35,10 @@ Setups (recipes in benchmarks/configs/):
   labeled set's class proportions, at most as many per class as the largest labeled class has; one round,
   retrained from the base model with the tuned config unchanged. Needs the tune row of the same seed; the wall
   time is the tune's plus the labeling and retraining.
+- tune+ensemble: the tune row's cross-validation ensemble, `fewtune eval TUNE --ensemble` (its final model and
+  the winning trial's 3 fold models; choice-scoring probabilities averaged, generated outputs voted), on the
+  same test set; nothing is trained. Needs the tune row of the same seed; the wall time is the tune's plus
+  scoring the 4 models. The rule was fixed before any of its test scores were seen.
 Rows under other names (e.g. "suggest (loss-selected)") were run by earlier versions of a setup;
 benchmarks/results/small_data.md says which.
 
@@ -45,7 +49,7 @@ benchmarks/results/small_data_dev.jsonl and into the table's dev column.
 
 `--paired A,B` trains nothing: for each data set and seed it compares two finished setups on the same test
 examples from their stored predictions (accuracy B - A with a paired bootstrap 95% interval, McNemar's exact
-test) and writes the table to benchmarks/results/small_data_paired.md.
+test) and writes the table to benchmarks/results/small_data_paired.md (one section per pair, the others kept).
 
 Every (dataset, setup, seed) appends one JSON line to benchmarks/results/small_data.jsonl (a
 rerun skips what is there; the file is committed, so the table survives a fresh clone), and the
@@ -174,8 +178,8 @@ def split_setup(setup: str) -> tuple[str, list[str]]:
     with dotted changes on top (the candidates tried for BEST); 'tune+pseudo' -> ('tune', ['pseudo'])."""
     base, *extra = setup.split("+")
     if (base not in ("zero", "usual", "suggest", "best", "tune") or (extra and base == "zero")
-            or (base == "tune" and extra not in ([], ["pseudo"]))):
-        raise SystemExit(f"unknown setup {setup!r}: zero, usual, suggest, best, tune, tune+pseudo, "
+            or (base == "tune" and extra not in ([], ["pseudo"], ["ensemble"]))):
+        raise SystemExit(f"unknown setup {setup!r}: zero, usual, suggest, best, tune, tune+pseudo, tune+ensemble, "
                          "or suggest+KEY=VALUE+...")
     return base, extra
 
@@ -220,6 +224,16 @@ def run_pseudo(dataset: str, seed: int, train_file: Path, run_dir: Path) -> tupl
     return last["training"]["run"], extra
 
 
+def tune_row_for(dataset: str, seed: int, setup: str) -> dict:
+    """The tune row a tune+... setup builds on (SystemExit when it has not run)."""
+    row = next((r for r in read_lines(RESULTS) if (r["dataset"], r["setup"], r.get("seed")) == (dataset, "tune", seed)),
+               None)
+    if row is None or not (run_dir_for(dataset, "tune", seed) / "final" / "summary.json").is_file():
+        raise SystemExit(f"{setup} on {dataset} seed {seed} starts from the tune row's models: run --setups tune "
+                         f"--seeds {seed} first")
+    return row
+
+
 def run_dir_for(dataset: str, setup: str, seed: int, run_as: str | None = None) -> Path:
     # rows renamed after the fact (run_as) keep the folder they ran in
     name = (run_as or setup).split(" ")[0]
@@ -252,7 +266,17 @@ def run_one(dataset: str, setup: str, seed: int, train_file: Path, test_file: Pa
     start = time.time()
     train_s = 0.0
     extra: dict = {}
-    if setup == "tune+pseudo":
+    if setup == "tune+ensemble":
+        from fewtune.eval.ensemble import tune_members
+
+        tune_row = tune_row_for(dataset, seed, setup)
+        target, system = tune_members(run_dir_for(dataset, "tune", seed)), None
+        train_s = tune_row["train_s"]
+        extra = {"tune_accuracy": round(tune_row["accuracy"], 4), "tune_s": tune_row["train_s"],
+                 "budget": tune_row["budget"], "trials": tune_row["trials"], "best_params": tune_row.get("best_params")}
+        if run_dir.exists():
+            shutil.rmtree(run_dir)
+    elif setup == "tune+pseudo":
         target, extra = run_pseudo(dataset, seed, train_file, run_dir)
         system = None
         extra["pseudo_s"] = round(time.time() - start, 1)
@@ -287,10 +311,17 @@ def run_one(dataset: str, setup: str, seed: int, train_file: Path, test_file: Pa
         mode = "generate" if split_setup(setup)[0] == "usual" else "choice"
         settings = EvalSection(task="classification", labels=labels_of(train_file), mode=mode, limit=limit,
                                batch_size=16, system_prompt=system)
-    result = evaluate(target, test_file, settings, output_dir=run_dir / "eval_test")
+    if setup == "tune+ensemble":
+        from fewtune.eval.ensemble import evaluate_ensemble
+
+        result = evaluate_ensemble(target, test_file, settings, output_dir=run_dir / "eval_test", progress=False)
+        extra["members"] = [{"target": str(Path(r["target"]).relative_to(WORK)), "score": r[k]}
+                            for r in result.metrics["members"] for k in r if k not in ("target", "seconds")]
+    else:
+        result = evaluate(target, test_file, settings, output_dir=run_dir / "eval_test")
     m = result.metrics
     # tune+pseudo's wall time counts the tune it started from (its own run is labeling, retraining and scoring)
-    wall_s = round(time.time() - start + (extra["tune_s"] if setup == "tune+pseudo" else 0.0), 1)
+    wall_s = round(time.time() - start + (extra["tune_s"] if setup in ("tune+pseudo", "tune+ensemble") else 0.0), 1)
     scores = ({"accuracy": m["exact_match"], "macro_f1": m["field_f1"], "metric": "exact_match / field_f1"}
               if dataset in JSON_TASKS else {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"]})
     return {"dataset": dataset, "setup": setup, "seed": seed, "model": MODELS[dataset], "mode": mode,
@@ -361,7 +392,7 @@ def table(rows: list[dict], dev_rows: list[dict] = ()) -> str:
     order = {"zero": 0, "usual": 1, "suggest (loss-selected)": 2, "suggest-acc (ties: first)": 3,
              "suggest --no-measure": 4, "suggest (LoRA lr 2e-4 at batch 8)": 4, "suggest": 4,
              "best": 6, "tune": 7, "tune+pseudo (scarcest class sets the scale)": 8,
-             "tune+pseudo": 8}  # candidates (suggest+KEY=VALUE) sort between suggest and best
+             "tune+pseudo": 8, "tune+ensemble": 8}  # candidates (suggest+KEY=VALUE) sort between suggest and best
     notes: list[str] = []
     groups: dict[tuple, list[dict]] = {}
     summaries = {(r["dataset"], r["setup"]): r for r in rows if r.get("summary")}
@@ -392,6 +423,8 @@ def table(rows: list[dict], dev_rows: list[dict] = ()) -> str:
             kept = sorted({r["pseudo_kept"] for r in rs})
             shown = (f"tune + pseudo-label ({'-'.join(map(str, kept[::max(1, len(kept) - 1)]))} of "
                      f"{rs[0]['pseudo_pool']} unlabeled kept)")
+        elif setup == "tune+ensemble":
+            shown = f"tune + its CV ensemble (final + {len(rs[0]['members']) - 1} fold models, nothing trained)"
         evaluated = "choice scoring" if rs[0]["mode"] != "generate" else (
             "generation: exact match, field F1" if rs[0].get("metric") else "generation")
         lines.append(f"| {ds} | {rs[0]['model']} | {shown} | {evaluated} "
@@ -446,7 +479,12 @@ def main() -> None:
         if len(pair) != 2:
             raise SystemExit(f"--paired takes two setups, e.g. tune,tune+pseudo; got {args.paired!r}")
         text = paired_table(args.datasets.split(","), pair, [int(s) for s in args.seeds.split(",")])
-        (TABLE.parent / "small_data_paired.md").write_text(text, encoding="utf-8")
+        path = TABLE.parent / "small_data_paired.md"
+        # one section per pair: this pair's is replaced, the others kept
+        sections = re.split(r"(?m)^(?=# Paired comparison: )", path.read_text(encoding="utf-8")) if path.exists() else []
+        title = text.splitlines()[0]
+        kept = [sec.rstrip() + "\n" for sec in sections if sec.strip() and sec.splitlines()[0] != title]
+        path.write_text("\n".join(kept + [text]), encoding="utf-8")
         print(text)
         return
     code = code_version()  # once, at start: HEAD may move while a long benchmark runs
@@ -508,7 +546,9 @@ def paired_table(datasets: list[str], pair: tuple[str, str], seeds: list[int]) -
         path = run_dir_for(dataset, setup, seed) / "eval_test" / "predictions.jsonl"
         if not path.is_file():
             return None
-        return {r["index"]: bool(r["correct"]) for r in map(json.loads, path.read_text(encoding="utf-8").splitlines())}
+        # classification records say "correct", the JSON task's (car50, exact match) "exact"
+        return {r["index"]: bool(r["correct"] if "correct" in r else r["exact"])
+                for r in map(json.loads, path.read_text(encoding="utf-8").splitlines())}
 
     a_name, b_name = pair
     lines = [f"# Paired comparison: {b_name} against {a_name}", "",
