@@ -149,3 +149,13 @@ def test_real_cross_validation_ensemble_of_a_tune(tmp_path, tiny_model):
     assert "each member alone" in cli.output
     bad = CliRunner().invoke(app, ["eval", str(out / "final"), "--ensemble", "--data", str(test_file)])
     assert bad.exit_code == 2 and "not a tune folder" in bad.output
+
+    # pseudo-label --ensemble: the same three models label unlabeled prompts, the final model's config retrains
+    unlabeled = tmp_path / "unlabeled.jsonl"
+    unlabeled.write_text("".join(json.dumps({"text": f"please handle item {i} now"}) + "\n" for i in range(6)),
+                         encoding="utf-8")
+    pl = CliRunner().invoke(app, ["pseudo-label", str(out), "--ensemble", "--unlabeled", str(unlabeled), "--no-train",
+                                  "--threshold", "0.3", "--out", str(tmp_path / "pl")])
+    assert pl.exit_code == 0, pl.output
+    summary = json.loads((tmp_path / "pl" / "round_1" / "summary.json").read_text(encoding="utf-8"))
+    assert summary["ensemble"] == members and summary["pool"] == 6

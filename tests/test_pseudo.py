@@ -310,3 +310,31 @@ def test_two_rounds_from_the_command_line(labeled_run, unlabeled, tmp_path):
         assert json.loads((out / f"round_{k}" / "run" / "summary.json").read_text())["steps"] == 3
         assert overview["rounds"][k - 1]["pool"] == 6 and overview["rounds"][k - 1]["kept"] == 6
     assert "| 2 |" in (out / "summary.md").read_text()
+
+
+def test_an_ensemble_labels_with_its_members_mean_probabilities(labeled_run, unlabeled, tmp_path):
+    """pseudo_label(teachers=...): each prompt's label probabilities are the mean of the members' own (each member
+    labeling alone, as label_pool does), the argmax is the label; a teacher that is not a run is refused."""
+    from fewtune.workflows.pseudo import label_pool
+
+    cfg = load_config(labeled_run / "config.yaml")
+    second = Path(train(build_config(cfg.model_dump(mode="json"), ["train.seed=11", "train.lr=0.003",
+                                                                    f'train.output_dir="{tmp_path / "second"}"'])).run_dir)
+    out = tmp_path / "pl"
+    settings = PseudoSettings(rename={"text": "sentence"}, threshold=0.5, train=False, balance=False)
+    result = pseudo_label(labeled_run, unlabeled, settings, out_dir=out, progress=False, teachers=[second])
+    s = result.rounds[0]
+    assert s["ensemble"] == [str(labeled_run), str(second)] and "1 ensemble member" in s["labeled_by"]
+    rows = [json.loads(line) for line in (out / "round_1" / "scores.jsonl").read_text().splitlines()]
+    pool, _ = read_unlabeled(unlabeled, {"text": "sentence"}, system="判断评论的情感。")
+    pool = [u for u in pool if u.messages[-1].content not in POSITIVE]  # as pseudo_label drops labeled prompts
+    labels = ["Negative", "Positive"]
+    alone = [label_pool(run, pool, labels, progress=False) for run in (labeled_run, second)]
+    assert len(rows) == len(pool)
+    for i, row in enumerate(rows):
+        mean = {lab: (alone[0][i].probs[lab] + alone[1][i].probs[lab]) / 2 for lab in labels}
+        assert row["probs"] == pytest.approx(mean, abs=1e-5)
+        assert row["predicted"] == max(labels, key=lambda lab: mean[lab])
+        assert row["confidence"] == pytest.approx(max(mean.values()), abs=1e-5)
+    with pytest.raises(PseudoError, match="ensemble member must be a finished run"):
+        pseudo_label(labeled_run, unlabeled, settings, out_dir=tmp_path / "bad", progress=False, teachers=[tmp_path])

@@ -691,6 +691,9 @@ def pseudo_label(
     batch_size: Annotated[Optional[int], typer.Option(help="prompts scored together (default: the config's eval.batch_size)")] = None,
     exclude: Annotated[Optional[list[Path]], typer.Option(help="leave out prompts found in this file, e.g. the test set (repeatable)")] = None,
     precision: Annotated[Optional[str], typer.Option(help=PRECISION_HELP)] = None,
+    ensemble: Annotated[bool, typer.Option("--ensemble", help="RUN_DIR is a `fewtune tune` folder: label with its "
+                                           "cross-validation ensemble (final model + the winning trial's fold "
+                                           "models), retrain the final model's config")] = False,
 ):
     """Label unlabeled data with a run, keep confident class-balanced examples, retrain on labeled + pseudo-labeled."""
     _setup_logging()
@@ -698,6 +701,12 @@ def pseudo_label(
     from fewtune.generate import check_run_dir, looks_like_run_dir
     from fewtune.workflows.pseudo import PseudoError, PseudoSettings, pseudo_label as run_pseudo
 
+    teachers: list[str] = []
+    if ensemble:
+        from fewtune.eval.ensemble import tune_members
+
+        final, *teachers = _run(tune_members, run_dir)
+        run_dir = Path(final)
     if looks_like_run_dir(run_dir):  # its format, config, template and tokenizer, before any data is read
         _run(check_run_dir, run_dir)
 
@@ -716,7 +725,7 @@ def pseudo_label(
     scoring = _run(_section, scoring_config, "eval", dict(labels=_labels(labels), normalize=normalize,
                                                           batch_size=batch_size, precision=precision))
     try:
-        result = _run(run_pseudo, run_dir, unlabeled, _run(settings), scoring, out, config)
+        result = _run(run_pseudo, run_dir, unlabeled, _run(settings), scoring, out, config, teachers=teachers)
     except PseudoError as err:
         _fail(err)
     for s in result.rounds:

@@ -18,6 +18,11 @@ Each round:
    pointed at it, trains a new run from the base model into ``round_k/run``. Validation is
    the run's own labeled validation set (the same split), never pseudo-labeled data.
 
+With ``teachers`` (``--ensemble``: a tune's fold models) every round labels with an ensemble: the
+newest model and the teachers, each label's probability averaged over them (the argmax is the
+label, its mean probability the confidence). Several models that learnt from different folds are
+wrong on fewer of the confident examples than one is.
+
 Every round labels the whole unlabeled pool afresh: an example kept in round 1 may get
 another label, or be dropped, in round 2; pseudo-labels never accumulate across rounds.
 
@@ -275,6 +280,26 @@ def label_pool(model_dir: str | Path, pool: Sequence[Unlabeled], labels: Sequenc
         gc.collect()  # the next round trains a fresh model: do not hold two in memory
 
 
+def label_pool_ensemble(model_dirs: Sequence[str | Path], pool: Sequence[Unlabeled], labels: Sequence[str],
+                        batch_size: int = 8, normalize: bool = False, progress: bool = True,
+                        precision: str = "auto") -> list[Scored]:
+    """:func:`label_pool` by several runs (one in memory at a time): each label's probability averaged over them,
+    the argmax (ties: the earlier label) with its mean probability as the confidence."""
+    if len(model_dirs) == 1:
+        return label_pool(model_dirs[0], pool, labels, batch_size, normalize, progress, precision)
+    total = [[0.0] * len(labels) for _ in pool]
+    for model_dir in model_dirs:
+        for s in label_pool(model_dir, pool, labels, batch_size, normalize, progress, precision):
+            for j, lab in enumerate(labels):
+                total[s.index][j] += s.probs[lab]
+    out = []
+    for i, row in enumerate(total):
+        probs = [v / len(model_dirs) for v in row]
+        best = max(range(len(labels)), key=lambda j: (probs[j], -j))
+        out.append(Scored(i, labels[best], probs[best], dict(zip(labels, probs))))
+    return out
+
+
 def _pseudo_rows(pool: Sequence[Unlabeled], kept: Sequence[Scored], source: str, round_no: int) -> list[dict]:
     rows = []
     for s in kept:
@@ -333,10 +358,12 @@ class PseudoResult:
 
 def pseudo_label(run_dir: str | Path, unlabeled: str | Path, settings: PseudoSettings | None = None,
                  scoring: EvalSection | None = None, out_dir: str | Path | None = None,
-                 config: str | Path | None = None, progress: bool = True) -> PseudoResult:
+                 config: str | Path | None = None, progress: bool = True,
+                 teachers: Sequence[str | Path] = ()) -> PseudoResult:
     """Label ``unlabeled`` with a finished run, keep the confident examples class-balanced, retrain; as often as
     ``settings.rounds`` says. ``scoring`` (labels, normalize, batch_size; None: the config's eval section);
-    ``config``: the labeled data and retraining (None: the run's own config)."""
+    ``config``: the labeled data and retraining (None: the run's own config); ``teachers``: runs that label with
+    the newest model as one ensemble in every round (see the module notes)."""
     p = settings or PseudoSettings()
     threshold, balance, max_per_class, rounds = p.threshold, p.balance, p.max_per_class, p.rounds
     if not 0 < threshold <= 1:
@@ -349,6 +376,10 @@ def pseudo_label(run_dir: str | Path, unlabeled: str | Path, settings: PseudoSet
     run = Path(run_dir)
     if not (run / "config.yaml").is_file():
         raise PseudoError(f"{run} is not a fewtune run directory (no config.yaml): give the folder `fewtune train` wrote")
+    for teacher in teachers:
+        if not (Path(teacher) / "config.yaml").is_file():
+            raise PseudoError(f"{teacher} is not a fewtune run directory (no config.yaml): an ensemble member must be "
+                              "a finished run")
     cfg = load_config(config or run / "config.yaml")
     scoring = scoring or cfg.eval
     train_ex, val_ex = load_train_val(cfg.data)
@@ -378,9 +409,11 @@ def pseudo_label(run_dir: str | Path, unlabeled: str | Path, settings: PseudoSet
     for r in range(1, rounds + 1):
         round_dir = out / f"round_{r}"
         round_dir.mkdir(parents=True, exist_ok=True)
-        log.info("round %d/%d: labeling %d prompts with %s", r, rounds, len(pool), model_dir)
-        scored = label_pool(model_dir, pool, labels, scoring.batch_size, scoring.normalize, progress,
-                            scoring.precision)
+        members = [str(model_dir), *map(str, teachers)]
+        log.info("round %d/%d: labeling %d prompts with %s", r, rounds, len(pool),
+                 model_dir if len(members) == 1 else f"an ensemble of {len(members)} runs ({model_dir} and {len(teachers)} more)")
+        scored = label_pool_ensemble(members, pool, labels, scoring.batch_size, scoring.normalize, progress,
+                                     scoring.precision)
         kept, classes = select(scored, labels, threshold, counts_labeled, balance, max_per_class)
         kept_ids = {s.index for s in kept}
         write_jsonl(round_dir / "scores.jsonl", [
@@ -389,7 +422,9 @@ def pseudo_label(run_dir: str | Path, unlabeled: str | Path, settings: PseudoSet
              "probs": {k: round(v, 6) for k, v in s.probs.items()}, "kept": s.index in kept_ids} for s in scored])
         pseudo_rows = _pseudo_rows(pool, kept, str(unlabeled), r)
         write_jsonl(round_dir / "pseudo.jsonl", pseudo_rows)
-        summary = {"round": r, "labeled_by": str(model_dir), "unlabeled": str(unlabeled), "pool": len(pool),
+        summary = {"round": r, "labeled_by": str(model_dir) if len(members) == 1 else
+                   f"{model_dir} + {len(teachers)} ensemble member(s), label probabilities averaged",
+                   **({"ensemble": members} if len(members) > 1 else {}), "unlabeled": str(unlabeled), "pool": len(pool),
                    "skipped": {why: len(lines) for why, lines in skipped.items() if lines}, "labels": labels,
                    "threshold": threshold, "normalize": scoring.normalize,
                    "balance": ("labeled class proportions" if all(counts_labeled.get(lab) for lab in labels)
