@@ -39,6 +39,10 @@ Setups (recipes in benchmarks/configs/):
   the winning trial's 3 fold models; choice-scoring probabilities averaged, generated outputs voted), on the
   same test set; nothing is trained. Needs the tune row of the same seed; the wall time is the tune's plus
   scoring the 4 models. The rule was fixed before any of its test scores were seen.
+- tune+ensemble+pseudo (FewCLUE sets): tune+pseudo with the tune's CV ensemble as the teacher
+  (`fewtune pseudo-label TUNE --ensemble`: the unlabeled pool labeled by the final model and the 3 fold models,
+  label probabilities averaged), the same PSEUDO settings, the retrained model scored alone (one model to
+  deploy). Fixed before any of its runs.
 Rows under other names (e.g. "suggest (loss-selected)") were run by earlier versions of a setup;
 benchmarks/results/small_data.md says which.
 
@@ -178,9 +182,9 @@ def split_setup(setup: str) -> tuple[str, list[str]]:
     with dotted changes on top (the candidates tried for BEST); 'tune+pseudo' -> ('tune', ['pseudo'])."""
     base, *extra = setup.split("+")
     if (base not in ("zero", "usual", "suggest", "best", "tune") or (extra and base == "zero")
-            or (base == "tune" and extra not in ([], ["pseudo"], ["ensemble"]))):
+            or (base == "tune" and extra not in ([], ["pseudo"], ["ensemble"], ["ensemble", "pseudo"]))):
         raise SystemExit(f"unknown setup {setup!r}: zero, usual, suggest, best, tune, tune+pseudo, tune+ensemble, "
-                         "or suggest+KEY=VALUE+...")
+                         "tune+ensemble+pseudo, or suggest+KEY=VALUE+...")
     return base, extra
 
 
@@ -190,9 +194,9 @@ def split_setup(setup: str) -> tuple[str, list[str]]:
 PSEUDO = {"limit": 2000, "threshold": 0.9, "rounds": 1}
 
 
-def run_pseudo(dataset: str, seed: int, train_file: Path, run_dir: Path) -> tuple[str, dict]:
+def run_pseudo(dataset: str, seed: int, train_file: Path, run_dir: Path, ensemble: bool = False) -> tuple[str, dict]:
     """Self-train the tune row's final model on FewCLUE's unlabeled data: (the new run, extra fields for the row,
-    the tune's own seconds among them)."""
+    the tune's own seconds among them). ``ensemble``: the tune's CV ensemble labels the pool."""
     from fewtune.workflows.pseudo import PseudoSettings, pseudo_label
 
     if dataset not in fewclue.TASKS:
@@ -210,9 +214,14 @@ def run_pseudo(dataset: str, seed: int, train_file: Path, run_dir: Path) -> tupl
                               exclude=[task_dir / fewclue.SPLITS["test"], task_dir / fewclue.SPLITS["dev"]])
     if run_dir.exists():
         shutil.rmtree(run_dir)  # a run that did not reach RESULTS starts over
+    teachers: list[str] = []
+    if ensemble:
+        from fewtune.eval.ensemble import tune_members
+
+        teachers = tune_members(final.parent)[1:]
     result = pseudo_label(final, task_dir / fewclue.SPLITS["unlabeled"], settings,
                           scoring=EvalSection(task="classification", labels=labels_of(train_file), batch_size=16),
-                          out_dir=run_dir, progress=False)
+                          out_dir=run_dir, progress=False, teachers=teachers)
     last = result.rounds[-1]
     if not last.get("training"):
         raise SystemExit(f"tune+pseudo on {dataset} seed {seed}: nothing was confident enough to keep ({last['pool']} "
@@ -220,7 +229,8 @@ def run_pseudo(dataset: str, seed: int, train_file: Path, run_dir: Path) -> tupl
     extra = {"tune_accuracy": round(tune_row["accuracy"], 4), "tune_s": tune_row["train_s"], "budget": tune_row["budget"],
              "trials": tune_row["trials"], "pseudo_pool": last["pool"], "pseudo_kept": last["kept"],
              "pseudo_per_class": {label: c["kept"] for label, c in last["classes"].items()},
-             "pseudo_settings": {**PSEUDO, "max_per_class": per_class}}
+             "pseudo_settings": {**PSEUDO, "max_per_class": per_class},
+             **({"teachers": len(teachers) + 1} if teachers else {})}
     return last["training"]["run"], extra
 
 
@@ -276,8 +286,8 @@ def run_one(dataset: str, setup: str, seed: int, train_file: Path, test_file: Pa
                  "budget": tune_row["budget"], "trials": tune_row["trials"], "best_params": tune_row.get("best_params")}
         if run_dir.exists():
             shutil.rmtree(run_dir)
-    elif setup == "tune+pseudo":
-        target, extra = run_pseudo(dataset, seed, train_file, run_dir)
+    elif setup in ("tune+pseudo", "tune+ensemble+pseudo"):
+        target, extra = run_pseudo(dataset, seed, train_file, run_dir, ensemble=setup == "tune+ensemble+pseudo")
         system = None
         extra["pseudo_s"] = round(time.time() - start, 1)
         train_s = extra["tune_s"] + extra["pseudo_s"]  # the whole cost: the tune it starts from, then labeling + retraining
@@ -321,7 +331,7 @@ def run_one(dataset: str, setup: str, seed: int, train_file: Path, test_file: Pa
         result = evaluate(target, test_file, settings, output_dir=run_dir / "eval_test")
     m = result.metrics
     # tune+pseudo's wall time counts the tune it started from (its own run is labeling, retraining and scoring)
-    wall_s = round(time.time() - start + (extra["tune_s"] if setup in ("tune+pseudo", "tune+ensemble") else 0.0), 1)
+    wall_s = round(time.time() - start + (extra["tune_s"] if setup.startswith("tune+") else 0.0), 1)
     scores = ({"accuracy": m["exact_match"], "macro_f1": m["field_f1"], "metric": "exact_match / field_f1"}
               if dataset in JSON_TASKS else {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"]})
     return {"dataset": dataset, "setup": setup, "seed": seed, "model": MODELS[dataset], "mode": mode,
@@ -392,7 +402,7 @@ def table(rows: list[dict], dev_rows: list[dict] = ()) -> str:
     order = {"zero": 0, "usual": 1, "suggest (loss-selected)": 2, "suggest-acc (ties: first)": 3,
              "suggest --no-measure": 4, "suggest (LoRA lr 2e-4 at batch 8)": 4, "suggest": 4,
              "best": 6, "tune": 7, "tune+pseudo (scarcest class sets the scale)": 8,
-             "tune+pseudo": 8, "tune+ensemble": 8}  # candidates (suggest+KEY=VALUE) sort between suggest and best
+             "tune+pseudo": 8, "tune+ensemble": 8, "tune+ensemble+pseudo": 8}  # candidates (suggest+KEY=VALUE) sort between suggest and best
     notes: list[str] = []
     groups: dict[tuple, list[dict]] = {}
     summaries = {(r["dataset"], r["setup"]): r for r in rows if r.get("summary")}
@@ -423,6 +433,10 @@ def table(rows: list[dict], dev_rows: list[dict] = ()) -> str:
             kept = sorted({r["pseudo_kept"] for r in rs})
             shown = (f"tune + pseudo-label ({'-'.join(map(str, kept[::max(1, len(kept) - 1)]))} of "
                      f"{rs[0]['pseudo_pool']} unlabeled kept)")
+        elif setup == "tune+ensemble+pseudo":
+            kept = sorted({r["pseudo_kept"] for r in rs})
+            shown = (f"tune + pseudo-label by its CV ensemble ({'-'.join(map(str, kept[::max(1, len(kept) - 1)]))} of "
+                     f"{rs[0]['pseudo_pool']} unlabeled kept; one model)")
         elif setup == "tune+ensemble":
             shown = f"tune + its CV ensemble (final + {len(rs[0]['members']) - 1} fold models, nothing trained)"
         evaluated = "choice scoring" if rs[0]["mode"] != "generate" else (
