@@ -96,6 +96,36 @@ def test_ensemble_needs_kfold_selection(tmp_path):
              execute=FakeRuns(clock), ensemble=True)
 
 
+def test_tune_lists_the_winners_fold_models_and_scores_the_ensemble_once(tmp_path, tiny_model):
+    """With training and scoring stood in for: ensemble.json lists the final model and the winning trial's fold runs
+    (those runs.jsonl records), the ensemble is scored once on --test, and the same command again reuses it."""
+    from fewtune.workflows.tune import tune
+
+    data = classification(tmp_path / "train.jsonl", 48)
+    test_file = classification(tmp_path / "test.jsonl", 12)
+    clock = Clock()
+    calls = []
+
+    def score(out, test, task, labels, cfg):
+        calls.append((out, test, task))
+        return {"metrics": {"accuracy": 0.75}, "eval_s": 1.0}
+
+    kwargs = dict(trials=2, kfold=3, test=test_file, out=tmp_path / "tune", measure=False, progress=False,
+                  clock=clock, ensemble=True, score_ensemble=score)
+    result = tune(data, tiny_model, execute=FakeRuns(clock), **kwargs)
+    out = tmp_path / "tune"
+    runs = [json.loads(line) for line in (out / "runs.jsonl").read_text(encoding="utf-8").splitlines()]
+    folds = sorted((r["fold"], r["run_dir"]) for r in runs if r.get("fold") is not None
+                   and r["params"] == result.best.params)
+    listed = json.loads((out / "ensemble.json").read_text(encoding="utf-8"))
+    assert listed["members"] == [str(out / "final")] + [d for _, d in folds] and len(folds) == 3
+    assert calls == [(out, test_file, "classification")] and listed["test"]["metrics"]["accuracy"] == 0.75
+    alone = result.test["metrics"]["accuracy"]
+    assert any(f"accuracy {0.75 - alone:+.4f} against the final model alone" in line for line in result.lines)
+    again = tune(data, tiny_model, execute=FakeRuns(clock), **kwargs)
+    assert len(calls) == 1 and again.ensemble["test"] == result.ensemble["test"]
+
+
 @pytest.mark.slow
 def test_real_cross_validation_ensemble_of_a_tune(tmp_path, tiny_model):
     """A real 2-fold tune with --ensemble: the final model and both fold models are scored on the test file; the
