@@ -33,6 +33,7 @@ from fewtune.data.formats import load_examples
 from fewtune.eval.evaluate import (EvalError, EvalResult, check_output_dir, evaluate, score_generation, score_json,
                                    write_results)
 from fewtune.eval.metrics import classification_metrics
+from fewtune.eval.scoring import ChoiceScore
 
 # the metric each task reports per member in the ensemble's results (the one `tune` selects by)
 MEMBER_METRIC = {"classification": "accuracy", "generation": "rougeL", "json": "field_f1"}
@@ -51,11 +52,14 @@ def label_probabilities(record: dict, labels: Sequence[str], normalize: bool) ->
     if record.get("bounded"):
         raise EvalError("an ensemble needs every label scored exactly; this record kept upper bounds for "
                         f"{', '.join(record['bounded'])}")
-    scores = [record["logprobs"][lab] / (record["n_tokens"][lab] if normalize else 1) for lab in labels]
-    top = max(scores)
-    weights = [math.exp(s - top) for s in scores]
-    total = sum(weights)
-    return [w / total for w in weights]
+    return ChoiceScore([record["logprobs"][lab] for lab in labels],
+                       [record["n_tokens"][lab] for lab in labels]).probabilities(normalize)
+
+
+def mean_probabilities(per_member: Sequence[Sequence[float]]) -> tuple[list[float], int]:
+    """The members' label probabilities averaged, and the index of the highest mean (ties: the earlier label)."""
+    mean = [sum(col) / len(per_member) for col in zip(*per_member)]
+    return mean, max(range(len(mean)), key=lambda j: (mean[j], -j))
 
 
 def combine(task: str, members: Sequence[EvalResult], examples, normalize: bool = False) -> tuple[dict, list[dict]]:
@@ -70,9 +74,7 @@ def combine(task: str, members: Sequence[EvalResult], examples, normalize: bool 
             raise EvalError("the members were scored on different label sets")
         records = []
         for i in range(n):
-            per_member = [label_probabilities(m.predictions[i], labels, normalize) for m in members]
-            mean = [sum(p[j] for p in per_member) / len(members) for j in range(len(labels))]
-            best = max(range(len(labels)), key=lambda j: (mean[j], -j))
+            mean, best = mean_probabilities([label_probabilities(m.predictions[i], labels, normalize) for m in members])
             rec = first.predictions[i]
             records.append({"index": i, "line": rec["line"], "input": rec["input"], "expected": rec["expected"],
                             "predicted": labels[best], "correct": labels[best] == rec["expected"],
@@ -121,8 +123,10 @@ def evaluate_ensemble(targets: Sequence[str], data: str | Path, settings: EvalSe
     if any(m.task != task for m in members):
         raise EvalError(f"the members were scored as different tasks ({', '.join(m.task for m in members)}); "
                         "give --task")
-    examples = load_examples(data, s.format)
-    examples = examples[:s.limit] if s.limit else examples
+    examples = None
+    if task in ("generation", "json"):  # voted outputs are scored against the examples' references
+        examples = load_examples(data, s.format)
+        examples = examples[:s.limit] if s.limit else examples
     metrics, records = combine(task, members, examples, bool(s.normalize))
     metric = MEMBER_METRIC[task]
     metrics["members"] = [{"target": t, metric: m.metrics.get(metric), "seconds": m.settings.get("seconds")}

@@ -59,8 +59,20 @@ class ChoiceScore:
     exact: list[bool] | None = None  # False where pruning left a label at its upper bound (None: all exact)
 
     def best(self, normalize: bool = False) -> int:
-        values = [lp / n for lp, n in zip(self.logprobs, self.n_tokens)] if normalize else self.logprobs
+        values = self._values(normalize)
         return max(range(len(values)), key=values.__getitem__)
+
+    def probabilities(self, normalize: bool = False) -> list[float]:
+        """Each label's probability among the candidates: the softmax over the summed (``normalize``: per-token
+        mean) log-probabilities. Meaningful where every label was scored exactly."""
+        values = self._values(normalize)
+        top = max(values)
+        exps = [math.exp(v - top) for v in values]
+        total = sum(exps)
+        return [e / total for e in exps]
+
+    def _values(self, normalize: bool) -> list[float]:
+        return [lp / n for lp, n in zip(self.logprobs, self.n_tokens)] if normalize else list(self.logprobs)
 
 
 def label_continuation(conversation: Sequence[Message], label: str, tokenizer, template: Template,

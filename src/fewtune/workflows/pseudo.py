@@ -106,11 +106,7 @@ class Scored:
 
 def label_probabilities(score: ChoiceScore, normalize: bool = False) -> list[float]:
     """Softmax over the labels' summed (or, normalized, per-token mean) log-probabilities."""
-    values = [lp / n for lp, n in zip(score.logprobs, score.n_tokens)] if normalize else list(score.logprobs)
-    top = max(values)
-    exps = [math.exp(v - top) for v in values]
-    total = sum(exps)
-    return [e / total for e in exps]
+    return score.probabilities(normalize)
 
 
 def score_to_label(index: int, score: ChoiceScore, labels: Sequence[str], normalize: bool = False) -> Scored:
@@ -285,17 +281,15 @@ def label_pool_ensemble(model_dirs: Sequence[str | Path], pool: Sequence[Unlabel
                         precision: str = "auto") -> list[Scored]:
     """:func:`label_pool` by several runs (one in memory at a time): each label's probability averaged over them,
     the argmax (ties: the earlier label) with its mean probability as the confidence."""
+    from fewtune.eval.ensemble import mean_probabilities
+
     if len(model_dirs) == 1:
         return label_pool(model_dirs[0], pool, labels, batch_size, normalize, progress, precision)
-    total = [[0.0] * len(labels) for _ in pool]
-    for model_dir in model_dirs:
-        for s in label_pool(model_dir, pool, labels, batch_size, normalize, progress, precision):
-            for j, lab in enumerate(labels):
-                total[s.index][j] += s.probs[lab]
+    per_model = [label_pool(model_dir, pool, labels, batch_size, normalize, progress, precision)
+                 for model_dir in model_dirs]  # each in pool order
     out = []
-    for i, row in enumerate(total):
-        probs = [v / len(model_dirs) for v in row]
-        best = max(range(len(labels)), key=lambda j: (probs[j], -j))
+    for i in range(len(pool)):
+        probs, best = mean_probabilities([[scored[i].probs[lab] for lab in labels] for scored in per_model])
         out.append(Scored(i, labels[best], probs[best], dict(zip(labels, probs))))
     return out
 
