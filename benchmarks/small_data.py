@@ -35,6 +35,9 @@ Setups (recipes in benchmarks/configs/):
   labeled set's class proportions, at most as many per class as the largest labeled class has; one round,
   retrained from the base model with the tuned config unchanged. Needs the tune row of the same seed; the wall
   time is the tune's plus the labeling and retraining.
+- tune+pseudo-all (FewCLUE sets): tune+pseudo keeping every confident example (class proportions, no per-class
+  cap; PSEUDO_ALL) and retraining for the epochs suggest gives the grown set at the tuned batch size
+  (`--epochs auto`) instead of the tune's own; fixed before any of its runs.
 - tune+ensemble: the tune row's cross-validation ensemble, `fewtune eval TUNE --ensemble` (its final model and
   the winning trial's 3 fold models; choice-scoring probabilities averaged, generated outputs voted), on the
   same test set; nothing is trained. Needs the tune row of the same seed; the wall time is the tune's plus
@@ -182,9 +185,9 @@ def split_setup(setup: str) -> tuple[str, list[str]]:
     with dotted changes on top (the candidates tried for BEST); 'tune+pseudo' -> ('tune', ['pseudo'])."""
     base, *extra = setup.split("+")
     if (base not in ("zero", "usual", "suggest", "best", "tune") or (extra and base == "zero")
-            or (base == "tune" and extra not in ([], ["pseudo"], ["ensemble"], ["ensemble", "pseudo"]))):
-        raise SystemExit(f"unknown setup {setup!r}: zero, usual, suggest, best, tune, tune+pseudo, tune+ensemble, "
-                         "tune+ensemble+pseudo, or suggest+KEY=VALUE+...")
+            or (base == "tune" and extra not in ([], ["pseudo"], ["pseudo-all"], ["ensemble"], ["ensemble", "pseudo"]))):
+        raise SystemExit(f"unknown setup {setup!r}: zero, usual, suggest, best, tune, tune+pseudo, tune+pseudo-all, "
+                         "tune+ensemble, tune+ensemble+pseudo, or suggest+KEY=VALUE+...")
     return base, extra
 
 
@@ -192,11 +195,17 @@ def split_setup(setup: str) -> tuple[str, list[str]]:
 # first 2,000 unlabeled sentences, confidence >= 0.9 (pseudo-label's default), the labeled class proportions, and
 # per class at most as many as the largest labeled class has (run_pseudo adds it: about 2x the labeled set at most)
 PSEUDO = {"limit": 2000, "threshold": 0.9, "rounds": 1}
+# tune+pseudo-all (fixed before any of its runs, 2026-12-07): the same pool and threshold, every confident example
+# kept (the class proportions still hold, no per-class cap), retrained for the epochs suggest gives the grown set at
+# the tuned batch size (`--epochs auto`: 2 for 1,000+ examples, not the 10 the tune chose for 160)
+PSEUDO_ALL = {"limit": 2000, "threshold": 0.9, "rounds": 1, "epochs": "auto"}
 
 
-def run_pseudo(dataset: str, seed: int, train_file: Path, run_dir: Path, ensemble: bool = False) -> tuple[str, dict]:
+def run_pseudo(dataset: str, seed: int, train_file: Path, run_dir: Path, ensemble: bool = False,
+               keep_all: bool = False) -> tuple[str, dict]:
     """Self-train the tune row's final model on FewCLUE's unlabeled data: (the new run, extra fields for the row,
-    the tune's own seconds among them). ``ensemble``: the tune's CV ensemble labels the pool."""
+    the tune's own seconds among them). ``ensemble``: the tune's CV ensemble labels the pool; ``keep_all``:
+    PSEUDO_ALL's settings."""
     from fewtune.workflows.pseudo import PseudoSettings, pseudo_label
 
     if dataset not in fewclue.TASKS:
@@ -208,9 +217,10 @@ def run_pseudo(dataset: str, seed: int, train_file: Path, run_dir: Path, ensembl
         raise SystemExit(f"tune+pseudo on {dataset} seed {seed} starts from the tune row's final model: run "
                          f"--setups tune --seeds {seed} first")
     task_dir = fewclue.find_fewclue(dataset)
-    per_class = max(Counter(json.loads(line)["label"]
-                            for line in train_file.read_text(encoding="utf-8").splitlines()).values())
-    settings = PseudoSettings(**PSEUDO, max_per_class=per_class, rename={"text": "sentence"},
+    per_class = None if keep_all else max(Counter(json.loads(line)["label"]
+                                                  for line in train_file.read_text(encoding="utf-8").splitlines()).values())
+    chosen = PSEUDO_ALL if keep_all else PSEUDO
+    settings = PseudoSettings(**chosen, max_per_class=per_class, rename={"text": "sentence"},
                               exclude=[task_dir / fewclue.SPLITS["test"], task_dir / fewclue.SPLITS["dev"]])
     if run_dir.exists():
         shutil.rmtree(run_dir)  # a run that did not reach RESULTS starts over
@@ -229,7 +239,8 @@ def run_pseudo(dataset: str, seed: int, train_file: Path, run_dir: Path, ensembl
     extra = {"tune_accuracy": round(tune_row["accuracy"], 4), "tune_s": tune_row["train_s"], "budget": tune_row["budget"],
              "trials": tune_row["trials"], "pseudo_pool": last["pool"], "pseudo_kept": last["kept"],
              "pseudo_per_class": {label: c["kept"] for label, c in last["classes"].items()},
-             "pseudo_settings": {**PSEUDO, "max_per_class": per_class},
+             "pseudo_settings": {**chosen, "max_per_class": per_class},
+             **({"pseudo_epochs": last["epochs"]["value"]} if last.get("epochs") else {}),
              **({"teachers": len(teachers) + 1} if teachers else {})}
     return last["training"]["run"], extra
 
@@ -286,8 +297,9 @@ def run_one(dataset: str, setup: str, seed: int, train_file: Path, test_file: Pa
                  "budget": tune_row["budget"], "trials": tune_row["trials"], "best_params": tune_row.get("best_params")}
         if run_dir.exists():
             shutil.rmtree(run_dir)
-    elif setup in ("tune+pseudo", "tune+ensemble+pseudo"):
-        target, extra = run_pseudo(dataset, seed, train_file, run_dir, ensemble=setup == "tune+ensemble+pseudo")
+    elif setup in ("tune+pseudo", "tune+pseudo-all", "tune+ensemble+pseudo"):
+        target, extra = run_pseudo(dataset, seed, train_file, run_dir, ensemble=setup == "tune+ensemble+pseudo",
+                                   keep_all=setup == "tune+pseudo-all")
         system = None
         extra["pseudo_s"] = round(time.time() - start, 1)
         train_s = extra["tune_s"] + extra["pseudo_s"]  # the whole cost: the tune it starts from, then labeling + retraining
@@ -352,10 +364,16 @@ def score_dev(dataset: str, setup: str, seed: int, train_file: Path, code: str, 
         system = json.loads(dev_file.read_text(encoding="utf-8").splitlines()[0])["messages"][0]["content"]
         out = run_dir_for(dataset, setup, seed) / "eval_dev"
     else:
-        run_dir = run_dir_for(dataset, setup, seed, run_as)
-        if not (run_dir / "config.yaml").is_file():
-            raise SystemExit(f"{run_dir}: no finished run to score on the dev set")
-        target, system, out = str(run_dir), None, run_dir / "eval_dev"
+        run_dir = model_dir = run_dir_for(dataset, setup, seed, run_as)
+        if (run_dir / "summary.json").is_file() and not (run_dir / "config.yaml").is_file():
+            # a pseudo-label folder (tune+pseudo...): its last round's run is the model the row scored
+            summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+            model_dir = Path(summary["rounds"][-1]["training"]["run"])
+        elif (run_dir / "final" / "config.yaml").is_file():  # a tune folder: its final model
+            model_dir = run_dir / "final"
+        if not (model_dir / "config.yaml").is_file():
+            raise SystemExit(f"{model_dir}: no finished run to score on the dev set")
+        target, system, out = str(model_dir), None, run_dir / "eval_dev"
     if dataset in JSON_TASKS:
         settings = EvalSection(task="json", batch_size=16, system_prompt=system)
     else:
@@ -402,7 +420,7 @@ def table(rows: list[dict], dev_rows: list[dict] = ()) -> str:
     order = {"zero": 0, "usual": 1, "suggest (loss-selected)": 2, "suggest-acc (ties: first)": 3,
              "suggest --no-measure": 4, "suggest (LoRA lr 2e-4 at batch 8)": 4, "suggest": 4,
              "best": 6, "tune": 7, "tune+pseudo (scarcest class sets the scale)": 8,
-             "tune+pseudo": 8, "tune+ensemble": 8, "tune+ensemble+pseudo": 8}  # candidates (suggest+KEY=VALUE) sort between suggest and best
+             "tune+pseudo": 8, "tune+pseudo-all": 8, "tune+ensemble": 8, "tune+ensemble+pseudo": 8}  # candidates (suggest+KEY=VALUE) sort between suggest and best
     notes: list[str] = []
     groups: dict[tuple, list[dict]] = {}
     summaries = {(r["dataset"], r["setup"]): r for r in rows if r.get("summary")}
@@ -433,6 +451,11 @@ def table(rows: list[dict], dev_rows: list[dict] = ()) -> str:
             kept = sorted({r["pseudo_kept"] for r in rs})
             shown = (f"tune + pseudo-label ({'-'.join(map(str, kept[::max(1, len(kept) - 1)]))} of "
                      f"{rs[0]['pseudo_pool']} unlabeled kept)")
+        elif setup == "tune+pseudo-all":
+            kept = sorted({r["pseudo_kept"] for r in rs})
+            epochs = sorted({r["pseudo_epochs"] for r in rs})
+            shown = (f"tune + pseudo-label, every confident one ({'-'.join(map(str, kept[::max(1, len(kept) - 1)]))} of "
+                     f"{rs[0]['pseudo_pool']} unlabeled kept; retrained {'/'.join(f'{e:g}' for e in epochs)} epochs)")
         elif setup == "tune+ensemble+pseudo":
             kept = sorted({r["pseudo_kept"] for r in rs})
             shown = (f"tune + pseudo-label by its CV ensemble ({'-'.join(map(str, kept[::max(1, len(kept) - 1)]))} of "

@@ -17,6 +17,7 @@ from fewtune.generate import load_for_inference
 from fewtune.workflows.pseudo import (PseudoError, PseudoSettings, Scored, class_targets, label_probabilities,
                                       pseudo_label, read_unlabeled, score_to_label, select, shared_system)
 from fewtune.train.loop import train
+from fewtune.advice.suggest import epochs_for_size
 from tests.conftest import write_jsonl
 
 runner = CliRunner()
@@ -310,6 +311,38 @@ def test_two_rounds_from_the_command_line(labeled_run, unlabeled, tmp_path):
         assert json.loads((out / f"round_{k}" / "run" / "summary.json").read_text())["steps"] == 3
         assert overview["rounds"][k - 1]["pool"] == 6 and overview["rounds"][k - 1]["kept"] == 6
     assert "| 2 |" in (out / "summary.md").read_text()
+
+
+def test_retraining_epochs_follow_the_grown_training_set(labeled_run, unlabeled, tmp_path):
+    # the run's config trained by epochs (no max_steps): 7 epochs, batch 4
+    by_epochs = tmp_path / "by_epochs.yaml"
+    save_config(load_config(labeled_run / "config.yaml", ["train.max_steps=null", "train.epochs=7"]), by_epochs)
+    n_labeled = json.loads((labeled_run / "summary.json").read_text())["train_examples"]
+    out = tmp_path / "auto"
+    result = pseudo_label(labeled_run, unlabeled, PseudoSettings(rename={"text": "sentence"}, threshold=0.5,
+                                                                 balance=False, epochs="auto"),
+                          out_dir=out, config=by_epochs, progress=False)
+    s = result.rounds[0]
+    n = n_labeled + s["kept"]
+    assert s["kept"] == len(UNLABELED)  # two labels: every probability at the argmax is >= 0.5
+    want, why = epochs_for_size(n, 4)
+    assert s["epochs"] == {"value": want, "was": 7, "why": why} and want != 7
+    run = out / "round_1" / "run"
+    assert load_config(run / "config.yaml").train.epochs == want
+    assert json.loads((run / "summary.json").read_text())["steps"] == math.ceil(n / 4) * want
+    assert f"{want:g} epochs instead of the run's 7" in (out / "round_1" / "summary.md").read_text()
+    # a number from the command line; without --epochs the config's own (the round's summary has no "epochs")
+    cli = tmp_path / "cli"
+    ok = runner.invoke(app, ["pseudo-label", str(labeled_run), "--unlabeled", str(unlabeled), "--map", "text=sentence",
+                             "--threshold", "0.5", "--no-balance", "--limit", "4", "--epochs", "2", "--config",
+                             str(by_epochs), "--out", str(cli)])
+    assert ok.exit_code == 0, ok.output
+    assert json.loads((cli / "round_1" / "run" / "summary.json").read_text())["steps"] == math.ceil((n_labeled + 4) / 4) * 2
+    for bad_value, words in (("many", "epochs"), ("0", "--epochs must be above 0")):
+        bad = runner.invoke(app, ["pseudo-label", str(labeled_run), "--unlabeled", str(unlabeled), "--map",
+                                  "text=sentence", "--epochs", bad_value, "--out", str(tmp_path / "bad")])
+        assert bad.exit_code == 2 and words in bad.output, bad.output
+    assert not (tmp_path / "bad").exists()
 
 
 def test_an_ensemble_labels_with_its_members_mean_probabilities(labeled_run, unlabeled, tmp_path):

@@ -679,6 +679,9 @@ def pseudo_label(
     threshold: Annotated[float, typer.Option(help="keep examples whose label probability is at least this, in (0, 1]")] = 0.9,
     balance: Annotated[bool, typer.Option(help="keep the labeled set's class proportions (scale: what the median class can fill)")] = True,
     max_per_class: Annotated[Optional[int], typer.Option(help="keep at most this many per class")] = None,
+    epochs: Annotated[Optional[str], typer.Option(help="retraining epochs: a number, or auto (suggest's epochs for "
+                                                  "the grown training set at the run's batch size); default: the "
+                                                  "run's own")] = None,
     limit: Annotated[Optional[int], typer.Option(help="only the first N unlabeled prompts")] = None,
     rounds: Annotated[int, typer.Option(help="label-select-retrain rounds, each labeled by the newest run")] = 1,
     train: Annotated[bool, typer.Option(help="retrain on labeled + pseudo-labeled data (--no-train: only label)")] = True,
@@ -716,7 +719,7 @@ def pseudo_label(
         try:
             return PseudoSettings(threshold=threshold, balance=balance, max_per_class=max_per_class, limit=limit,
                                   rounds=rounds, train=train, rename=_rename(rename), prompt_format=prompt_format,
-                                  system=system, exclude=exclude or [])
+                                  system=system, exclude=exclude or [], epochs=epochs)
         except ValidationError as err:
             raise _options_error(err) from None
 

@@ -122,6 +122,15 @@ def epochs_rule(n: int) -> tuple[int, str]:
     return 3, f"n={n}: 3 epochs (OpenAI's legacy default; n*3={n * 3} >= 100)"
 
 
+def epochs_for_size(n: int, batch: int) -> tuple[float, str]:
+    """The epochs suggest would give ``n`` training examples at ``batch``: the legacy rule, raised (as suggest
+    raises it) where ``batch`` is above the 0.2% rule's batch so the planned optimizer steps are kept."""
+    epochs, why = epochs_rule(n)
+    rules = [Rule("train.epochs", epochs, why)]
+    epochs = _keep_steps(rules, n, epochs, max(1, min(256, round(0.002 * n))), batch)
+    return epochs, rules[0].reason
+
+
 def _model_config(model_name: str):
     """The model's transformers config, or None when it cannot be read (a suggestion should not stop on it)."""
     from transformers import AutoConfig

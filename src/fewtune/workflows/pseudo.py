@@ -45,7 +45,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Sequence
+from typing import Literal, Sequence
 
 from pydantic import Field
 
@@ -78,6 +78,10 @@ class PseudoSettings(Section):
     limit: int | None = Field(None, description="Only the first N unlabeled prompts; None: all of them.")
     rounds: int = Field(1, description="Label-select-retrain rounds, each labeled by the newest run.")
     train: bool = Field(True, description="Retrain on labeled + pseudo-labeled data; false: only label (one round).")
+    epochs: float | Literal["auto"] | None = Field(None, description="Retraining epochs; None: the run's own; "
+                                                   "auto: suggest's epochs for the grown training set at the run's "
+                                                   "batch size (a run tuned on 100 examples for 10 epochs, retrained "
+                                                   "on 1,500, gets 2).")
     rename: dict[str, str] | None = Field(None, description="Field renames applied to each unlabeled record "
                                           "first, ours to theirs (e.g. text: sentence).")
     prompt_format: str = Field("{text}", description="The user turn, filled with the record's fields.")
@@ -327,6 +331,15 @@ def round_config(cfg: Config, round_dir: Path, train_rows: list[dict], val_examp
     return rc
 
 
+def retrain_epochs(epochs: float | str, n: int, batch: int) -> tuple[float, str]:
+    """A round's training epochs: a number as given, or ``auto``: suggest's rule for ``n`` examples at ``batch``."""
+    if epochs == "auto":
+        from fewtune.advice.suggest import epochs_for_size
+
+        return epochs_for_size(n, batch)
+    return float(epochs), "given (--epochs)"
+
+
 def training_result(run_dir: str | Path) -> dict | None:
     """The best validation figure of a finished run (from its summary.json)."""
     path = Path(run_dir) / "summary.json"
@@ -365,6 +378,8 @@ def pseudo_label(run_dir: str | Path, unlabeled: str | Path, settings: PseudoSet
     for name, value in (("--rounds", rounds), ("--limit", p.limit), ("--max-per-class", max_per_class)):
         if value is not None and value < 1:
             raise PseudoError(f"{name} must be at least 1, got {value}")
+    if isinstance(p.epochs, float) and p.epochs <= 0:
+        raise PseudoError(f"--epochs must be above 0 or auto, got {p.epochs:g}")
     if not p.train and rounds > 1:
         raise PseudoError("--no-train labels once: later rounds need the model trained in the round before")
     run = Path(run_dir)
@@ -438,6 +453,10 @@ def pseudo_label(run_dir: str | Path, unlabeled: str | Path, settings: PseudoSet
             from fewtune.train.loop import train as run_training
 
             rc = round_config(cfg, round_dir, _labeled_rows(train_ex) + pseudo_rows, val_ex)
+            if p.epochs is not None:
+                rc.train.epochs, why = retrain_epochs(p.epochs, len(train_ex) + len(pseudo_rows), rc.train.batch_size)
+                summary["epochs"] = {"value": rc.train.epochs, "was": cfg.train.epochs, "why": why}
+                log.info("round %d: %g epochs (the run had %g): %s", r, rc.train.epochs, cfg.train.epochs, why)
             log.info("round %d: training on %d labeled + %d pseudo-labeled examples into %s", r, len(train_ex),
                      len(pseudo_rows), rc.train.output_dir)
             run_training(rc)

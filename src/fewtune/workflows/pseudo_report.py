@@ -31,7 +31,10 @@ def round_markdown(summary: dict, baseline: dict | None) -> str:
         lines += ["", f"Stopped: {summary['stopped']}."]
     if t:
         lines += ["", f"Training: {summary['train_labeled']} labeled + {summary['kept']} pseudo-labeled examples -> "
-                  f"`{t['run']}` ({t['steps']} steps); best validation {t['eval_metric']} {fmt(t['best'])}"
+                  f"`{t['run']}` ({t['steps']} steps"
+                  + (f", {summary['epochs']['value']:g} epochs instead of the run's {summary['epochs']['was']:g}: "
+                     f"{summary['epochs']['why']}" if summary.get("epochs") else "")
+                  + f"); best validation {t['eval_metric']} {fmt(t['best'])}"
                   + (f" (labeling run: {fmt(baseline['best'])})" if baseline and baseline["eval_metric"] == t["eval_metric"]
                      else "") + "."]
     return "\n".join(lines) + "\n"
