@@ -35,6 +35,9 @@ Setups (recipes in benchmarks/configs/):
   labeled set's class proportions, at most as many per class as the largest labeled class has; one round,
   retrained from the base model with the tuned config unchanged. Needs the tune row of the same seed; the wall
   time is the tune's plus the labeling and retraining.
+- tune+pseudo2 (FewCLUE sets): tune+pseudo's second round, as `pseudo-label --rounds 2` runs it: the tune+pseudo
+  row's retrained model labels the same pool afresh, the same PSEUDO settings keep, the tune's config retrains
+  from the base model on the labeled + newly kept examples; the wall time adds both rounds to the tune's.
 - tune+pseudo-all (FewCLUE sets): tune+pseudo keeping every confident example (class proportions, no per-class
   cap; PSEUDO_ALL) and retraining for the epochs suggest gives the grown set at the tuned batch size
   (`--epochs auto`) instead of the tune's own; fixed before any of its runs.
@@ -185,8 +188,10 @@ def split_setup(setup: str) -> tuple[str, list[str]]:
     with dotted changes on top (the candidates tried for BEST); 'tune+pseudo' -> ('tune', ['pseudo'])."""
     base, *extra = setup.split("+")
     if (base not in ("zero", "usual", "suggest", "best", "tune") or (extra and base == "zero")
-            or (base == "tune" and extra not in ([], ["pseudo"], ["pseudo-all"], ["ensemble"], ["ensemble", "pseudo"]))):
-        raise SystemExit(f"unknown setup {setup!r}: zero, usual, suggest, best, tune, tune+pseudo, tune+pseudo-all, "
+            or (base == "tune" and extra not in ([], ["pseudo"], ["pseudo2"], ["pseudo-all"], ["ensemble"],
+                                                 ["ensemble", "pseudo"]))):
+        raise SystemExit(f"unknown setup {setup!r}: zero, usual, suggest, best, tune, tune+pseudo, tune+pseudo2, "
+                         "tune+pseudo-all, "
                          "tune+ensemble, tune+ensemble+pseudo, or suggest+KEY=VALUE+...")
     return base, extra
 
@@ -202,10 +207,11 @@ PSEUDO_ALL = {"limit": 2000, "threshold": 0.9, "rounds": 1, "epochs": "auto"}
 
 
 def run_pseudo(dataset: str, seed: int, train_file: Path, run_dir: Path, ensemble: bool = False,
-               keep_all: bool = False) -> tuple[str, dict]:
+               keep_all: bool = False, second_round: bool = False) -> tuple[str, dict]:
     """Self-train the tune row's final model on FewCLUE's unlabeled data: (the new run, extra fields for the row,
     the tune's own seconds among them). ``ensemble``: the tune's CV ensemble labels the pool; ``keep_all``:
-    PSEUDO_ALL's settings."""
+    PSEUDO_ALL's settings; ``second_round``: the tune+pseudo row's retrained model labels the pool again (PSEUDO's
+    settings, the tune's config retrains from the base model): `pseudo-label --rounds 2`'s second round."""
     from fewtune.workflows.pseudo import PseudoSettings, pseudo_label
 
     if dataset not in fewclue.TASKS:
@@ -225,18 +231,29 @@ def run_pseudo(dataset: str, seed: int, train_file: Path, run_dir: Path, ensembl
     if run_dir.exists():
         shutil.rmtree(run_dir)  # a run that did not reach RESULTS starts over
     teachers: list[str] = []
+    labeler, config, before_s = final, None, 0.0
+    if second_round:
+        first_row = next((r for r in read_lines(RESULTS)
+                          if (r["dataset"], r["setup"], r.get("seed")) == (dataset, "tune+pseudo", seed)), None)
+        first = run_dir_for(dataset, "tune+pseudo", seed) / "summary.json"
+        if first_row is None or not first.is_file():
+            raise SystemExit(f"tune+pseudo2 on {dataset} seed {seed} continues the tune+pseudo row: run --setups "
+                             f"tune+pseudo --seeds {seed} first")
+        labeler = Path(json.loads(first.read_text(encoding="utf-8"))["rounds"][-1]["training"]["run"])
+        config, before_s = final / "config.yaml", first_row["pseudo_s"]  # the labeled data and training: the tune's
     if ensemble:
         from fewtune.eval.ensemble import tune_members
 
         teachers = tune_members(final.parent)[1:]
-    result = pseudo_label(final, task_dir / fewclue.SPLITS["unlabeled"], settings,
+    result = pseudo_label(labeler, task_dir / fewclue.SPLITS["unlabeled"], settings,
                           scoring=EvalSection(task="classification", labels=labels_of(train_file), batch_size=16),
-                          out_dir=run_dir, progress=False, teachers=teachers)
+                          out_dir=run_dir, config=config, progress=False, teachers=teachers)
     last = result.rounds[-1]
     if not last.get("training"):
         raise SystemExit(f"tune+pseudo on {dataset} seed {seed}: nothing was confident enough to keep ({last['pool']} "
                          "in the pool); no retraining")
-    extra = {"tune_accuracy": round(tune_row["accuracy"], 4), "tune_s": tune_row["train_s"], "budget": tune_row["budget"],
+    extra = {"tune_accuracy": round(tune_row["accuracy"], 4), "tune_s": tune_row["train_s"] + before_s,
+             **({"first_round_s": before_s} if second_round else {}), "budget": tune_row["budget"],
              "trials": tune_row["trials"], "pseudo_pool": last["pool"], "pseudo_kept": last["kept"],
              "pseudo_per_class": {label: c["kept"] for label, c in last["classes"].items()},
              "pseudo_settings": {**chosen, "max_per_class": per_class},
@@ -297,9 +314,9 @@ def run_one(dataset: str, setup: str, seed: int, train_file: Path, test_file: Pa
                  "budget": tune_row["budget"], "trials": tune_row["trials"], "best_params": tune_row.get("best_params")}
         if run_dir.exists():
             shutil.rmtree(run_dir)
-    elif setup in ("tune+pseudo", "tune+pseudo-all", "tune+ensemble+pseudo"):
+    elif setup in ("tune+pseudo", "tune+pseudo2", "tune+pseudo-all", "tune+ensemble+pseudo"):
         target, extra = run_pseudo(dataset, seed, train_file, run_dir, ensemble=setup == "tune+ensemble+pseudo",
-                                   keep_all=setup == "tune+pseudo-all")
+                                   keep_all=setup == "tune+pseudo-all", second_round=setup == "tune+pseudo2")
         system = None
         extra["pseudo_s"] = round(time.time() - start, 1)
         train_s = extra["tune_s"] + extra["pseudo_s"]  # the whole cost: the tune it starts from, then labeling + retraining
@@ -420,7 +437,7 @@ def table(rows: list[dict], dev_rows: list[dict] = ()) -> str:
     order = {"zero": 0, "usual": 1, "suggest (loss-selected)": 2, "suggest-acc (ties: first)": 3,
              "suggest --no-measure": 4, "suggest (LoRA lr 2e-4 at batch 8)": 4, "suggest": 4,
              "best": 6, "tune": 7, "tune+pseudo (scarcest class sets the scale)": 8,
-             "tune+pseudo": 8, "tune+pseudo-all": 8, "tune+ensemble": 8, "tune+ensemble+pseudo": 8}  # candidates (suggest+KEY=VALUE) sort between suggest and best
+             "tune+pseudo": 8, "tune+pseudo2": 8, "tune+pseudo-all": 8, "tune+ensemble": 8, "tune+ensemble+pseudo": 8}  # candidates (suggest+KEY=VALUE) sort between suggest and best
     notes: list[str] = []
     groups: dict[tuple, list[dict]] = {}
     summaries = {(r["dataset"], r["setup"]): r for r in rows if r.get("summary")}
@@ -446,11 +463,16 @@ def table(rows: list[dict], dev_rows: list[dict] = ()) -> str:
         shown = f"**best**: {setup}" if setup == best_candidate(ds) else setup
         if setup == "tune":
             counts = sorted({r["trials"] for r in rs})
-            shown = f"tune ({rs[0].get('budget', '?')} budget, {'-'.join(map(str, counts[::max(1, len(counts) - 1)]))} trials)"
+            shown = (f"tune ({rs[0].get('budget', '?')} budget, {'-'.join(map(str, counts[::max(1, len(counts) - 1)]))} "
+                     f"trial{'' if counts == [1] else 's'})")
         elif setup == "tune+pseudo":
             kept = sorted({r["pseudo_kept"] for r in rs})
             shown = (f"tune + pseudo-label ({'-'.join(map(str, kept[::max(1, len(kept) - 1)]))} of "
                      f"{rs[0]['pseudo_pool']} unlabeled kept)")
+        elif setup == "tune+pseudo2":
+            kept = sorted({r["pseudo_kept"] for r in rs})
+            shown = (f"tune + pseudo-label, 2 rounds (round 2: {'-'.join(map(str, kept[::max(1, len(kept) - 1)]))} of "
+                     f"{rs[0]['pseudo_pool']} kept, labeled by round 1's model)")
         elif setup == "tune+pseudo-all":
             kept = sorted({r["pseudo_kept"] for r in rs})
             epochs = sorted({r["pseudo_epochs"] for r in rs})

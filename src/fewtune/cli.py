@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -35,6 +36,9 @@ def _setup_logging(verbose: bool = False) -> None:
         root.setLevel(logging.DEBUG if verbose else logging.INFO)
     for noisy in ("httpx", "urllib3", "accelerate", "transformers", "peft"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # peft reads transformers' deprecated alias on every adapter it wraps: one FutureWarning per run, about code
+    # that is not the user's
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 def _options_error(err) -> Exception:
