@@ -35,6 +35,9 @@ Setups (recipes in benchmarks/configs/):
   labeled set's class proportions, at most as many per class as the largest labeled class has; one round,
   retrained from the base model with the tuned config unchanged. Needs the tune row of the same seed; the wall
   time is the tune's plus the labeling and retraining.
+- tune+pseudo+folds (FewCLUE sets): tune+ensemble with the tune+pseudo row's self-trained model in the final
+  model's place (it plus the tune's 3 fold models, label probabilities averaged with equal weights); nothing
+  trained; fixed before any of its test scores (2026-12-07).
 - tune+pseudo2 (FewCLUE sets): tune+pseudo's second round, as `pseudo-label --rounds 2` runs it: the tune+pseudo
   row's retrained model labels the same pool afresh, the same PSEUDO settings keep, the tune's config retrains
   from the base model on the labeled + newly kept examples; the wall time adds both rounds to the tune's.
@@ -189,9 +192,9 @@ def split_setup(setup: str) -> tuple[str, list[str]]:
     base, *extra = setup.split("+")
     if (base not in ("zero", "usual", "suggest", "best", "tune") or (extra and base == "zero")
             or (base == "tune" and extra not in ([], ["pseudo"], ["pseudo2"], ["pseudo-all"], ["ensemble"],
-                                                 ["ensemble", "pseudo"]))):
+                                                 ["ensemble", "pseudo"], ["pseudo", "folds"]))):
         raise SystemExit(f"unknown setup {setup!r}: zero, usual, suggest, best, tune, tune+pseudo, tune+pseudo2, "
-                         "tune+pseudo-all, "
+                         "tune+pseudo-all, tune+pseudo+folds, "
                          "tune+ensemble, tune+ensemble+pseudo, or suggest+KEY=VALUE+...")
     return base, extra
 
@@ -262,6 +265,24 @@ def run_pseudo(dataset: str, seed: int, train_file: Path, run_dir: Path, ensembl
     return last["training"]["run"], extra
 
 
+ENSEMBLES = ("tune+ensemble", "tune+pseudo+folds")
+
+
+def ensemble_members(dataset: str, setup: str, seed: int) -> list[str]:
+    """An ensemble setup's models: the tune's final model (tune+ensemble) or the tune+pseudo row's self-trained model
+    (tune+pseudo+folds), then the tune's winning fold models."""
+    from fewtune.eval.ensemble import tune_members
+
+    members = tune_members(run_dir_for(dataset, "tune", seed))
+    if setup == "tune+pseudo+folds":
+        first = run_dir_for(dataset, "tune+pseudo", seed) / "summary.json"
+        if not first.is_file():
+            raise SystemExit(f"{setup} on {dataset} seed {seed} needs the tune+pseudo row: run --setups tune+pseudo "
+                             f"--seeds {seed} first")
+        members[0] = json.loads(first.read_text(encoding="utf-8"))["rounds"][-1]["training"]["run"]
+    return members
+
+
 def tune_row_for(dataset: str, seed: int, setup: str) -> dict:
     """The tune row a tune+... setup builds on (SystemExit when it has not run)."""
     row = next((r for r in read_lines(RESULTS) if (r["dataset"], r["setup"], r.get("seed")) == (dataset, "tune", seed)),
@@ -304,13 +325,14 @@ def run_one(dataset: str, setup: str, seed: int, train_file: Path, test_file: Pa
     start = time.time()
     train_s = 0.0
     extra: dict = {}
-    if setup == "tune+ensemble":
-        from fewtune.eval.ensemble import tune_members
-
+    if setup in ENSEMBLES:
         tune_row = tune_row_for(dataset, seed, setup)
-        target, system = tune_members(run_dir_for(dataset, "tune", seed)), None
+        target, system = ensemble_members(dataset, setup, seed), None
         train_s = tune_row["train_s"]
-        extra = {"tune_accuracy": round(tune_row["accuracy"], 4), "tune_s": tune_row["train_s"],
+        if setup == "tune+pseudo+folds":  # the self-training it reuses counts too
+            train_s += next(r["pseudo_s"] for r in read_lines(RESULTS)
+                            if (r["dataset"], r["setup"], r.get("seed")) == (dataset, "tune+pseudo", seed))
+        extra = {"tune_accuracy": round(tune_row["accuracy"], 4), "tune_s": train_s,
                  "budget": tune_row["budget"], "trials": tune_row["trials"], "best_params": tune_row.get("best_params")}
         if run_dir.exists():
             shutil.rmtree(run_dir)
@@ -350,7 +372,7 @@ def run_one(dataset: str, setup: str, seed: int, train_file: Path, test_file: Pa
         mode = "generate" if split_setup(setup)[0] == "usual" else "choice"
         settings = EvalSection(task="classification", labels=labels_of(train_file), mode=mode, limit=limit,
                                batch_size=16, system_prompt=system)
-    if setup == "tune+ensemble":
+    if setup in ENSEMBLES:
         from fewtune.eval.ensemble import evaluate_ensemble
 
         result = evaluate_ensemble(target, test_file, settings, output_dir=run_dir / "eval_test", progress=False)
@@ -380,6 +402,8 @@ def score_dev(dataset: str, setup: str, seed: int, train_file: Path, code: str, 
         target = MODELS[dataset]
         system = json.loads(dev_file.read_text(encoding="utf-8").splitlines()[0])["messages"][0]["content"]
         out = run_dir_for(dataset, setup, seed) / "eval_dev"
+    elif setup in ENSEMBLES:
+        target, system, out = None, None, run_dir_for(dataset, setup, seed) / "eval_dev"
     else:
         run_dir = model_dir = run_dir_for(dataset, setup, seed, run_as)
         if (run_dir / "summary.json").is_file() and not (run_dir / "config.yaml").is_file():
@@ -396,7 +420,13 @@ def score_dev(dataset: str, setup: str, seed: int, train_file: Path, code: str, 
     else:
         settings = EvalSection(task="classification", labels=labels_of(train_file), mode="choice", batch_size=16,
                                system_prompt=system)
-    result = evaluate(target, dev_file, settings, output_dir=out)
+    if setup in ENSEMBLES:
+        from fewtune.eval.ensemble import evaluate_ensemble
+
+        result = evaluate_ensemble(ensemble_members(dataset, setup, seed), dev_file, settings, output_dir=out,
+                                   progress=False)
+    else:
+        result = evaluate(target, dev_file, settings, output_dir=out)
     m = result.metrics
     if dataset in JSON_TASKS:
         m = {"accuracy": m["exact_match"], "macro_f1": m["field_f1"]}
@@ -437,7 +467,7 @@ def table(rows: list[dict], dev_rows: list[dict] = ()) -> str:
     order = {"zero": 0, "usual": 1, "suggest (loss-selected)": 2, "suggest-acc (ties: first)": 3,
              "suggest --no-measure": 4, "suggest (LoRA lr 2e-4 at batch 8)": 4, "suggest": 4,
              "best": 6, "tune": 7, "tune+pseudo (scarcest class sets the scale)": 8,
-             "tune+pseudo": 8, "tune+pseudo2": 8, "tune+pseudo-all": 8, "tune+ensemble": 8, "tune+ensemble+pseudo": 8}  # candidates (suggest+KEY=VALUE) sort between suggest and best
+             "tune+pseudo": 8, "tune+pseudo2": 8, "tune+pseudo+folds": 8, "tune+pseudo-all": 8, "tune+ensemble": 8, "tune+ensemble+pseudo": 8}  # candidates (suggest+KEY=VALUE) sort between suggest and best
     notes: list[str] = []
     groups: dict[tuple, list[dict]] = {}
     summaries = {(r["dataset"], r["setup"]): r for r in rows if r.get("summary")}
@@ -469,6 +499,8 @@ def table(rows: list[dict], dev_rows: list[dict] = ()) -> str:
             kept = sorted({r["pseudo_kept"] for r in rs})
             shown = (f"tune + pseudo-label ({'-'.join(map(str, kept[::max(1, len(kept) - 1)]))} of "
                      f"{rs[0]['pseudo_pool']} unlabeled kept)")
+        elif setup == "tune+pseudo+folds":
+            shown = "tune+pseudo's model + the tune's 3 fold models (CV ensemble, nothing trained)"
         elif setup == "tune+pseudo2":
             kept = sorted({r["pseudo_kept"] for r in rs})
             shown = (f"tune + pseudo-label, 2 rounds (round 2: {'-'.join(map(str, kept[::max(1, len(kept) - 1)]))} of "
