@@ -236,6 +236,7 @@ def test_one_round_labels_selects_and_retrains(labeled_run, unlabeled, tmp_path)
     r1 = out / "round_1"
     summary = json.loads((r1 / "summary.json").read_text())
     assert summary == result.rounds[0] and summary["pool"] == len(UNLABELED)
+    assert "epochs" not in summary  # no --epochs: the run's own training plan
     assert summary["skipped"] == {"empty prompt": 1, "duplicate within the unlabeled file": 1,
                                   "already a labeled example": 1}
     # pseudo.jsonl: the examples above the threshold, labeled with the argmax of the scores
@@ -331,13 +332,14 @@ def test_retraining_epochs_follow_the_grown_training_set(labeled_run, unlabeled,
     assert load_config(run / "config.yaml").train.epochs == want
     assert json.loads((run / "summary.json").read_text())["steps"] == math.ceil(n / 4) * want
     assert f"{want:g} epochs instead of the run's 7" in (out / "round_1" / "summary.md").read_text()
-    # a number from the command line; without --epochs the config's own (the round's summary has no "epochs")
+    # a number from the command line, on the run's own config (max_steps 3): the steps follow the epochs
     cli = tmp_path / "cli"
     ok = runner.invoke(app, ["pseudo-label", str(labeled_run), "--unlabeled", str(unlabeled), "--map", "text=sentence",
-                             "--threshold", "0.5", "--no-balance", "--limit", "4", "--epochs", "2", "--config",
-                             str(by_epochs), "--out", str(cli)])
+                             "--threshold", "0.5", "--no-balance", "--limit", "4", "--epochs", "2", "--out", str(cli)])
     assert ok.exit_code == 0, ok.output
+    assert load_config(labeled_run / "config.yaml").train.max_steps == 3
     assert json.loads((cli / "round_1" / "run" / "summary.json").read_text())["steps"] == math.ceil((n_labeled + 4) / 4) * 2
+    assert "max_steps (3) dropped" in json.loads((cli / "round_1" / "summary.json").read_text())["epochs"]["why"]
     for bad_value, words in (("many", "epochs"), ("0", "--epochs must be above 0")):
         bad = runner.invoke(app, ["pseudo-label", str(labeled_run), "--unlabeled", str(unlabeled), "--map",
                                   "text=sentence", "--epochs", bad_value, "--out", str(tmp_path / "bad")])

@@ -81,7 +81,7 @@ class PseudoSettings(Section):
     epochs: float | Literal["auto"] | None = Field(None, description="Retraining epochs; None: the run's own; "
                                                    "auto: suggest's epochs for the grown training set at the run's "
                                                    "batch size (a run tuned on 100 examples for 10 epochs, retrained "
-                                                   "on 1,500, gets 2).")
+                                                   "on 1,500, gets 2); either replaces the run's train.max_steps.")
     rename: dict[str, str] | None = Field(None, description="Field renames applied to each unlabeled record "
                                           "first, ours to theirs (e.g. text: sentence).")
     prompt_format: str = Field("{text}", description="The user turn, filled with the record's fields.")
@@ -455,6 +455,9 @@ def pseudo_label(run_dir: str | Path, unlabeled: str | Path, settings: PseudoSet
             rc = round_config(cfg, round_dir, _labeled_rows(train_ex) + pseudo_rows, val_ex)
             if p.epochs is not None:
                 rc.train.epochs, why = retrain_epochs(p.epochs, len(train_ex) + len(pseudo_rows), rc.train.batch_size)
+                if rc.train.max_steps is not None:  # it would override the epochs asked for
+                    why += f"; the run's train.max_steps ({rc.train.max_steps}) dropped so the epochs count"
+                    rc.train.max_steps = None
                 summary["epochs"] = {"value": rc.train.epochs, "was": cfg.train.epochs, "why": why}
                 log.info("round %d: %g epochs (the run had %g): %s", r, rc.train.epochs, cfg.train.epochs, why)
             log.info("round %d: training on %d labeled + %d pseudo-labeled examples into %s", r, len(train_ex),
