@@ -156,7 +156,35 @@ def resolve_model_path(name_or_path: str) -> str:
         if not (path / "config.json").exists():
             raise ModelNotFoundError(f"{path} exists but holds no config.json: not a transformers model folder")
         return str(path)
-    return name_or_path  # a hub id: from_pretrained downloads it (or explains why it cannot)
+    return _hub_id(name_or_path)
+
+
+def _hub_id(name: str) -> str:
+    """A hub id, as ``from_pretrained`` takes it (it downloads, or reads the local hub cache). Where the hub's host
+    name does not resolve (no network, as on an offline machine), that would take about 25 s of retries per file
+    before failing: the local hub cache answers at once instead, or a clear error says the model is not there."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE:
+        return name  # transformers reads only the cache, without retries
+    host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.getaddrinfo(host, 443)
+        return name
+    except OSError as err:  # socket.gaierror: the name does not resolve
+        lookup = err
+    try:
+        cached = try_to_load_from_cache(name, "config.json")
+    except ValueError:  # not a valid hub id at all
+        cached = None
+    if isinstance(cached, str):
+        log.info("%s cannot be reached (%s): using the copy of %s in the local hub cache", host, lookup, name)
+        return str(Path(cached).parent)
+    raise _hub_error(name, OSError(f"{host} cannot be reached (name lookup failed: {lookup}) and {name} is not in "
+                                   "the local hub cache"))
 
 
 def _hub_error(name: str, err: Exception) -> ModelNotFoundError:

@@ -33,8 +33,11 @@ EDGE_BYTES = 1 << 20  # of each weight file's start and end: enough to tell two 
 
 def model_fingerprint(name: str) -> str:
     """The model's config and weight files (names, sizes, first and last MiB); a hub id stands for itself."""
-    from fewtune.models import resolve_model_path
+    from fewtune.models import EMBEDDED, resolve_model_path
 
+    path = Path(name).expanduser()
+    if name not in EMBEDDED and path.suffix != ".gguf" and not path.exists():
+        return f"hub:{name}"  # the same whether it downloads or (offline) comes from the local hub cache
     try:
         folder = Path(resolve_model_path(name))
     except Exception:  # noqa: BLE001 - an unloadable model fails later with its own message
