@@ -209,6 +209,12 @@ PSEUDO = {"limit": 2000, "threshold": 0.9, "rounds": 1}
 PSEUDO_ALL = {"limit": 2000, "threshold": 0.9, "rounds": 1, "epochs": "auto"}
 
 
+def result_row(dataset: str, setup: str, seed: int) -> dict | None:
+    """The recorded row of a finished (dataset, setup, seed), or None."""
+    return next((r for r in read_lines(RESULTS) if (r["dataset"], r["setup"], r.get("seed")) == (dataset, setup, seed)),
+                None)
+
+
 def run_pseudo(dataset: str, seed: int, train_file: Path, run_dir: Path, ensemble: bool = False,
                keep_all: bool = False, second_round: bool = False) -> tuple[str, dict]:
     """Self-train the tune row's final model on FewCLUE's unlabeled data: (the new run, extra fields for the row,
@@ -219,8 +225,7 @@ def run_pseudo(dataset: str, seed: int, train_file: Path, run_dir: Path, ensembl
 
     if dataset not in fewclue.TASKS:
         raise SystemExit(f"tune+pseudo needs unlabeled data: only {', '.join(fewclue.TASKS)} have it here")
-    tune_row = next((r for r in read_lines(RESULTS) if (r["dataset"], r["setup"], r.get("seed")) == (dataset, "tune", seed)),
-                    None)
+    tune_row = result_row(dataset, "tune", seed)
     final = run_dir_for(dataset, "tune", seed) / "final"
     if tune_row is None or not (final / "summary.json").is_file():
         raise SystemExit(f"tune+pseudo on {dataset} seed {seed} starts from the tune row's final model: run "
@@ -236,8 +241,7 @@ def run_pseudo(dataset: str, seed: int, train_file: Path, run_dir: Path, ensembl
     teachers: list[str] = []
     labeler, config, before_s = final, None, 0.0
     if second_round:
-        first_row = next((r for r in read_lines(RESULTS)
-                          if (r["dataset"], r["setup"], r.get("seed")) == (dataset, "tune+pseudo", seed)), None)
+        first_row = result_row(dataset, "tune+pseudo", seed)
         first = run_dir_for(dataset, "tune+pseudo", seed) / "summary.json"
         if first_row is None or not first.is_file():
             raise SystemExit(f"tune+pseudo2 on {dataset} seed {seed} continues the tune+pseudo row: run --setups "
@@ -285,8 +289,7 @@ def ensemble_members(dataset: str, setup: str, seed: int) -> list[str]:
 
 def tune_row_for(dataset: str, seed: int, setup: str) -> dict:
     """The tune row a tune+... setup builds on (SystemExit when it has not run)."""
-    row = next((r for r in read_lines(RESULTS) if (r["dataset"], r["setup"], r.get("seed")) == (dataset, "tune", seed)),
-               None)
+    row = result_row(dataset, "tune", seed)
     if row is None or not (run_dir_for(dataset, "tune", seed) / "final" / "summary.json").is_file():
         raise SystemExit(f"{setup} on {dataset} seed {seed} starts from the tune row's models: run --setups tune "
                          f"--seeds {seed} first")
@@ -330,8 +333,7 @@ def run_one(dataset: str, setup: str, seed: int, train_file: Path, test_file: Pa
         target, system = ensemble_members(dataset, setup, seed), None
         train_s = tune_row["train_s"]
         if setup == "tune+pseudo+folds":  # the self-training it reuses counts too
-            train_s += next(r["pseudo_s"] for r in read_lines(RESULTS)
-                            if (r["dataset"], r["setup"], r.get("seed")) == (dataset, "tune+pseudo", seed))
+            train_s += result_row(dataset, "tune+pseudo", seed)["pseudo_s"]
         extra = {"tune_accuracy": round(tune_row["accuracy"], 4), "tune_s": train_s,
                  "budget": tune_row["budget"], "trials": tune_row["trials"], "best_params": tune_row.get("best_params")}
         if run_dir.exists():
@@ -493,27 +495,18 @@ def table(rows: list[dict], dev_rows: list[dict] = ()) -> str:
         shown = f"**best**: {setup}" if setup == best_candidate(ds) else setup
         if setup == "tune":
             counts = sorted({r["trials"] for r in rs})
-            shown = (f"tune ({rs[0].get('budget', '?')} budget, {'-'.join(map(str, counts[::max(1, len(counts) - 1)]))} "
-                     f"trial{'' if counts == [1] else 's'})")
-        elif setup == "tune+pseudo":
-            kept = sorted({r["pseudo_kept"] for r in rs})
-            shown = (f"tune + pseudo-label ({'-'.join(map(str, kept[::max(1, len(kept) - 1)]))} of "
-                     f"{rs[0]['pseudo_pool']} unlabeled kept)")
+            shown = f"tune ({rs[0].get('budget', '?')} budget, {span(counts)} trial{'' if counts == [1] else 's'})"
         elif setup == "tune+pseudo+folds":
             shown = "tune+pseudo's model + the tune's 3 fold models (CV ensemble, nothing trained)"
-        elif setup == "tune+pseudo2":
-            kept = sorted({r["pseudo_kept"] for r in rs})
-            shown = (f"tune + pseudo-label, 2 rounds (round 2: {'-'.join(map(str, kept[::max(1, len(kept) - 1)]))} of "
-                     f"{rs[0]['pseudo_pool']} kept, labeled by round 1's model)")
-        elif setup == "tune+pseudo-all":
-            kept = sorted({r["pseudo_kept"] for r in rs})
-            epochs = sorted({r["pseudo_epochs"] for r in rs})
-            shown = (f"tune + pseudo-label, every confident one ({'-'.join(map(str, kept[::max(1, len(kept) - 1)]))} of "
-                     f"{rs[0]['pseudo_pool']} unlabeled kept; retrained {'/'.join(f'{e:g}' for e in epochs)} epochs)")
-        elif setup == "tune+ensemble+pseudo":
-            kept = sorted({r["pseudo_kept"] for r in rs})
-            shown = (f"tune + pseudo-label by its CV ensemble ({'-'.join(map(str, kept[::max(1, len(kept) - 1)]))} of "
-                     f"{rs[0]['pseudo_pool']} unlabeled kept; one model)")
+        elif setup in ("tune+pseudo", "tune+pseudo2", "tune+pseudo-all", "tune+ensemble+pseudo"):
+            kept = f"{span(sorted({r['pseudo_kept'] for r in rs}))} of {rs[0]['pseudo_pool']}"
+            epochs = "/".join(f"{e:g}" for e in sorted({r.get("pseudo_epochs") or 0 for r in rs}))
+            shown = {"tune+pseudo": f"tune + pseudo-label ({kept} unlabeled kept)",
+                     "tune+pseudo2": f"tune + pseudo-label, 2 rounds (round 2: {kept} kept, labeled by round 1's model)",
+                     "tune+pseudo-all": f"tune + pseudo-label, every confident one ({kept} unlabeled kept; retrained "
+                                        f"{epochs} epochs)",
+                     "tune+ensemble+pseudo": f"tune + pseudo-label by its CV ensemble ({kept} unlabeled kept; one "
+                                             "model)"}[setup]
         elif setup == "tune+ensemble":
             shown = f"tune + its CV ensemble (final + {len(rs[0]['members']) - 1} fold models, nothing trained)"
         evaluated = "choice scoring" if rs[0]["mode"] != "generate" else (
@@ -535,6 +528,11 @@ def table(rows: list[dict], dev_rows: list[dict] = ()) -> str:
         lines += ["", f"{len(high)} of {len(runs) - len(restored)} new runs finished with the load average above the "
                   "core count (other jobs shared the CPU): their wall times are inflated."]
     return "\n".join(lines) + "\n"
+
+
+def span(values: list) -> str:
+    """Sorted values as the table shows them: one value, or 'lowest-highest'."""
+    return "-".join(map(str, values[::max(1, len(values) - 1)]))
 
 
 def write_table(rows: list[dict], dev_rows: list[dict] = ()) -> str:
